@@ -1,0 +1,73 @@
+"""What one pass over the counted tokens computes, independent of the backend that runs it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .loss_math import TokenStats
+
+# Memory budget of a pass's [chunk, V] temporaries: chunk_size = budget // (V * bytes per logit row element).
+# 256 MiB keeps Llama-3's V=128256 at 1024 bf16 rows per chunk (enough rows for the GEMMs to run at full rate)
+# while staying far below the N * V logits the pass replaces (16384 tokens: 4 GiB in bf16).
+DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
+
+
+@dataclass
+class PassRequest:
+    """One pass over ``M`` counted tokens, gathered and contiguous.
+
+    ``hidden`` ``[M, H]`` and ``weight`` ``[V, H]`` (and ``bias`` ``[V]``) share a float dtype; ``target`` is
+    int64 ``[M]`` in ``[0, V)``. ``coef`` (float32 ``[M]``) is the per-token gradient coefficient (see
+    :mod:`fused_wce.loss_math`); None means stats only, no gradients. ``need_*`` select which gradients.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    target: torch.Tensor
+    coef: torch.Tensor | None = None
+    need_grad_hidden: bool = False
+    need_grad_weight: bool = False
+    need_grad_bias: bool = False
+    chunk_size: int | None = None
+
+
+@dataclass
+class PassResult:
+    """Outputs of a pass: per-token stats ``[M]``; ``grad_hidden`` ``[M, H]`` in hidden's dtype;
+    ``grad_weight`` ``[V, H]`` and ``grad_bias`` ``[V]`` in float32 (accumulated over chunks); None when not
+    requested."""
+
+    stats: TokenStats
+    grad_hidden: torch.Tensor | None = None
+    grad_weight: torch.Tensor | None = None
+    grad_bias: torch.Tensor | None = None
+
+
+def allocate_gradients(request: PassRequest) -> PassResult:
+    """The result's gradient buffers (stats are filled by the backend)."""
+    m, h = request.hidden.shape
+    v = request.weight.shape[0]
+    device = request.hidden.device
+    wants = request.coef is not None
+    return PassResult(
+        stats=None,  # type: ignore[arg-type]
+        grad_hidden=torch.empty(m, h, dtype=request.hidden.dtype, device=device)
+        if wants and request.need_grad_hidden else None,
+        grad_weight=torch.zeros(v, h, dtype=torch.float32, device=device)
+        if wants and request.need_grad_weight else None,
+        grad_bias=torch.zeros(v, dtype=torch.float32, device=device)
+        if wants and request.need_grad_bias and request.bias is not None else None,
+    )
+
+
+def chunk_rows(request: PassRequest, bytes_per_element: int, multiple: int = 1) -> int:
+    """Tokens per chunk: the request's, or the budget's, rounded down to ``multiple``, at least 1."""
+    if request.chunk_size is not None:
+        return request.chunk_size
+    vocab_size = request.weight.shape[0]
+    rows = DEFAULT_CHUNK_BUDGET_BYTES // (vocab_size * bytes_per_element)
+    if rows >= multiple:
+        rows -= rows % multiple
+    return max(1, rows)

@@ -1,0 +1,195 @@
+"""``linear_cross_entropy``: the functional API and the autograd function behind it."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _torch_backend
+from ._passes import PassRequest, PassResult
+from ._validation import check_arguments, count_tokens
+from .loss_math import TokenStats
+from .types import LossOptions, LossOutput
+
+
+def _backend_module(options: LossOptions, device: torch.device):
+    """The module whose ``run_pass(PassRequest) -> PassResult`` executes the pass."""
+    backend = options.backend
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        return _torch_backend
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 "
+                         "(Triton's CPU interpreter, set before triton is imported)")
+    from . import _triton_backend  # imported lazily: CPU users never need triton
+
+    return _triton_backend
+
+
+def _scatter_rows(values: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Rows ``values[j]`` placed at ``index[j]`` of a zero tensor with ``num_rows`` rows."""
+    out = values.new_zeros((num_rows, *values.shape[1:]))
+    return out.index_copy_(0, index, values) if index.numel() else out
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """Forward computes the loss (and, for reduced losses, the gradients); backward scales them.
+
+    Inputs: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, target ``[N]``, token_weight float32
+    ``[N]`` or None, normalizer (float, 0-d tensor or None), options (:class:`LossOptions`).
+    Outputs: loss (0-d, or ``[N]`` for reduction="none"), then per-token token_loss, lse, entropy ``[N]``
+    float32 and is_top1 ``[N]`` bool (non-differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, token_weight, normalizer, options: LossOptions):
+        num_tokens = target.shape[0]
+        counted = count_tokens(target, token_weight, weight.shape[0], options.ignore_index, normalizer)
+        index = counted.index
+        device = hidden.device
+        if token_weight is None:
+            counted_weight = torch.ones(counted.n_counted, dtype=torch.float32, device=device)
+        else:
+            counted_weight = token_weight.index_select(0, index)
+
+        if options.reduction == "none":
+            denominator = None
+        elif normalizer is not None:
+            denominator = torch.as_tensor(normalizer, dtype=torch.float32, device=device)
+        elif options.reduction == "mean":
+            # max(sum, tiny): with nothing counted the numerator is 0 and so is the loss, never 0/0.
+            denominator = counted_weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        else:
+            denominator = torch.ones((), dtype=torch.float32, device=device)
+
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grads_in_forward = denominator is not None and (need_hidden or need_weight or need_bias)
+        request = PassRequest(
+            hidden=hidden.index_select(0, index),
+            weight=weight,
+            bias=bias,
+            target=target.index_select(0, index).long(),
+            coef=counted_weight / denominator if grads_in_forward else None,
+            need_grad_hidden=need_hidden,
+            need_grad_weight=need_weight,
+            need_grad_bias=need_bias,
+            chunk_size=options.chunk_size,
+        )
+        backend = _backend_module(options, device)
+        result = backend.run_pass(request) if counted.n_counted else _empty_result(request)
+
+        weighted_loss = counted_weight * result.stats.token_loss
+        if denominator is None:
+            loss = _scatter_rows(weighted_loss, index, num_tokens)
+        else:
+            loss = weighted_loss.sum() / denominator
+
+        ctx.options = options
+        ctx.shapes = (num_tokens, hidden.dtype, weight.dtype)
+        ctx.backend = backend
+        if grads_in_forward:
+            ctx.result = result
+            ctx.save_for_backward(index)
+        elif denominator is None and any(ctx.needs_input_grad[:3]):
+            ctx.request = request  # reduction="none": recompute with the per-token upstream gradient
+            ctx.counted_weight = counted_weight
+            ctx.save_for_backward(index)
+
+        stats = result.stats
+        outputs = (
+            loss,
+            _scatter_rows(stats.token_loss, index, num_tokens),
+            _scatter_rows(stats.lse, index, num_tokens),
+            _scatter_rows(stats.entropy, index, num_tokens),
+            _scatter_rows(stats.is_top1, index, num_tokens),
+        )
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, *unused_stat_grads):
+        (index,) = ctx.saved_tensors
+        num_tokens, hidden_dtype, weight_dtype = ctx.shapes
+        if ctx.options.reduction == "none":
+            request = ctx.request
+            request.coef = ctx.counted_weight * grad_loss.index_select(0, index).float()
+            result = ctx.backend.run_pass(request) if index.numel() else _empty_result(request)
+            scale = None
+            del ctx.request
+        else:
+            result = ctx.result
+            scale = grad_loss.float()
+            del ctx.result
+
+        grad_hidden = grad_weight = grad_bias = None
+        if result.grad_hidden is not None:
+            rows = result.grad_hidden if scale is None else (result.grad_hidden.float() * scale).to(hidden_dtype)
+            grad_hidden = _scatter_rows(rows, index, num_tokens)
+        if result.grad_weight is not None:
+            grad_weight = (result.grad_weight if scale is None else result.grad_weight.mul_(scale)).to(weight_dtype)
+        if result.grad_bias is not None:
+            grad_bias = (result.grad_bias if scale is None else result.grad_bias.mul_(scale)).to(weight_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _empty_result(request: PassRequest) -> PassResult:
+    """A pass over zero tokens: empty stats, zero gradients (the loss stays connected to the graph)."""
+    from ._passes import allocate_gradients
+
+    result = allocate_gradients(request)
+    empty = request.hidden.new_zeros(0, dtype=torch.float32)
+    result.stats = TokenStats(empty, empty, empty, empty.bool())
+    return result
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    token_weight: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: float | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    return_stats: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | LossOutput:
+    """Weighted cross-entropy of ``hidden @ weight.T + bias`` against ``target``, without the full logits.
+
+    Args:
+        hidden: ``[..., H]`` float32, float16 or bfloat16 (final hidden states).
+        weight: ``[V, H]``, hidden's dtype and device (``lm_head.weight``).
+        target: ``[...]`` (hidden.shape[:-1]) int64 or int32, each in ``[0, V)`` or ``== ignore_index``.
+        token_weight: ``[...]`` like target, floating, finite, >= 0; None means all ones.
+        bias: ``[V]`` or None.
+        ignore_index: targets with this value do not count.
+        reduction: ``"mean"``: ``sum(w_i l_i) / sum(w_i)``; ``"sum"``: ``sum(w_i l_i)``; ``"none"``:
+            ``w_i l_i`` shaped like target. Sums run over counted tokens (target != ignore_index and w_i > 0).
+        normalizer: float or 0-d tensor, finite and > 0; if given, the loss is ``sum(w_i l_i) / normalizer``
+            (how a trainer normalises over gradient accumulation and ranks).
+        chunk_size: counted tokens per chunk; None picks it from ``DEFAULT_CHUNK_BUDGET_BYTES``.
+        return_stats: also return per-token lse, entropy, is_top1 and the unweighted loss (:class:`LossOutput`).
+        backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch otherwise), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        The loss (float32), or a :class:`LossOutput` when ``return_stats``. With nothing counted the loss is
+        0.0, connected to the graph with zero gradients.
+    """
+    check_arguments(hidden, weight, target, token_weight, bias, ignore_index=ignore_index, reduction=reduction,
+                    normalizer=normalizer, chunk_size=chunk_size, backend=backend)
+    options = LossOptions(ignore_index=int(ignore_index), reduction=reduction, chunk_size=chunk_size, backend=backend)
+    hidden_size = weight.shape[1]
+    flat_weight = None if token_weight is None else token_weight.reshape(-1).float()
+    loss, token_loss, lse, entropy, is_top1 = _LinearCrossEntropyFunction.apply(
+        hidden.reshape(-1, hidden_size), weight, bias, target.reshape(-1), flat_weight, normalizer, options)
+    shape = target.shape
+    if reduction == "none":
+        loss = loss.view(shape)
+    if not return_stats:
+        return loss
+    return LossOutput(loss=loss, token_loss=token_loss.view(shape), lse=lse.view(shape),
+                      entropy=entropy.view(shape), is_top1=is_top1.view(shape))

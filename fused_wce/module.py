@@ -1,0 +1,38 @@
+"""``LinearCrossEntropy``: :func:`fused_wce.linear_cross_entropy` as an ``nn.Module``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .functional import linear_cross_entropy
+from .types import LossOutput
+
+
+class LinearCrossEntropy(nn.Module):
+    """Holds the keyword options of :func:`fused_wce.linear_cross_entropy`; has no parameters.
+
+    ``forward(hidden [..., H], weight [V, H], target [...], token_weight [...] | None, bias [V] | None)``.
+    """
+
+    def __init__(self, *, ignore_index: int = -100, reduction: str = "mean",
+                 normalizer: float | torch.Tensor | None = None, chunk_size: int | None = None,
+                 return_stats: bool = False, backend: str = "auto") -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.normalizer = normalizer
+        self.chunk_size = chunk_size
+        self.return_stats = return_stats
+        self.backend = backend
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                token_weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+                ) -> torch.Tensor | LossOutput:
+        return linear_cross_entropy(hidden, weight, target, token_weight, bias=bias, ignore_index=self.ignore_index,
+                                    reduction=self.reduction, normalizer=self.normalizer,
+                                    chunk_size=self.chunk_size, return_stats=self.return_stats,
+                                    backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, chunk_size={self.chunk_size}, "
+                f"return_stats={self.return_stats}, backend={self.backend!r}")

@@ -1,0 +1,71 @@
+"""Plain-PyTorch reference that materialises the logits (tests and benchmarks compare against it).
+
+It implements the documented semantics in the most obvious way, in float64 by default, with autograd for the
+gradients; it allocates ``N * V`` logits, so it is for checking, not for training.
+"""
+from __future__ import annotations
+
+import torch
+
+from .types import LossOutput
+
+
+def reference_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    token_weight: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: float | torch.Tensor | None = None,
+    return_stats: bool = False,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor | LossOutput:
+    """Reference for :func:`fused_wce.linear_cross_entropy`, computed in ``compute_dtype`` (float64 by default).
+
+    The inputs are upcast with differentiable casts, so ``loss.backward()`` gives gradients in the inputs'
+    dtypes, computed in ``compute_dtype``. The loss and stats come back in ``compute_dtype``.
+    """
+    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
+    if bias is not None:
+        logits = logits + bias.to(compute_dtype)
+    if token_weight is None:
+        token_weight = torch.ones(target.shape, dtype=compute_dtype, device=target.device)
+    token_weight = token_weight.to(compute_dtype)
+    counted = (target != ignore_index) & (token_weight > 0)
+    safe_target = torch.where(counted, target, 0).long()
+
+    log_probs = logits.log_softmax(-1)
+    token_loss = -log_probs.gather(-1, safe_target[..., None]).squeeze(-1)
+    zero = torch.zeros((), dtype=compute_dtype, device=logits.device)
+    weighted = torch.where(counted, token_weight * token_loss, zero)
+
+    if reduction == "none":
+        loss = weighted
+    elif normalizer is not None:
+        loss = weighted.sum() / torch.as_tensor(normalizer, dtype=compute_dtype, device=logits.device)
+    elif reduction == "sum":
+        loss = weighted.sum()
+    elif reduction == "mean":
+        total_weight = torch.where(counted, token_weight, zero).sum()
+        loss = torch.where(total_weight > 0, weighted.sum() / total_weight.clamp_min(torch.finfo(compute_dtype).tiny), zero)
+    else:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        probs = log_probs.exp()
+        lse = torch.logsumexp(logits, -1)
+        entropy = -(probs * log_probs).sum(-1)
+        target_logit = logits.gather(-1, safe_target[..., None]).squeeze(-1)
+        is_top1 = target_logit >= logits.amax(-1)
+    return LossOutput(
+        loss=loss,
+        token_loss=torch.where(counted, token_loss.detach(), zero),
+        lse=torch.where(counted, lse, zero),
+        entropy=torch.where(counted, entropy, zero),
+        is_top1=is_top1 & counted,
+    )
