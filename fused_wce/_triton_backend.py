@@ -1,0 +1,77 @@
+"""The Triton path: drives the kernels of :mod:`fused_wce.kernels` over the counted tokens.
+
+Stats only (no gradients wanted, or reduction="none" before its backward): one ``vocab_partials`` launch over
+all counted tokens with the vocabulary split across programs, then ``combine``. Logit tiles live only in
+registers; memory is three ``[splits, M]`` fp32 summaries. ``2 * M * H * V`` FLOPs.
+
+With gradients: per chunk of ``C`` tokens, ``vocab_partials`` stores the chunk's tile-relative logits in a
+``[C, V]`` buffer (hidden's dtype) with one summary per 128-wide vocabulary tile, ``combine`` gives lse and the
+stats, ``softmax_grad`` turns the buffer into ``dlogits`` in place, and two GEMMs fold it into
+``grad_hidden`` (``dlogits @ weight``) and the fp32 ``grad_weight`` (``dlogits.T @ hidden``).
+``6 * M * H * V`` FLOPs; the buffer is bounded by the chunk budget, independent of ``M``.
+"""
+from __future__ import annotations
+
+import triton
+import torch
+
+from ._passes import PassRequest, PassResult, allocate_gradients, chunk_rows
+from .kernels import combine, configs_for, matmul, softmax_grad, vocab_partials
+from .kernels.configs import multiprocessor_count
+from .loss_math import TokenStats
+
+
+def _summaries(num_splits: int, num_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.empty(num_splits, num_tokens, dtype=torch.float32, device=device) for _ in range(3))
+
+
+def run_pass(request: PassRequest) -> PassResult:
+    hidden, weight, bias, target = request.hidden, request.weight, request.bias, request.target
+    num_tokens = hidden.shape[0]
+    vocab_size = weight.shape[0]
+    device = hidden.device
+    configs = configs_for(device)
+    block_n = configs.vocab_partials.block_n
+    num_tiles = triton.cdiv(vocab_size, block_n)
+
+    result = allocate_gradients(request)
+    token_loss, lse, entropy, target_logit = (torch.empty(num_tokens, dtype=torch.float32, device=device)
+                                              for _ in range(4))
+    is_top1 = torch.empty(num_tokens, dtype=torch.int8, device=device)
+
+    if request.coef is None:
+        row_blocks = triton.cdiv(num_tokens, configs.vocab_partials.block_m)
+        wanted_splits = triton.cdiv(configs.target_programs_per_sm * multiprocessor_count(device), row_blocks)
+        tiles_per_split = triton.cdiv(num_tiles, max(1, min(num_tiles, wanted_splits)))
+        partials = _summaries(triton.cdiv(num_tiles, tiles_per_split), num_tokens, device)
+        vocab_partials(hidden, weight, bias, target, partials, target_logit, None, tiles_per_split,
+                       configs.vocab_partials)
+        combine(partials, target_logit, token_loss, lse, entropy, is_top1, configs.combine)
+    else:
+        rows = min(num_tokens, chunk_rows(request, hidden.element_size(), multiple=configs.vocab_partials.block_m))
+        logits_buffer = torch.empty(rows, vocab_size, dtype=hidden.dtype, device=device)
+        summary_storage = torch.empty(3, num_tiles * rows, dtype=torch.float32, device=device)
+        for start in range(0, num_tokens, rows):
+            end = min(start + rows, num_tokens)
+            chunk = slice(start, end)
+            chunk_rows_here = end - start
+            logits = logits_buffer[:chunk_rows_here]
+            partials = tuple(s[: num_tiles * chunk_rows_here].view(num_tiles, chunk_rows_here)
+                             for s in summary_storage)
+            hidden_chunk = hidden[chunk]
+            vocab_partials(hidden_chunk, weight, bias, target[chunk], partials, target_logit[chunk], logits, 1,
+                           configs.vocab_partials)
+            combine(partials, target_logit[chunk], token_loss[chunk], lse[chunk], entropy[chunk], is_top1[chunk],
+                    configs.combine)
+            softmax_grad(logits, partials[0], lse[chunk], target[chunk], request.coef[chunk],
+                         configs.softmax_grad, block_n)
+            dlogits = logits
+            if result.grad_hidden is not None:
+                matmul(dlogits, weight, result.grad_hidden[chunk], accumulate=False, config=configs.matmul)
+            if result.grad_weight is not None:
+                matmul(dlogits.T, hidden_chunk, result.grad_weight, accumulate=True, config=configs.matmul)
+            if result.grad_bias is not None:
+                result.grad_bias += dlogits.sum(0, dtype=torch.float32)
+
+    result.stats = TokenStats(token_loss, lse, entropy, is_top1.bool())
+    return result

@@ -1,0 +1,19 @@
+"""Triton kernels of fused_wce and their thin launchers (one kernel a file).
+
+- :mod:`.vocab_partials`: logit tiles ``hidden @ weight.T + bias`` in fp32 registers, folded into online
+  logsumexp summaries per vocabulary split; optionally stores the tile-relative logits of a chunk.
+- :mod:`.combine`: merges the splits' summaries into per-token loss, lse, entropy and top-1.
+- :mod:`.softmax_grad`: turns a chunk's stored logits into ``dlogits`` in place.
+- :mod:`.matmul`: the strided GEMM for ``grad_hidden`` and the fp32-accumulated ``grad_weight``.
+"""
+from .combine import combine, combine_kernel
+from .configs import GPU_CONFIGS, INTERPRETER_CONFIGS, KernelConfig, KernelConfigs, configs_for
+from .matmul import matmul, matmul_kernel
+from .softmax_grad import softmax_grad, softmax_grad_kernel
+from .vocab_partials import vocab_partials, vocab_partials_kernel
+
+__all__ = [
+    "GPU_CONFIGS", "INTERPRETER_CONFIGS", "KernelConfig", "KernelConfigs", "combine", "combine_kernel",
+    "configs_for", "matmul", "matmul_kernel", "softmax_grad", "softmax_grad_kernel", "vocab_partials",
+    "vocab_partials_kernel",
+]

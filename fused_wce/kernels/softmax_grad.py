@@ -1,0 +1,54 @@
+"""``dlogits = coef * (softmax - onehot)`` over a chunk's stored logit tiles, in place."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def softmax_grad_kernel(
+    logits_ptr, part_max_ptr, lse_ptr, target_ptr, coef_ptr,
+    M, V, stride_logits_m,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+):
+    """Overwrite one ``[BLOCK_SIZE_M, BLOCK_SIZE_N]`` tile of tile-relative logits with ``dlogits``.
+
+    Pointers:
+        logits_ptr: ``[M, V]`` fp32/fp16/bf16, row stride stride_logits_m, column stride 1; holds ``z - m_tile``
+            as written by vocab_partials_kernel(STORE_LOGITS) with the same BLOCK_SIZE_N; overwritten with
+            ``coef * (exp(z - lse) - [v == target])`` (fused_wce.loss_math.softmax_grad_).
+        part_max_ptr: ``[cdiv(V, BLOCK_SIZE_N), M]`` fp32: ``m_tile`` of each (tile, row).
+        lse_ptr, coef_ptr: ``[M]`` fp32. target_ptr: ``[M]`` int64.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    row_mask = offs_m < M
+    mask = row_mask[:, None] & (offs_n[None, :] < V)
+    offs_m64 = offs_m.to(tl.int64)
+
+    lse = tl.load(lse_ptr + offs_m, mask=row_mask, other=0.0)
+    tile_max = tl.load(part_max_ptr + pid_n.to(tl.int64) * M + offs_m64, mask=row_mask, other=0.0)
+    coef = tl.load(coef_ptr + offs_m, mask=row_mask, other=0.0)
+    target = tl.load(target_ptr + offs_m, mask=row_mask, other=-1)
+
+    ptrs = logits_ptr + offs_m64[:, None] * stride_logits_m + offs_n[None, :].to(tl.int64)
+    relative_logits = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    # exp(z - lse) = exp((z - m_tile) + (m_tile - lse)); the per-row term first keeps fp32 precision.
+    probs = tl.exp(relative_logits + (tile_max - lse)[:, None])
+    grad = coef[:, None] * (probs - tl.where(offs_n[None, :] == target[:, None], 1.0, 0.0))
+    tl.store(ptrs, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def softmax_grad(logits: torch.Tensor, tile_max: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
+                 coef: torch.Tensor, config, block_n: int) -> None:
+    """Launch :func:`softmax_grad_kernel` over ``logits`` ``[M, V]`` (in place); ``block_n`` is the vocabulary
+    tile width the logits were written with."""
+    num_tokens, vocab_size = logits.shape
+    assert logits.stride(1) == 1
+    assert tile_max.shape == (triton.cdiv(vocab_size, block_n), num_tokens)
+    grid = (triton.cdiv(num_tokens, config.block_m), triton.cdiv(vocab_size, block_n))
+    softmax_grad_kernel[grid](logits, tile_max, lse, target, coef, num_tokens, vocab_size, logits.stride(0),
+                              BLOCK_SIZE_M=config.block_m, BLOCK_SIZE_N=block_n, num_warps=config.num_warps)

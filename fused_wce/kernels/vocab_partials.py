@@ -1,0 +1,127 @@
+"""Logit tiles and their online-logsumexp summaries: the matmul that replaces the ``[N, V]`` logits."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Running max before any tile: finite (not -inf) so that merging into an empty summary never makes 0 * inf.
+_EMPTY_MAX = tl.constexpr(-3.0e38)
+
+
+@triton.jit
+def vocab_partials_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, target_ptr,
+    logits_ptr, part_max_ptr, part_sumexp_ptr, part_sumexp_shifted_ptr, target_logit_ptr,
+    M, V, H,
+    stride_hidden_m, stride_hidden_k, stride_weight_v, stride_weight_k, stride_logits_m,
+    tiles_per_split,
+    HAS_BIAS: tl.constexpr, STORE_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+):
+    """Summaries ``(max, sum exp, sum exp * shifted)`` of one split of the vocabulary for BLOCK_SIZE_M tokens.
+
+    Program ``(pid_m, pid_split)`` computes the logit tiles ``z = hidden @ weight.T + bias`` of rows
+    ``pid_m * BLOCK_SIZE_M + [0, BLOCK_SIZE_M)`` over vocabulary tiles ``[pid_split * tiles_per_split, ...)``
+    of BLOCK_SIZE_N columns, in fp32 registers, and folds them into a running summary (fused_wce.loss_math).
+
+    Pointers:
+        hidden_ptr: ``[M, H]`` fp32/fp16/bf16, strides (stride_hidden_m, stride_hidden_k).
+        weight_ptr: ``[V, H]`` hidden's dtype, strides (stride_weight_v, stride_weight_k).
+        bias_ptr: ``[V]`` hidden's dtype, contiguous; read only if HAS_BIAS.
+        target_ptr: ``[M]`` int64 in ``[0, V)``.
+        logits_ptr: ``[M, V]`` hidden's dtype, row stride stride_logits_m, column stride 1; written only if
+            STORE_LOGITS, with ``z - max`` of the tile (tile-relative: near-maximal logits, the ones whose
+            probabilities matter, keep their precision in bf16). Requires ``tiles_per_split == 1``.
+        part_max_ptr, part_sumexp_ptr, part_sumexp_shifted_ptr: ``[num_splits, M]`` fp32, contiguous.
+        target_logit_ptr: ``[M]`` fp32; written by the one program whose split holds the row's target.
+    """
+    pid_m = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    row_mask = offs_m < M
+    # int64 offsets: M * H, V * H and M * V can exceed 2**31 for large vocabularies and chunks.
+    offs_m64 = offs_m.to(tl.int64)
+    target = tl.load(target_ptr + offs_m, mask=row_mask, other=-1)
+
+    running_max = tl.full([BLOCK_SIZE_M], _EMPTY_MAX, tl.float32)
+    running_sumexp = tl.zeros([BLOCK_SIZE_M], tl.float32)
+    running_sumexp_shifted = tl.zeros([BLOCK_SIZE_M], tl.float32)
+
+    num_tiles = tl.cdiv(V, BLOCK_SIZE_N)
+    first_tile = pid_split * tiles_per_split
+    last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
+    for tile in range(first_tile, last_tile):
+        offs_n = tile * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+        col_mask = offs_n < V
+        offs_n64 = offs_n.to(tl.int64)
+
+        acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+        for k_start in range(0, H, BLOCK_SIZE_K):
+            offs_k = k_start + tl.arange(0, BLOCK_SIZE_K)
+            k_mask = offs_k < H
+            a = tl.load(hidden_ptr + offs_m64[:, None] * stride_hidden_m + offs_k[None, :] * stride_hidden_k,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(weight_ptr + offs_k[:, None] * stride_weight_k + offs_n64[None, :] * stride_weight_v,
+                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        logits = tl.where(col_mask[None, :], acc, float("-inf"))
+
+        # The target's logit, from the fp32 accumulator (exactly the value the max below sees).
+        is_target = offs_n[None, :] == target[:, None]
+        target_in_tile = (target >= tile * BLOCK_SIZE_N) & (target < tile * BLOCK_SIZE_N + BLOCK_SIZE_N)
+        tl.store(target_logit_ptr + offs_m, tl.sum(tl.where(is_target, logits, 0.0), axis=1),
+                 mask=row_mask & target_in_tile)
+
+        # Online merge of this tile into the running summary (loss_math.merge_tile_summaries).
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+        shifted = logits - new_max[:, None]
+        exp_shifted = tl.exp(shifted)
+        scale = tl.exp(running_max - new_max)
+        running_sumexp_shifted = scale * (running_sumexp_shifted + (running_max - new_max) * running_sumexp) \
+            + tl.sum(exp_shifted * tl.where(col_mask[None, :], shifted, 0.0), axis=1)
+        running_sumexp = scale * running_sumexp + tl.sum(exp_shifted, axis=1)
+        running_max = new_max
+
+        if STORE_LOGITS:
+            tl.store(logits_ptr + offs_m64[:, None] * stride_logits_m + offs_n64[None, :],
+                     shifted.to(logits_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+    part_offs = pid_split.to(tl.int64) * M + offs_m64
+    tl.store(part_max_ptr + part_offs, running_max, mask=row_mask)
+    tl.store(part_sumexp_ptr + part_offs, running_sumexp, mask=row_mask)
+    tl.store(part_sumexp_shifted_ptr + part_offs, running_sumexp_shifted, mask=row_mask)
+
+
+def vocab_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                   partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], target_logit: torch.Tensor,
+                   logits: torch.Tensor | None, tiles_per_split: int, config) -> None:
+    """Launch :func:`vocab_partials_kernel` over ``hidden`` ``[M, H]``; see its docstring for every tensor.
+
+    ``partials`` are three ``[num_splits, M]`` fp32 tensors with ``num_splits = cdiv(cdiv(V, BLOCK_SIZE_N),
+    tiles_per_split)``; ``logits`` (``[M, V]``, unit column stride) is written when given.
+    """
+    num_tokens, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    num_tiles = triton.cdiv(vocab_size, config.block_n)
+    num_splits = triton.cdiv(num_tiles, tiles_per_split)
+    for part in partials:
+        assert part.shape == (num_splits, num_tokens) and part.is_contiguous() and part.dtype == torch.float32
+    assert target.shape == (num_tokens,) and target_logit.shape == (num_tokens,)
+    if logits is not None:
+        assert tiles_per_split == 1, "tile-relative logits need one tile per split"
+        assert logits.shape == (num_tokens, vocab_size) and logits.stride(1) == 1
+    grid = (triton.cdiv(num_tokens, config.block_m), num_splits)
+    vocab_partials_kernel[grid](
+        hidden, weight, bias if bias is not None else weight, target,
+        logits if logits is not None else hidden, *partials, target_logit,
+        num_tokens, vocab_size, hidden_size,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        logits.stride(0) if logits is not None else 0,
+        tiles_per_split,
+        HAS_BIAS=bias is not None, STORE_LOGITS=logits is not None, DOT_PRECISION=config.dot_precision(hidden.dtype),
+        BLOCK_SIZE_M=config.block_m, BLOCK_SIZE_N=config.block_n, BLOCK_SIZE_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
