@@ -26,11 +26,14 @@ def _summaries(num_splits: int, num_tokens: int, device) -> tuple[torch.Tensor, 
 
 
 def run_pass(request: PassRequest) -> PassResult:
-    hidden, weight, bias, target = request.hidden, request.weight, request.bias, request.target
+    hidden, bias, target = request.hidden, request.bias, request.target
+    # The vocabulary-tile kernel reads rows of H with unit stride (vectorised loads); a transposed or sliced
+    # weight is copied once (O(V * H)).
+    weight = request.weight if request.weight.stride(1) == 1 else request.weight.contiguous()
     num_tokens = hidden.shape[0]
     vocab_size = weight.shape[0]
     device = hidden.device
-    configs = configs_for(device)
+    configs = configs_for(device, hidden.dtype)
     block_n = configs.vocab_partials.block_n
     num_tiles = triton.cdiv(vocab_size, block_n)
 
@@ -69,7 +72,7 @@ def run_pass(request: PassRequest) -> PassResult:
             if result.grad_hidden is not None:
                 matmul(dlogits, weight, result.grad_hidden[chunk], accumulate=False, config=configs.matmul)
             if result.grad_weight is not None:
-                matmul(dlogits.T, hidden_chunk, result.grad_weight, accumulate=True, config=configs.matmul)
+                matmul(dlogits.T, hidden_chunk, result.grad_weight, accumulate=True, config=configs.matmul_accumulate)
             if result.grad_bias is not None:
                 result.grad_bias += dlogits.sum(0, dtype=torch.float32)
 

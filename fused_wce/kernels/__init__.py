@@ -7,13 +7,14 @@
 - :mod:`.matmul`: the strided GEMM for ``grad_hidden`` and the fp32-accumulated ``grad_weight``.
 """
 from .combine import combine, combine_kernel
-from .configs import GPU_CONFIGS, INTERPRETER_CONFIGS, KernelConfig, KernelConfigs, configs_for
+from .configs import (FP32_CONFIGS, GPU_CONFIGS, INTERPRETER_CONFIGS, SM80_CONFIGS, SM90_CONFIGS, KernelConfig,
+                      KernelConfigs, configs_for, gpu_configs)
 from .matmul import matmul, matmul_kernel
 from .softmax_grad import softmax_grad, softmax_grad_kernel
 from .vocab_partials import vocab_partials, vocab_partials_kernel
 
 __all__ = [
-    "GPU_CONFIGS", "INTERPRETER_CONFIGS", "KernelConfig", "KernelConfigs", "combine", "combine_kernel",
+    "FP32_CONFIGS", "GPU_CONFIGS", "INTERPRETER_CONFIGS", "SM80_CONFIGS", "SM90_CONFIGS", "gpu_configs", "KernelConfig", "KernelConfigs", "combine", "combine_kernel",
     "configs_for", "matmul", "matmul_kernel", "softmax_grad", "softmax_grad_kernel", "vocab_partials",
     "vocab_partials_kernel",
 ]

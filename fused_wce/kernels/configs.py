@@ -1,12 +1,12 @@
 """Launch configurations of the kernels, per target.
 
-GPU configs (sm_80 / sm_90). The vocabulary-tile kernel holds a 128 x 128 fp32 accumulator (64 registers a
-thread at 8 warps) plus three running row statistics, and BLOCK_SIZE_K = 64 bf16 keeps three pipeline stages
-at 96 KiB of shared memory, inside both A100 (164 KiB) and H100 (228 KiB); 128-row tiles with 8 warps are what
-Triton lowers to wgmma on sm_90. BLOCK_SIZE_N = 128 is also the granularity of the tile-relative logits the
-gradient kernel reads. The gradient GEMMs use 128 x 256 tiles (Triton tutorial 03's Hopper config): the
-``[chunk, H]`` grad_hidden product has few output tiles (1024 x 4096 -> 128 programs: one wave on 132 SMs).
-``benchmarks.static`` reports registers, spills and shared memory of each config on each target.
+GPU configs, per architecture, each checked to compile without register spills (tests/test_aot_compile.py).
+The vocabulary-tile kernel holds a 128 x BLOCK_SIZE_N fp32 accumulator plus its logsumexp epilogue; with
+BLOCK_SIZE_K = 64 and three pipeline stages its shared memory fits A100 (164 KiB) and H100 (228 KiB); 128-row
+tiles with 8 warps are what Triton lowers to wgmma on sm_90. BLOCK_SIZE_N is also the granularity of the
+tile-relative logits the gradient kernel reads. The grad_hidden GEMM uses 128 x 256 tiles (Triton tutorial
+03's Hopper config): its ``[chunk, H]`` output has few tiles (1024 x 4096 -> 128 programs: one wave on 132
+SMs).
 
 Interpreter configs (TRITON_INTERPRET=1, CPU tensors): the same kernels with blocks sized for test shapes
 (every Python-level op costs ~ms there); BLOCK_SIZE_K stays below the tests' H so K masking is exercised.
@@ -41,29 +41,61 @@ class KernelConfigs:
     vocab_partials: KernelConfig
     combine: KernelConfig
     softmax_grad: KernelConfig
-    matmul: KernelConfig
+    matmul: KernelConfig  # grad_hidden = dlogits @ weight
+    matmul_accumulate: KernelConfig  # grad_weight += dlogits.T @ hidden (also loads the fp32 C tile)
     # Stats-only passes split the vocabulary until about this many programs run at once.
     target_programs_per_sm: int = 4
 
 
-GPU_CONFIGS = KernelConfigs(
+_COMBINE = KernelConfig(block_m=32, block_s=64, num_warps=4)
+_SOFTMAX_GRAD = KernelConfig(block_m=16, num_warps=4)
+_MATMUL = KernelConfig(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3)
+# The accumulating GEMM holds the fp32 C tile beside the accumulator: 128 x 256 spills, 128 x 128 does not.
+_MATMUL_ACCUMULATE = KernelConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+
+SM90_CONFIGS = KernelConfigs(
     vocab_partials=KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-    combine=KernelConfig(block_m=32, block_s=64, num_warps=4),
-    softmax_grad=KernelConfig(block_m=16, num_warps=4),
-    matmul=KernelConfig(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3),
+    combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD, matmul=_MATMUL, matmul_accumulate=_MATMUL_ACCUMULATE,
 )
+# sm_80's mma.sync keeps operand fragments in registers: a 128 x 128 tile with the logsumexp epilogue spills
+# there, 128 x 64 does not.
+SM80_CONFIGS = KernelConfigs(
+    vocab_partials=KernelConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
+    combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD, matmul=_MATMUL, matmul_accumulate=_MATMUL_ACCUMULATE,
+)
+# fp32 multiplies exactly (no TF32 unless torch allows it), with FMAs whose operand fragments live in
+# registers: smaller tiles and BLOCK_SIZE_K keep those kernels free of spills on both architectures.
+FP32_CONFIGS = KernelConfigs(
+    vocab_partials=KernelConfig(block_m=64, block_n=128, block_k=16, num_warps=8, num_stages=3),
+    combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD,
+    matmul=KernelConfig(block_m=64, block_n=128, block_k=32, group_m=8, num_warps=4, num_stages=3),
+    matmul_accumulate=KernelConfig(block_m=128, block_n=128, block_k=32, group_m=8, num_warps=8, num_stages=3),
+)
+GPU_CONFIGS = {80: SM80_CONFIGS, 90: SM90_CONFIGS}
 
 INTERPRETER_CONFIGS = KernelConfigs(
     vocab_partials=KernelConfig(block_m=32, block_n=256, block_k=64, num_warps=4, num_stages=1),
     combine=KernelConfig(block_m=64, block_s=4, num_warps=4),
     softmax_grad=KernelConfig(block_m=32, num_warps=4),
     matmul=KernelConfig(block_m=64, block_n=64, block_k=128, group_m=4, num_warps=4, num_stages=1),
+    matmul_accumulate=KernelConfig(block_m=64, block_n=64, block_k=128, group_m=4, num_warps=4, num_stages=1),
     target_programs_per_sm=2,
 )
 
 
-def configs_for(device: torch.device) -> KernelConfigs:
-    return GPU_CONFIGS if device.type == "cuda" else INTERPRETER_CONFIGS
+def gpu_configs(capability: int, dtype: torch.dtype) -> KernelConfigs:
+    """The shipped configs for ``sm_<capability>`` (80, 90, ...) and an input dtype."""
+    if dtype == torch.float32:
+        return FP32_CONFIGS
+    return SM90_CONFIGS if capability >= 90 else SM80_CONFIGS
+
+
+def configs_for(device: torch.device, dtype: torch.dtype) -> KernelConfigs:
+    """GPU configs by architecture and dtype; interpreter configs for CPU tensors (TRITON_INTERPRET=1)."""
+    if device.type != "cuda":
+        return INTERPRETER_CONFIGS
+    major, minor = torch.cuda.get_device_capability(device)
+    return gpu_configs(10 * major + minor, dtype)
 
 
 def multiprocessor_count(device: torch.device) -> int:

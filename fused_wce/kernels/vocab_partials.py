@@ -14,7 +14,7 @@ def vocab_partials_kernel(
     hidden_ptr, weight_ptr, bias_ptr, target_ptr,
     logits_ptr, part_max_ptr, part_sumexp_ptr, part_sumexp_shifted_ptr, target_logit_ptr,
     M, V, H,
-    stride_hidden_m, stride_hidden_k, stride_weight_v, stride_weight_k, stride_logits_m,
+    stride_hidden_m, stride_weight_v, stride_logits_m,
     tiles_per_split,
     HAS_BIAS: tl.constexpr, STORE_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
@@ -26,8 +26,8 @@ def vocab_partials_kernel(
     of BLOCK_SIZE_N columns, in fp32 registers, and folds them into a running summary (fused_wce.loss_math).
 
     Pointers:
-        hidden_ptr: ``[M, H]`` fp32/fp16/bf16, strides (stride_hidden_m, stride_hidden_k).
-        weight_ptr: ``[V, H]`` hidden's dtype, strides (stride_weight_v, stride_weight_k).
+        hidden_ptr: ``[M, H]`` fp32/fp16/bf16, row stride stride_hidden_m, unit column stride.
+        weight_ptr: ``[V, H]`` hidden's dtype, row stride stride_weight_v, unit column stride.
         bias_ptr: ``[V]`` hidden's dtype, contiguous; read only if HAS_BIAS.
         target_ptr: ``[M]`` int64 in ``[0, V)``.
         logits_ptr: ``[M, V]`` hidden's dtype, row stride stride_logits_m, column stride 1; written only if
@@ -60,9 +60,9 @@ def vocab_partials_kernel(
         for k_start in range(0, H, BLOCK_SIZE_K):
             offs_k = k_start + tl.arange(0, BLOCK_SIZE_K)
             k_mask = offs_k < H
-            a = tl.load(hidden_ptr + offs_m64[:, None] * stride_hidden_m + offs_k[None, :] * stride_hidden_k,
+            a = tl.load(hidden_ptr + offs_m64[:, None] * stride_hidden_m + offs_k[None, :],
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(weight_ptr + offs_k[:, None] * stride_weight_k + offs_n64[None, :] * stride_weight_v,
+            b = tl.load(weight_ptr + offs_k[:, None] + offs_n64[None, :] * stride_weight_v,
                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
@@ -110,6 +110,8 @@ def vocab_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     for part in partials:
         assert part.shape == (num_splits, num_tokens) and part.is_contiguous() and part.dtype == torch.float32
     assert target.shape == (num_tokens,) and target_logit.shape == (num_tokens,)
+    # Unit stride along H lets the loads vectorise (a strided H would need a pointer per element).
+    assert hidden.stride(1) == 1 and weight.stride(1) == 1, "hidden and weight need unit stride along H"
     if logits is not None:
         assert tiles_per_split == 1, "tile-relative logits need one tile per split"
         assert logits.shape == (num_tokens, vocab_size) and logits.stride(1) == 1
@@ -118,7 +120,7 @@ def vocab_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         hidden, weight, bias if bias is not None else weight, target,
         logits if logits is not None else hidden, *partials, target_logit,
         num_tokens, vocab_size, hidden_size,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        hidden.stride(0), weight.stride(0),
         logits.stride(0) if logits is not None else 0,
         tiles_per_split,
         HAS_BIAS=bias is not None, STORE_LOGITS=logits is not None, DOT_PRECISION=config.dot_precision(hidden.dtype),

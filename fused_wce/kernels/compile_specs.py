@@ -1,0 +1,133 @@
+"""Ahead-of-time compile specifications of every kernel at its shipped GPU configs.
+
+``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32))`` compiles a
+kernel for a real GPU with no GPU present. The specs below mirror what the JIT specialises at run time for
+typical training shapes: pointers 16-byte aligned, row strides divisible by 16 (H and V of real models are),
+unit strides as the constant 1. Tests compile them for sm_80 and sm_90; ``benchmarks.static`` reports their
+registers, spills and shared memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .combine import combine_kernel
+from .configs import KernelConfig, gpu_configs
+from .matmul import matmul_kernel
+from .softmax_grad import softmax_grad_kernel
+from .vocab_partials import vocab_partials_kernel
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """One kernel specialisation: ``name`` says which (kernel, mode, dtype); ``multiplies`` says whether it
+    runs its ``tl.dot`` on tensor cores (fp16/bf16; fp32 follows torch's default of no TF32, so it multiplies
+    exactly with FMAs), in which case sm_90 code must use wgmma."""
+
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    config: KernelConfig
+    multiplies: bool
+    aligned: tuple[str, ...] = field(default=())
+
+    def attrs(self) -> dict:
+        names = self.fn.arg_names
+        return {(names.index(arg),): [["tt.divisibility", 16]] for arg in self.aligned}
+
+    def options(self) -> dict:
+        return {"num_warps": self.config.num_warps, "num_stages": self.config.num_stages}
+
+
+def _pointer(dtype: str) -> str:
+    return "*" + dtype
+
+
+def vocab_partials_spec(dtype: torch.dtype, *, store_logits: bool, has_bias: bool,
+                        config: KernelConfig) -> CompileSpec:
+    t = _TRITON_DTYPES[dtype]
+    signature = {
+        "hidden_ptr": _pointer(t), "weight_ptr": _pointer(t), "bias_ptr": _pointer(t), "target_ptr": "*i64",
+        "logits_ptr": _pointer(t), "part_max_ptr": "*fp32", "part_sumexp_ptr": "*fp32",
+        "part_sumexp_shifted_ptr": "*fp32", "target_logit_ptr": "*fp32",
+        "M": "i32", "V": "i32", "H": "i32", "stride_hidden_m": "i32", "stride_weight_v": "i32",
+        "stride_logits_m": "i32", "tiles_per_split": "i32",
+    }
+    constexprs = {"HAS_BIAS": has_bias, "STORE_LOGITS": store_logits, "DOT_PRECISION": config.dot_precision(dtype),
+                  "BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": config.block_n, "BLOCK_SIZE_K": config.block_k}
+    signature.update({name: "constexpr" for name in constexprs})
+    mode = "store_logits" if store_logits else "stats_only"
+    return CompileSpec(f"vocab_partials[{mode},{'bias' if has_bias else 'no_bias'},{t}]", vocab_partials_kernel,
+                       signature, constexprs, config, multiplies=dtype != torch.float32,
+                       aligned=("hidden_ptr", "weight_ptr", "logits_ptr", "part_max_ptr", "part_sumexp_ptr",
+                                "part_sumexp_shifted_ptr", "H", "stride_hidden_m", "stride_weight_v",
+                                "stride_logits_m"))
+
+
+def combine_spec(config: KernelConfig) -> CompileSpec:
+    signature = {name: "*fp32" for name in ("part_max_ptr", "part_sumexp_ptr", "part_sumexp_shifted_ptr",
+                                             "target_logit_ptr", "token_loss_ptr", "lse_ptr", "entropy_ptr")}
+    signature.update({"is_top1_ptr": "*i8", "M": "i32", "num_splits": "i32"})
+    constexprs = {"BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_S": config.block_s}
+    signature.update({name: "constexpr" for name in constexprs})
+    return CompileSpec("combine", combine_kernel, signature, constexprs, config, multiplies=False,
+                       aligned=("part_max_ptr", "part_sumexp_ptr", "part_sumexp_shifted_ptr", "M"))
+
+
+def softmax_grad_spec(dtype: torch.dtype, config: KernelConfig, block_n: int) -> CompileSpec:
+    t = _TRITON_DTYPES[dtype]
+    signature = {"logits_ptr": _pointer(t), "part_max_ptr": "*fp32", "lse_ptr": "*fp32", "target_ptr": "*i64",
+                 "coef_ptr": "*fp32", "M": "i32", "V": "i32", "stride_logits_m": "i32"}
+    constexprs = {"BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": block_n}
+    signature.update({name: "constexpr" for name in constexprs})
+    return CompileSpec(f"softmax_grad[{t}]", softmax_grad_kernel, signature, constexprs, config, multiplies=False,
+                       aligned=("logits_ptr", "part_max_ptr", "M", "V", "stride_logits_m"))
+
+
+def matmul_spec(dtype: torch.dtype, *, transposed_a: bool, accumulate: bool, config: KernelConfig) -> CompileSpec:
+    """``grad_hidden = dlogits @ weight`` (A row-major) or ``grad_weight += dlogits.T @ hidden`` (A transposed,
+    fp32 C accumulated)."""
+    t = _TRITON_DTYPES[dtype]
+    out = "fp32" if accumulate else t
+    signature = {"a_ptr": _pointer(t), "b_ptr": _pointer(t), "c_ptr": _pointer(out), "M": "i32", "N": "i32",
+                 "K": "i32", "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
+                 "stride_cm": "i32", "stride_cn": "i32"}
+    unit_strides = {"stride_am" if transposed_a else "stride_ak": 1, "stride_bn": 1, "stride_cn": 1}
+    constexprs = {**unit_strides, "ACCUMULATE": accumulate, "DOT_PRECISION": config.dot_precision(dtype),
+                  "BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": config.block_n,
+                  "BLOCK_SIZE_K": config.block_k, "GROUP_SIZE_M": config.group_m}
+    signature.update({name: "constexpr" for name in constexprs})
+    strided = [s for s in ("stride_am", "stride_ak", "stride_bk", "stride_cm") if s not in unit_strides]
+    role = "grad_weight" if transposed_a else "grad_hidden"
+    return CompileSpec(f"matmul[{role},{t}]", matmul_kernel, signature, constexprs, config,
+                       multiplies=dtype != torch.float32,
+                       aligned=("a_ptr", "b_ptr", "c_ptr", "M", "N", "K", *strided))
+
+
+def shipped_specs(capability: int, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> list[CompileSpec]:
+    """Every specialisation the Triton path launches on an ``sm_<capability>`` GPU, at its shipped configs."""
+    specs = [combine_spec(gpu_configs(capability, torch.bfloat16).combine)]
+    for dtype in dtypes:
+        configs = gpu_configs(capability, dtype)
+        for has_bias in (False, True):
+            for store_logits in (False, True):
+                specs.append(vocab_partials_spec(dtype, store_logits=store_logits, has_bias=has_bias,
+                                                 config=configs.vocab_partials))
+        specs.append(softmax_grad_spec(dtype, configs.softmax_grad, configs.vocab_partials.block_n))
+        specs.append(matmul_spec(dtype, transposed_a=False, accumulate=False, config=configs.matmul))
+        specs.append(matmul_spec(dtype, transposed_a=True, accumulate=True, config=configs.matmul_accumulate))
+    return specs
+
+
+def compile_spec(spec: CompileSpec, capability: int):
+    """Compile ``spec`` for ``sm_<capability>`` (e.g. 80, 90); returns triton's CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(spec.fn, spec.signature, spec.constexprs, spec.attrs())
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=spec.options())

@@ -1,0 +1,480 @@
+"""``WeightedSFTTrainer``: TRL's ``SFTTrainer`` with per-token weights from chat turns and a fused loss.
+
+Used exactly as :class:`trl.SFTTrainer`, plus ``weighting=TurnWeighting(...)``. What it changes:
+
+* **Dataset preparation.** A conversational dataset (a ``messages`` column) is tokenized with
+  :func:`~fused_wce.trl_integration.weighting.tokenize_with_weights`, which adds per-token ``token_weights``,
+  ``token_roles`` and ``token_turn_positions`` columns; ``labels`` are the token ids where the weight is > 0 and
+  -100 elsewhere. Truncation (``max_length``), packing and padding-free batching keep those columns aligned with
+  ``input_ids`` (TRL itself truncates and packs only ``input_ids``/``labels``). Datasets without ``messages``
+  (plain text, prompt-completion, pre-tokenized) fall back to TRL's own preparation with weight 1 on the tokens
+  TRL labels, unless a ``weighting`` was passed explicitly, which then is an error.
+* **Loss.** The model runs its backbone only; ``fused_wce.linear_cross_entropy`` computes
+  ``sum(w_i * CE_i) / normalizer`` from the final hidden states and ``lm_head.weight`` without building the logits.
+  The normalizer is the sum of the (shifted) weights over the whole gradient-accumulation batch and over all
+  data-parallel ranks, so ``bs=1 x GA=4`` equals ``bs=4`` and 2 ranks equal 1 rank with twice the batch.
+* **Logs.** TRL's ``loss``, ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` are kept; ``loss/<role>`` and
+  ``loss/turn_<position>`` (mean unweighted cross-entropy of the counted target tokens of each role / turn
+  position over the logging window) are added, so each stage's curve shows in TensorBoard or W&B.
+
+With weight 1 on exactly the tokens TRL labels (``weighting=None`` derives that from ``assistant_only_loss``),
+the losses equal stock ``SFTTrainer``'s.
+"""
+from __future__ import annotations
+
+import functools
+import types
+import warnings
+from collections import defaultdict
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers.utils import ModelOutput
+from trl import SFTTrainer
+from trl.data_utils import get_dataset_column_names, maybe_convert_to_chatml, pack_dataset
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from trl.trainer.utils import global_then_local_main_first, maybe_gather_lm_head_ctx
+
+import fused_wce
+
+from .collator import PER_TOKEN_COLUMNS, TOKEN_ROLES, TOKEN_TURN_POSITIONS, TOKEN_WEIGHTS, WeightedDataCollator
+from .weighting import ROLE_CODES, TURN_POSITIONS, TurnWeighting, tokenize_with_weights
+
+try:  # FSDP2 exposes sharded parameters as DTensors
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch builds without distributed
+    DTensor = ()
+
+logger = get_logger(__name__)
+
+# Per-group loss logging: index 0 of each block is "no role / no turn" (code -1), then the codes 0, 1, ...
+_ROLE_NAMES = ("scaffolding",) + tuple(sorted(ROLE_CODES, key=ROLE_CODES.get))
+_TURN_NAMES = tuple(f"turn_{position}" for position in TURN_POSITIONS)
+_FORWARD_FLAG = "fused_wce_target"
+
+
+class WeightedLMOutput(ModelOutput):
+    """What the patched forward returns when given ``fused_wce_target``.
+
+    ``loss``: 0-d float32, ``sum(w_i l_i) / normalizer``. Per target position (shaped like the shifted targets,
+    ``[B, T-1]``, detached): ``token_loss`` (float32, unweighted CE), ``entropy`` (float32), ``is_top1`` (bool),
+    ``counted`` (bool: target != -100 and weight > 0). All zero/False where not counted.
+    """
+
+    loss: torch.Tensor | None = None
+    token_loss: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    counted: torch.Tensor | None = None
+
+
+def _logit_scale(text_config) -> float:
+    """The constant the model multiplies its logits by (1.0 for most models); see TRL's ``add_fused_lm_head``."""
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if text_config.model_type == "hyperclovax" else 1.0 / scaling
+    return 1.0 if scale is None else float(scale)
+
+
+def check_model_supported(model) -> None:
+    """Raise NotImplementedError for output heads the fused weighted loss cannot reproduce exactly."""
+    text_config = model.config.get_text_config()
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    if softcap is not None:
+        raise NotImplementedError(
+            f"{type(model).__name__} applies final_logit_softcapping={softcap} (tanh softcapping of the logits), "
+            "which fused_wce.linear_cross_entropy does not support yet, so the loss would differ from the model's. "
+            "Set `model.config.final_logit_softcapping = None` (e.g. via `model_init_kwargs`) to train without "
+            "softcapping, or use trl.SFTTrainer."
+        )
+    if model.get_output_embeddings() is None:
+        raise NotImplementedError(f"{type(model).__name__} has no output embeddings (LM head) to fuse the loss with")
+
+
+def add_weighted_lm_head(model) -> None:
+    """Patch ``model.forward``: with ``fused_wce_target=...`` it runs the backbone and returns the fused weighted loss.
+
+    ``model(**inputs, fused_wce_target=target, fused_wce_weight=weight, fused_wce_normalizer=normalizer)``, with
+    ``target`` int64 ``[B, T-1]`` (``labels[:, 1:]``), ``weight`` float32 ``[B, T-1]`` and ``normalizer`` a 0-d
+    tensor > 0, returns a :class:`WeightedLMOutput`. The LM head never runs over all tokens: the last hidden states
+    ``[B, T-1, H]`` go to :func:`fused_wce.linear_cross_entropy` with ``lm_head.weight`` (and bias). Without
+    ``fused_wce_target`` the previous forward runs unchanged (generation, TRL's fused head). The forward is called
+    through the (DDP/FSDP/PEFT) wrappers, so their hooks run as usual. Apply to the unwrapped ``PreTrainedModel``.
+    """
+    check_model_supported(model)
+    previous_forward = model.forward
+    text_config = model.config.get_text_config()
+    logit_scale = _logit_scale(text_config)
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_wce_target=None, fused_wce_weight=None, fused_wce_normalizer=None, **kwargs):
+        if fused_wce_target is None:
+            return previous_forward(*args, **kwargs)
+        for unused in ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep"):
+            kwargs.pop(unused, None)
+        kwargs["use_cache"] = False
+        backbone = self.base_model  # looked up per call: PEFT and FSDP replace modules after patching
+        if backbone is self:
+            raise NotImplementedError(f"{type(self).__name__} exposes no backbone (`base_model_prefix`) to run")
+        hidden_states = backbone(*args, **kwargs).last_hidden_state[:, :-1]
+
+        lm_head = self.get_output_embeddings()
+        # ZeRO-3 shards the head to numel 0 outside its own forward: gather it before reading the weight.
+        with maybe_gather_lm_head_ctx(lm_head.weight, getattr(lm_head, "bias", None)):
+            weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+            if isinstance(weight, DTensor):
+                weight = weight.full_tensor()
+                bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+            device = weight.device  # with `device_map` the backbone can end on another device than the head
+            hidden_states = hidden_states.to(device)
+            target = fused_wce_target.to(device)
+            token_weight = fused_wce_weight.to(device=device, dtype=torch.float32)
+
+            # The head computes in the dtype nn.Linear would under the active autocast (e.g. bf16 under AMP, like
+            # the stock head), otherwise in the weight's dtype; autocast is then off so the loss is exactly that.
+            compute_dtype = weight.dtype
+            if torch.is_autocast_enabled(device.type):
+                compute_dtype = torch.get_autocast_dtype(device.type)
+            hidden_states = hidden_states.to(compute_dtype)
+            weight = weight.to(compute_dtype)
+            if bias is not None:
+                bias = bias.to(compute_dtype)
+            if logit_scale != 1.0:  # s * (h W^T + b) == (s h) W^T + s b
+                hidden_states = hidden_states * logit_scale
+                bias = None if bias is None else bias * logit_scale
+
+            with torch.autocast(device.type, enabled=False):
+                out = fused_wce.linear_cross_entropy(
+                    hidden_states, weight, target, token_weight, bias=bias,
+                    normalizer=fused_wce_normalizer, return_stats=True,
+                )
+        counted = (target != -100) & (token_weight > 0)
+        return WeightedLMOutput(loss=out.loss, token_loss=out.token_loss, entropy=out.entropy,
+                                is_top1=out.is_top1, counted=counted)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _default_weighting(args) -> TurnWeighting:
+    """Weight 1 on the tokens stock TRL trains: the assistant turns, or the full sequence."""
+    if args.assistant_only_loss:
+        return TurnWeighting(role_weights={"assistant": 1.0})
+    return TurnWeighting(full_sequence=True)
+
+
+class WeightedSFTTrainer(SFTTrainer):
+    """:class:`trl.SFTTrainer` whose loss is a per-token weighted cross-entropy computed by ``fused_wce``.
+
+    Args:
+        model, args, data_collator, train_dataset, eval_dataset, processing_class, ...: as for ``SFTTrainer``.
+        weighting: :class:`~fused_wce.trl_integration.weighting.TurnWeighting` that turns each conversation's
+            messages into per-token weights. ``None`` gives stock TRL's selection: the assistant turns when
+            ``args.assistant_only_loss`` else the whole sequence, each token with weight 1.
+
+    The data collator defaults to :class:`WeightedDataCollator` (also in padding-free mode, where TRL rejects
+    custom collators). A custom collator is used as is; batches without ``token_weights`` get weight 1 where
+    ``labels != -100``.
+
+    Not supported (clear errors at init): ``final_logit_softcapping`` (Gemma-2), ``loss_type="dft"``,
+    ``label_smoothing_factor > 0``, ``compute_loss_func``, MoE router auxiliary losses, context/sequence
+    parallelism.
+    """
+
+    _tag_names = ["trl", "sft", "fused-wce"]
+
+    def __init__(self, model, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, *posargs, weighting: TurnWeighting | None = None, **kwargs):
+        if weighting is not None and not isinstance(weighting, TurnWeighting):
+            raise TypeError(f"weighting must be a TurnWeighting or None, got {type(weighting).__name__}")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("WeightedSFTTrainer computes its own loss; `compute_loss_func` cannot be combined with it")
+        if args is not None and getattr(args, "loss_type", "nll") != "nll":
+            raise NotImplementedError(f"loss_type={args.loss_type!r} is not supported by WeightedSFTTrainer; use 'nll'")
+        if args is not None and getattr(args, "label_smoothing_factor", 0.0) > 0:
+            raise NotImplementedError("label_smoothing_factor > 0 is not supported by WeightedSFTTrainer")
+        if not isinstance(model, str):
+            check_model_supported(model)
+        # Set before super().__init__(), which prepares the datasets through our _prepare_dataset.
+        self._weighting_given = weighting is not None
+        self.weighting = weighting
+        self._group_losses = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
+
+        # TRL rejects any custom collator in padding-free mode; ours is installed after its __init__ instead.
+        deferred_collator = None
+        padding_free = args is not None and (
+            getattr(args, "padding_free", False)
+            or (getattr(args, "packing", False) and getattr(args, "packing_strategy", None) in {"bfd", "bfd_split"}))
+        if padding_free and data_collator is not None:
+            if not isinstance(data_collator, WeightedDataCollator):
+                raise ValueError("Padding-free training needs a WeightedDataCollator (or none, for the default)")
+            deferred_collator, data_collator = data_collator, None
+
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *posargs, **kwargs)
+        if self.weighting is None:
+            self.weighting = _default_weighting(self.args)
+
+        if deferred_collator is not None:
+            self.data_collator = deferred_collator
+        elif type(self.data_collator) is DataCollatorForLanguageModeling:  # TRL's default: carry our columns too
+            stock = self.data_collator
+            self.data_collator = WeightedDataCollator(
+                pad_token_id=stock.pad_token_id, padding_free=stock.padding_free,
+                return_position_ids=stock.return_position_ids, pad_to_multiple_of=stock.pad_to_multiple_of,
+                return_tensors=stock.return_tensors)
+
+        if self.aux_loss_enabled:
+            raise NotImplementedError(
+                "MoE router auxiliary losses are not supported by WeightedSFTTrainer yet; set "
+                "`router_aux_loss_coef=0.0` in the SFTConfig to train without it")
+        parallelism = self.accelerator.parallelism_config
+        if parallelism is not None and (getattr(parallelism, "cp_enabled", False)
+                                        or getattr(parallelism, "sp_enabled", False)):
+            raise NotImplementedError("context/sequence parallelism is not supported by WeightedSFTTrainer")
+
+        add_weighted_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        # compute_loss normalises by the whole accumulated (and cross-rank) batch: Trainer must not divide by GA.
+        self.loss_is_scaled_for_ga = True
+
+    # ------------------------------------------------------------------------------------------ dataset preparation
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for name in PER_TOKEN_COLUMNS:
+            if name not in self._signature_columns:
+                self._signature_columns.append(name)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        columns = get_dataset_column_names(dataset)
+        pretokenized = "input_ids" in columns and TOKEN_WEIGHTS in columns
+        conversational = "input_ids" not in columns and formatting_func is None and (
+            "messages" in columns or "conversations" in columns)
+        if self._is_vision_dataset or not (pretokenized or conversational):
+            if self._weighting_given:
+                raise ValueError(
+                    f"WeightedSFTTrainer's `weighting` needs a conversational {dataset_name} dataset with a `messages` "
+                    f"column (a list of {{'role', 'content'}} dicts) or pre-tokenized `input_ids` + `{TOKEN_WEIGHTS}` "
+                    f"columns; got columns {columns}. Pass weighting=None to train on TRL's labels with weight 1."
+                )
+            logger.info(f"The {dataset_name} dataset has no `messages` column: training on TRL's labels, weight 1.")
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if isinstance(dataset, Dataset) and dataset.format["type"] == "custom":
+            raise ValueError("WeightedSFTTrainer cannot prepare a dataset that uses `Dataset.with_transform()`; "
+                             "materialise the transform with `Dataset.map()` first")
+
+        weighting = self.weighting if self.weighting is not None else _default_weighting(args)
+        map_kwargs: dict[str, Any] = {}
+        if isinstance(dataset, Dataset):
+            map_kwargs["num_proc"] = args.dataset_num_proc
+
+        def described(text):  # `IterableDataset.map/filter` take no `desc`
+            return {**map_kwargs, "desc": f"{text} {dataset_name} dataset"} if isinstance(dataset, Dataset) else map_kwargs
+
+        with global_then_local_main_first():
+            if conversational:
+                if "messages" not in columns:
+                    dataset = dataset.map(maybe_convert_to_chatml, remove_columns="conversations",
+                                          **described("Converting to ChatML"))
+                dataset = dataset.map(
+                    _tokenize_example,
+                    fn_kwargs={"tokenizer": self._tokenizer, "weighting": weighting},
+                    **described("Tokenizing (with turn weights)"))
+            columns = get_dataset_column_names(dataset)
+            if "labels" not in columns:
+                dataset = dataset.map(_labels_from_weights, **described("Building labels for"))
+
+            per_token = ["input_ids", "labels"] + [name for name in PER_TOKEN_COLUMNS
+                                                   if name in get_dataset_column_names(dataset)]
+            if args.max_length is not None and not packing:
+                if args.truncation_mode == "keep_start":
+                    window = slice(None, args.max_length)
+                elif args.truncation_mode == "keep_end":
+                    window = slice(-args.max_length, None)
+                else:
+                    raise ValueError(f"Unsupported truncation_mode {args.truncation_mode!r}: "
+                                     "expected 'keep_start' or 'keep_end'")
+                dataset = dataset.map(_truncate, fn_kwargs={"columns": per_token, "window": window},
+                                      **described("Truncating"))
+
+            # A sequence whose targets all have weight 0 (or label -100) teaches nothing: drop it, loudly.
+            size_before = len(dataset) if isinstance(dataset, Dataset) else None
+            dataset = dataset.filter(_has_weighted_target, **described("Dropping unweighted examples from"))
+            if size_before is not None and len(dataset) < size_before:
+                warnings.warn(
+                    f"WeightedSFTTrainer dropped {size_before - len(dataset)} of {size_before} {dataset_name} examples "
+                    "with no weighted target token (every weight 0 after weighting/truncation)", stacklevel=3)
+                if len(dataset) == 0:
+                    raise ValueError(f"No {dataset_name} example has a token with weight > 0: nothing to train on. "
+                                     "Check the weighting (role_weights, last_n) and max_length.")
+
+            if packing:
+                if args.max_length is None:
+                    raise ValueError("When packing is enabled, `max_length` can't be `None`.")
+                dataset = dataset.select_columns(per_token)
+                if args.shuffle_dataset:
+                    dataset = dataset.shuffle(seed=args.seed)
+                dataset = pack_dataset(dataset, args.max_length, args.packing_strategy, described("Packing"))
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        return dataset
+
+    # --------------------------------------------------------------------------------------------- normalisation
+    @staticmethod
+    def _shifted_weights(batch: dict[str, Any]) -> torch.Tensor:
+        """Float32 ``[B, T-1]``: the weight of each prediction target (0 where the label is -100)."""
+        labels = batch["labels"][..., 1:]
+        weights = batch.get(TOKEN_WEIGHTS)
+        labelled = labels != -100
+        if weights is None:
+            return labelled.to(torch.float32)
+        return weights[..., 1:].to(torch.float32) * labelled
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """The sum of target weights over the accumulated micro-batches, summed over data-parallel ranks."""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        total = sum(self._shifted_weights(batch).sum(dtype=torch.float32) for batch in batch_samples)
+        total = torch.as_tensor(total, dtype=torch.float32).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        # Tensor/context/sequence-parallel ranks see the same tokens; count them once (as transformers does).
+        return total / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
+
+    # ------------------------------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        if "shift_labels" in inputs:
+            raise NotImplementedError("pre-shifted labels (context/sequence parallelism) are not supported")
+        inputs = dict(inputs)
+        token_weights = inputs.pop(TOKEN_WEIGHTS, None)
+        roles = inputs.pop(TOKEN_ROLES, None)
+        turn_positions = inputs.pop(TOKEN_TURN_POSITIONS, None)
+        labels = inputs.pop("labels")
+        target = labels[:, 1:]
+        weight = self._shifted_weights({"labels": labels, TOKEN_WEIGHTS: token_weights})
+
+        if num_items_in_batch is None:  # evaluation, or a caller outside the training loop: this batch alone
+            normalizer, ranks = weight.sum(), 1
+        else:
+            normalizer = torch.as_tensor(num_items_in_batch, dtype=torch.float32)
+            # DDP averages gradients over ranks while the normalizer already sums every rank's weights.
+            ranks = self.accelerator.num_processes // self.get_tp_size() if self.args.average_tokens_across_devices \
+                else 1
+        # A batch without any weighted token has loss 0 (numerator 0); keep the division finite.
+        normalizer = normalizer.to(device=weight.device, dtype=torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_wce_target=target, fused_wce_weight=weight, fused_wce_normalizer=normalizer)
+        loss = outputs.loss * ranks if ranks != 1 else outputs.loss
+
+        self._record_metrics(mode, inputs, outputs, roles, turn_positions)
+
+        if return_outputs:
+            warnings.warn("`return_outputs=True` recomputes the full logits with an extra forward pass",
+                          FutureWarning, stacklevel=2)
+            with torch.no_grad():
+                outputs = model(**inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_metrics(self, mode, inputs, outputs, roles, turn_positions) -> None:
+        """TRL's entropy / mean_token_accuracy / num_tokens, and the per-role and per-turn loss sums.
+
+        One gather of a small vector per micro-batch (TRL does three): ``[num_counted, entropy_sum, num_correct,
+        role loss sums, role counts, turn loss sums, turn counts]``, summed over ranks.
+        """
+        counted = outputs.counted
+        token_loss = outputs.token_loss.detach().float()
+        device = token_loss.device
+        n_roles, n_turns = len(_ROLE_NAMES), len(_TURN_NAMES) + 1
+        shape = counted.shape
+        roles = (torch.full(shape, -1, device=device) if roles is None else roles[:, 1:].to(device)) + 1
+        turns = (torch.full(shape, -1, device=device) if turn_positions is None
+                 else turn_positions[:, 1:].to(device)) + 1
+        # Codes outside the known range (a dataset built with another code table) count as "none".
+        roles = roles.masked_fill((roles < 0) | (roles >= n_roles), 0)[counted]
+        turns = turns.masked_fill((turns < 0) | (turns >= n_turns), 0)[counted]
+        losses = token_loss[counted]
+        stats = torch.cat([
+            torch.stack([counted.sum().float(), outputs.entropy.detach().float().sum(),
+                         outputs.is_top1.sum().float()]),
+            torch.bincount(roles, weights=losses, minlength=n_roles).float(),
+            torch.bincount(roles, minlength=n_roles).float(),
+            torch.bincount(turns, weights=losses, minlength=n_turns).float(),
+            torch.bincount(turns, minlength=n_turns).float(),
+        ])
+        stats = self.accelerator.gather(stats).reshape(-1, stats.numel()).sum(0).tolist()
+        num_counted, entropy_sum, num_correct = stats[:3]
+        role_sums, role_counts = stats[3:3 + n_roles], stats[3 + n_roles:3 + 2 * n_roles]
+        turn_block = stats[3 + 2 * n_roles:]
+        turn_sums, turn_counts = turn_block[:n_turns], turn_block[n_turns:]
+
+        metrics = self._metrics[mode]
+        metrics["entropy"].append(entropy_sum / num_counted if num_counted > 0 else 0.0)
+        metrics["mean_token_accuracy"].append(num_correct / num_counted if num_counted > 0 else 0.0)
+        groups = self._group_losses[mode]
+        for name, total, count in zip(_ROLE_NAMES, role_sums, role_counts):
+            if count > 0:
+                groups[name][0] += total
+                groups[name][1] += count
+        for name, total, count in zip(_TURN_NAMES, turn_sums[1:], turn_counts[1:]):
+            if count > 0:
+                groups[name][0] += total
+                groups[name][1] += count
+
+        if mode == "train":  # tokens seen, counted like TRL (padding excluded)
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            elif "position_ids" in inputs:
+                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            else:
+                raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+            self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        groups = self._group_losses[mode]
+        for name in _ROLE_NAMES + _TURN_NAMES:  # a fixed order, so printed logs line up
+            if name in groups and groups[name][1] > 0:
+                logs[f"{prefix}loss/{name}"] = groups[name][0] / groups[name][1]
+        groups.clear()
+        super().log(logs, start_time)
+
+
+# ------------------------------------------------------------------------------ dataset.map functions (picklable)
+def _tokenize_example(example, tokenizer, weighting):
+    tools = example.get("tools")
+    if isinstance(tools, str):
+        import json
+
+        tools = json.loads(tools)
+    encoded = tokenize_with_weights(tokenizer, example["messages"], weighting, tools=tools)
+    return {
+        "input_ids": encoded["input_ids"],
+        TOKEN_WEIGHTS: [float(w) for w in encoded["token_weights"]],
+        TOKEN_ROLES: encoded["token_roles"],
+        TOKEN_TURN_POSITIONS: encoded["token_turn_positions"],
+    }
+
+
+def _labels_from_weights(example):
+    return {"labels": [token if weight > 0 else -100
+                       for token, weight in zip(example["input_ids"], example[TOKEN_WEIGHTS], strict=True)]}
+
+
+def _truncate(example, columns, window):
+    return {name: example[name][window] for name in columns}
+
+
+def _has_weighted_target(example):
+    # Position 0 is never a prediction target (causal shift), so its weight cannot train anything.
+    return any(label != -100 and weight > 0
+               for label, weight in zip(example["labels"][1:], example[TOKEN_WEIGHTS][1:], strict=True))
