@@ -26,13 +26,12 @@ import functools
 import types
 import warnings
 from collections import defaultdict
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from transformers.utils import ModelOutput
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names, maybe_convert_to_chatml, pack_dataset

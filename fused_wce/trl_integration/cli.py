@@ -1,0 +1,336 @@
+"""``fused-wce sft``: ``trl sft`` with turn-weighted, fused cross-entropy.
+
+Takes every flag ``trl sft`` takes (``ScriptArguments``, ``SFTConfig``, ``ModelConfig``, ``DatasetMixtureConfig``;
+``--config file.yaml`` too) plus the weighting flags::
+
+    fused-wce sft                                   # tiny model, shipped dataset, offline, CPU, ~1 minute
+    fused-wce sft --role_weights "assistant=1,user=0.1" --last_n 2 --decay 0.5
+    fused-wce sft --dataset_name chats.jsonl --model_name_or_path ./my-model --max_length 2048
+    accelerate launch -m fused_wce.trl_integration.cli sft ...   # several processes
+
+Without ``--model_name_or_path`` a tiny Llama is built from a config (hidden 64, 2 layers, the vocabulary of the
+shipped tokenizer) and trained with demo defaults (higher learning rate, a few hundred steps at most); without
+``--dataset_name`` the shipped multi-turn conversations are used. On a machine without CUDA the defaults are CPU
+safe (``use_cpu``, no bf16, no gradient checkpointing); ``report_to`` defaults to ``none``. Explicit flags and
+YAML values always win over these defaults.
+
+While training it prints the loss per role and per turn position; at the end it prints a table comparing, on a
+held-out slice, the weighted objective with the stock losses (assistant-only CE, as TRL's
+``assistant_only_loss=True`` computes it, and full-sequence CE) before and after training.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+HELP = """usage: fused-wce <command> [flags]
+
+commands:
+  sft    supervised fine-tuning with turn-weighted fused cross-entropy (every `trl sft` flag, plus
+         --role_weights "assistant=1,user=0", --full_sequence, --last_n N, --decay D); `fused-wce sft --help`
+"""
+
+
+@dataclass
+class WeightingArguments:
+    """Flags of ``fused-wce sft`` beyond ``trl sft``'s."""
+
+    role_weights: str | None = field(default=None, metadata={
+        "help": 'Per-role loss weights, e.g. "assistant=1,user=0.1,system=0,tool=0". Default: assistant only.'})
+    full_sequence: bool = field(default=False, metadata={
+        "help": "Train on every token (scaffolding included), like TRL without assistant_only_loss."})
+    last_n: int | None = field(default=None, metadata={
+        "help": "Only the last N turns of each weighted role get weight (earlier turns get 0)."})
+    decay: float | None = field(default=None, metadata={
+        "help": "Weight earlier turns by decay**k, k = turns before the last one of that role (0 < decay <= 1)."})
+    holdout_size: int = field(default=32, metadata={
+        "help": "Conversations held out (never trained on) for the final comparison table; 0 disables it."})
+
+
+def make_parser(prog: str = "fused-wce sft"):
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, WeightingArguments), prog=prog)
+
+
+def _platform_defaults() -> dict:
+    """Defaults that make a bare run work here: CPU safe without CUDA, no trackers, a local output dir."""
+    import torch
+
+    defaults = {"report_to": "none", "output_dir": os.path.join("outputs", "fused-wce-sft")}
+    if not torch.cuda.is_available():
+        defaults.update(use_cpu=True, bf16=False, gradient_checkpointing=False)
+    return defaults
+
+
+# Demo defaults for the built-in tiny model (random init): a learning rate that moves it within a minute.
+DEMO_DEFAULTS = {
+    "learning_rate": 3e-3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 10,
+    "num_train_epochs": 2.0,
+    "per_device_train_batch_size": 8,
+    "max_length": 512,
+    "logging_steps": 10,
+    "save_strategy": "no",
+    "gradient_checkpointing": False,
+    "dataset_num_proc": None,
+}
+
+
+def parse_args(argv: list[str]):
+    """Parse ``argv`` (after ``sft``) into (script, training, model, dataset, weighting) arguments.
+
+    Two passes: the first finds out whether a model was given; without one, the demo defaults are set before the
+    second. Defaults are parser defaults, so YAML (``--config``) and command-line values override them.
+    """
+    parser = make_parser()
+    parser.set_defaults(**_platform_defaults())
+    first = parser.parse_args_and_config(list(argv))
+    if first[2].model_name_or_path is None:
+        parser.set_defaults(**DEMO_DEFAULTS)
+        return parser.parse_args_and_config(list(argv))
+    return first
+
+
+def build_tiny_model(tokenizer, seed: int, max_length: int | None):
+    """A 2-layer Llama with hidden size 64 over ``tokenizer``'s vocabulary, tied embeddings, seeded init."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(max_length or 0, 2048),
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def load_tokenizer(model_name_or_path: str, revision=None, trust_remote_code=False):
+    from transformers import AutoTokenizer
+
+    from .chat_data import build_tokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_name_or_path, revision=revision,
+                                             trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        print(f"[fused-wce] no tokenizer at {model_name_or_path} ({type(error).__name__}); "
+              "using the shipped tokenizer (its vocabulary must match the model's)")
+        return build_tokenizer()
+
+
+def load_datasets(script_args, dataset_args, holdout_size: int, seed: int):
+    """(train, held-out or None): the shipped dataset, a local jsonl, a hub/local dataset, or a mixture."""
+    from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
+
+    from .chat_data import load_default_dataset, load_jsonl_dataset
+
+    if dataset_args.datasets:
+        from trl import get_dataset
+
+        loaded = get_dataset(dataset_args)
+    elif script_args.dataset_name is None:
+        loaded = load_default_dataset()
+    elif os.path.isfile(script_args.dataset_name) and script_args.dataset_name.endswith((".jsonl", ".json")):
+        loaded = load_jsonl_dataset(script_args.dataset_name)
+    else:
+        loaded = load_dataset(script_args.dataset_name, name=script_args.dataset_config,
+                              streaming=script_args.dataset_streaming)
+
+    if isinstance(loaded, (DatasetDict, dict)) or hasattr(loaded, "keys"):
+        train = loaded[script_args.dataset_train_split]
+        if script_args.dataset_test_split in loaded:
+            return train, loaded[script_args.dataset_test_split]
+    else:
+        train = loaded
+    if isinstance(train, IterableDataset) or holdout_size <= 0:
+        return train, None
+    if not isinstance(train, Dataset) or len(train) < 2 * holdout_size:
+        holdout_size = len(train) // 10
+        if holdout_size == 0:
+            return train, None
+    split = train.train_test_split(test_size=holdout_size, seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def stage_loss_callback():
+    """A TrainerCallback printing ``step | loss | per-role | per-turn`` on every log (main process only)."""
+    from transformers import TrainerCallback
+
+    class StageLossPrinter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            for prefix in ("", "eval_"):
+                loss = logs.get(f"{prefix}loss")
+                if loss is None:
+                    continue
+                stages = [f"{key[len(prefix) + 5:]} {value:.3f}" for key, value in logs.items()
+                          if key.startswith(f"{prefix}loss/")]
+                tag = "eval " if prefix else ""
+                print(f"[fused-wce] {tag}step {state.global_step:>5}  loss {loss:.4f}  |  " + "  ".join(stages),
+                      flush=True)
+
+    return StageLossPrinter()
+
+
+def evaluate_losses(model, tokenizer, conversations, weightings: dict, max_length: int | None) -> dict:
+    """``{name: sum(w_i l_i) / sum(w_i)}`` over ``conversations`` for each named TurnWeighting (nan if no weight).
+
+    One backbone forward per conversation (no padding), the loss from the fused head; tokens shifted causally.
+    """
+    import torch
+
+    import fused_wce
+
+    from .weighting import tokenize_with_weights
+
+    sums = {name: [0.0, 0.0] for name in weightings}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        for messages in conversations:
+            encoded = {name: tokenize_with_weights(tokenizer, messages, weighting)
+                       for name, weighting in weightings.items()}
+            input_ids = next(iter(encoded.values()))["input_ids"][:max_length]
+            if len(input_ids) < 2:
+                continue
+            ids = torch.tensor([input_ids], device=device)
+            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+            hidden = hidden.to(head.weight.dtype)
+            target = ids[0, 1:]
+            for name, tokens in encoded.items():
+                if tokens["input_ids"][:max_length] != input_ids:
+                    raise RuntimeError("weightings tokenized the same conversation differently")
+                weight = torch.tensor(tokens["token_weights"][:max_length][1:], dtype=torch.float32, device=device)
+                loss_sum = fused_wce.linear_cross_entropy(hidden, head.weight, target, weight,
+                                                          bias=getattr(head, "bias", None), reduction="sum")
+                sums[name][0] += float(loss_sum)
+                sums[name][1] += float(weight[weight > 0].sum())
+    model.train(was_training)
+    return {name: (total / count if count > 0 else math.nan) for name, (total, count) in sums.items()}
+
+
+def format_comparison(before: dict, after: dict) -> str:
+    rows = [("loss on held-out conversations", "before", "after", "change")]
+    for name in before:
+        b, a = before[name], after[name]
+        rows.append((name, f"{b:.4f}", f"{a:.4f}", f"{a - b:+.4f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def main_sft(argv: list[str]) -> int:
+    script_args, training_args, model_args, dataset_args, weighting_args = parse_args(argv)
+
+    from trl import get_peft_config, get_quantization_config
+
+    from .chat_data import build_tokenizer
+    from .trainer import WeightedSFTTrainer
+    from .weighting import TurnWeighting
+
+    weighting = TurnWeighting.from_cli(weighting_args.role_weights, weighting_args.full_sequence,
+                                       weighting_args.last_n, weighting_args.decay)
+    train_dataset, holdout = load_datasets(script_args, dataset_args, weighting_args.holdout_size,
+                                           training_args.seed)
+
+    if model_args.model_name_or_path is None:
+        tokenizer = build_tokenizer()
+        model = build_tiny_model(tokenizer, training_args.seed, training_args.max_length)
+        print(f"[fused-wce] tiny Llama ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"vocab {len(tokenizer)}) built from a config; shipped tokenizer")
+    else:
+        model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
+                                 attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
+        model_init_kwargs.update(training_args.model_init_kwargs or {})
+        training_args.model_init_kwargs = model_init_kwargs
+        model = model_args.model_name_or_path
+        tokenizer = load_tokenizer(model, model_args.model_revision, training_args.trust_remote_code)
+
+    trainer = WeightedSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=holdout if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
+        callbacks=[stage_loss_callback()],
+        weighting=weighting,
+    )
+    main_process = trainer.accelerator.is_main_process
+    if main_process:
+        print(f"[fused-wce] weighting: {weighting}")
+        print(f"[fused-wce] {len(trainer.train_dataset)} training sequences"
+              + (f", {len(holdout)} held out" if holdout is not None else ""), flush=True)
+
+    comparison = None
+    if holdout is not None and main_process and "messages" in holdout.column_names:
+        comparison = {
+            f"weighted objective ({_describe(weighting)})": weighting,
+            "assistant-only CE (TRL assistant_only_loss)": TurnWeighting(role_weights={"assistant": 1.0}),
+            "full-sequence CE (TRL default)": TurnWeighting(full_sequence=True),
+        }
+        conversations = holdout["messages"]
+        unwrapped = _unwrap(trainer)
+        before = evaluate_losses(unwrapped, trainer.processing_class, conversations, comparison,
+                                 training_args.max_length)
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if main_process:
+        print(f"[fused-wce] model saved to {training_args.output_dir}")
+    if comparison is not None:
+        after = evaluate_losses(_unwrap(trainer), trainer.processing_class, conversations, comparison,
+                                training_args.max_length)
+        print("\n" + format_comparison(before, after) + "\n", flush=True)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return 0
+
+
+def _describe(weighting) -> str:
+    if weighting.full_sequence:
+        return "full sequence"
+    parts = [",".join(f"{role}={value:g}" for role, value in weighting.role_weights.items())]
+    if weighting.last_n is not None:
+        parts.append(f"last {weighting.last_n}")
+    if weighting.decay is not None:
+        parts.append(f"decay {weighting.decay:g}")
+    return "; ".join(parts)
+
+
+def _unwrap(trainer):
+    """The PreTrainedModel under DDP/PEFT wrappers (LoRA layers stay injected, so they still apply)."""
+    from accelerate.utils import is_peft_model
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command != "sft":
+        print(f"fused-wce: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
+        return 2
+    return main_sft(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
