@@ -45,6 +45,12 @@ class PassResult:
     grad_bias: torch.Tensor | None = None
 
 
+def uninitialized(*shape: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty`` for buffers a pass must write in full; the tests swap in a NaN-filled allocation
+    (poison) so that an element a kernel forgot to write shows up as a wrong result."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
 def allocate_gradients(request: PassRequest) -> PassResult:
     """The result's gradient buffers (stats are filled by the backend)."""
     m, h = request.hidden.shape
@@ -53,7 +59,7 @@ def allocate_gradients(request: PassRequest) -> PassResult:
     wants = request.coef is not None
     return PassResult(
         stats=None,  # type: ignore[arg-type]
-        grad_hidden=torch.empty(m, h, dtype=request.hidden.dtype, device=device)
+        grad_hidden=uninitialized(m, h, dtype=request.hidden.dtype, device=device)
         if wants and request.need_grad_hidden else None,
         grad_weight=torch.zeros(v, h, dtype=torch.float32, device=device)
         if wants and request.need_grad_weight else None,

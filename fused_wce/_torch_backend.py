@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _passes
 from ._passes import PassRequest, PassResult, allocate_gradients, chunk_rows
 from .loss_math import TokenStats, finish_token_stats, softmax_grad_, tile_summary_
 
@@ -22,8 +23,8 @@ def run_pass(request: PassRequest) -> PassResult:
     bias32 = None if request.bias is None else request.bias.float()
     result = allocate_gradients(request)
     num_tokens = hidden.shape[0]
-    stats = [torch.empty(num_tokens, dtype=torch.float32, device=hidden.device) for _ in range(3)]
-    is_top1 = torch.empty(num_tokens, dtype=torch.bool, device=hidden.device)
+    stats = [_passes.uninitialized(num_tokens, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    is_top1 = _passes.uninitialized(num_tokens, dtype=torch.bool, device=hidden.device)
     rows = chunk_rows(request, _BYTES_PER_LOGIT)
 
     for start in range(0, num_tokens, rows):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import triton
 import torch
 
+from . import _passes
 from ._passes import PassRequest, PassResult, allocate_gradients, chunk_rows
 from .kernels import combine, configs_for, matmul, softmax_grad, vocab_partials
 from .kernels.configs import multiprocessor_count
@@ -22,7 +23,7 @@ from .loss_math import TokenStats
 
 
 def _summaries(num_splits: int, num_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(torch.empty(num_splits, num_tokens, dtype=torch.float32, device=device) for _ in range(3))
+    return tuple(_passes.uninitialized(num_splits, num_tokens, dtype=torch.float32, device=device) for _ in range(3))
 
 
 def run_pass(request: PassRequest) -> PassResult:
@@ -38,9 +39,9 @@ def run_pass(request: PassRequest) -> PassResult:
     num_tiles = triton.cdiv(vocab_size, block_n)
 
     result = allocate_gradients(request)
-    token_loss, lse, entropy, target_logit = (torch.empty(num_tokens, dtype=torch.float32, device=device)
+    token_loss, lse, entropy, target_logit = (_passes.uninitialized(num_tokens, dtype=torch.float32, device=device)
                                               for _ in range(4))
-    is_top1 = torch.empty(num_tokens, dtype=torch.int8, device=device)
+    is_top1 = _passes.uninitialized(num_tokens, dtype=torch.int8, device=device)
 
     if request.coef is None:
         row_blocks = triton.cdiv(num_tokens, configs.vocab_partials.block_m)
@@ -52,8 +53,8 @@ def run_pass(request: PassRequest) -> PassResult:
         combine(partials, target_logit, token_loss, lse, entropy, is_top1, configs.combine)
     else:
         rows = min(num_tokens, chunk_rows(request, hidden.element_size(), multiple=configs.vocab_partials.block_m))
-        logits_buffer = torch.empty(rows, vocab_size, dtype=hidden.dtype, device=device)
-        summary_storage = torch.empty(3, num_tiles * rows, dtype=torch.float32, device=device)
+        logits_buffer = _passes.uninitialized(rows, vocab_size, dtype=hidden.dtype, device=device)
+        summary_storage = _passes.uninitialized(3, num_tiles * rows, dtype=torch.float32, device=device)
         for start in range(0, num_tokens, rows):
             end = min(start + rows, num_tokens)
             chunk = slice(start, end)

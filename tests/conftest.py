@@ -1,0 +1,50 @@
+"""Test configuration: Triton's CPU interpreter when there is no GPU, device/backend parametrisation."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Must be set before triton is imported anywhere: @triton.jit reads it when a kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default; silences its warning
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+if INTERPRETING:
+    import interpreter_fixes
+
+    interpreter_fixes.install()
+
+# (device, backend) pairs every path test runs on: the CPU path, the Triton path (interpreted on CPU, compiled
+# on CUDA), and on a GPU both backends on CUDA tensors.
+PATHS = [("cpu", "torch"), ("cpu", "triton")] if INTERPRETING else [("cpu", "torch")]
+if HAS_CUDA:
+    PATHS += [("cuda", "triton"), ("cuda", "torch")]
+
+
+def path_id(path):
+    return f"{path[0]}-{path[1]}"
+
+
+@pytest.fixture(params=PATHS, ids=path_id)
+def path(request):
+    """``(device, backend)`` of one execution path."""
+    return request.param
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Fill every buffer a pass must write in full with garbage (NaN / 7), so unwritten elements show."""
+    import fused_wce._passes as passes
+
+    def poisoned(*shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else 7
+        if dtype == torch.bool:
+            fill = True
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(passes, "uninitialized", poisoned)
