@@ -26,6 +26,7 @@ import functools
 import types
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,6 +57,7 @@ _TURN_NAMES = tuple(f"turn_{position}" for position in TURN_POSITIONS)
 _FORWARD_FLAG = "fused_wce_target"
 
 
+@dataclass
 class WeightedLMOutput(ModelOutput):
     """What the patched forward returns when given ``fused_wce_target``.
 

@@ -1,0 +1,329 @@
+"""WeightedSFTTrainer against stock TRL, gradient accumulation, data parallelism, packing, LoRA, architectures.
+
+Tiny models (hidden 32, 2 layers) on the shipped tokenizer and conversations; a few optimizer steps each.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from trl_helpers import logged, sft_config, tiny_model  # noqa: I001  (sets HF_HUB_OFFLINE first)
+
+import torch
+from datasets import Dataset
+from trl import SFTTrainer
+
+from fused_wce.trl_integration.chat_data import build_tokenizer, load_default_dataset
+from fused_wce.trl_integration.collator import WeightedDataCollator
+from fused_wce.trl_integration.trainer import WeightedSFTTrainer
+from fused_wce.trl_integration.weighting import ROLE_CODES, TurnWeighting, tokenize_with_weights
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    return load_default_dataset().select(range(48))
+
+
+def _train_pair(tokenizer, dataset, tmp_path, *, kind="llama", trainer_kwargs=None, **config):
+    """Train stock SFTTrainer and WeightedSFTTrainer(weighting=None) from the same init; return both trainers."""
+    trainers = []
+    for name, cls in (("stock", SFTTrainer), ("weighted", WeightedSFTTrainer)):
+        trainer = cls(tiny_model(kind, tokenizer), args=sft_config(tmp_path / name, **config), train_dataset=dataset,
+                      processing_class=tokenizer, **(trainer_kwargs or {}))
+        trainer.train()
+        trainers.append(trainer)
+    return trainers
+
+
+def _assert_same_logs(stock, weighted, keys=("loss", "entropy", "mean_token_accuracy", "grad_norm")):
+    for key in keys:
+        expected, actual = logged(stock, key), logged(weighted, key)
+        assert len(expected) == len(actual) > 0, key
+        assert actual == pytest.approx(expected, rel=1e-5, abs=1e-6), key
+
+
+# ------------------------------------------------------------------------------------------- stock equivalence
+@pytest.mark.parametrize("assistant_only_loss", [True, False], ids=["assistant_only", "full_sequence"])
+def test_matches_stock_sft_trainer(tokenizer, conversations, tmp_path, assistant_only_loss):
+    """Weight 1 on exactly TRL's labels reproduces SFTTrainer's loss, grad norm, entropy and accuracy per step."""
+    stock, weighted = _train_pair(tokenizer, conversations, tmp_path, assistant_only_loss=assistant_only_loss)
+    _assert_same_logs(stock, weighted)
+    assert logged(stock, "num_tokens") == logged(weighted, "num_tokens")
+    # The per-role curves are there, and only for roles that carry weight.
+    roles = {key[len("loss/"):] for entry in weighted.state.log_history for key in entry if key.startswith("loss/")}
+    assert "assistant" in roles and "turn_last" in roles
+    if assistant_only_loss:
+        assert not roles & {"user", "system", "scaffolding"}
+    else:
+        assert {"user", "scaffolding"} <= roles
+
+
+@pytest.mark.parametrize("setting", [
+    dict(packing=True, packing_strategy="bfd", max_length=128),
+    dict(packing=True, packing_strategy="wrapped", max_length=64),
+    dict(padding_free=True, max_length=None),
+    dict(max_length=40, truncation_mode="keep_end"),
+], ids=["packing_bfd", "packing_wrapped", "padding_free", "truncate_keep_end"])
+def test_matches_stock_with_packing_padding_free_and_truncation(tokenizer, conversations, tmp_path, setting):
+    stock, weighted = _train_pair(tokenizer, conversations, tmp_path, assistant_only_loss=True, **setting)
+    _assert_same_logs(stock, weighted)
+    assert isinstance(weighted.data_collator, WeightedDataCollator)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gemma2"])
+def test_other_architectures_match_stock(tokenizer, conversations, tmp_path, kind):
+    overrides = {"final_logit_softcapping": None} if kind == "gemma2" else {}
+    trainers = []
+    for name, cls in (("stock", SFTTrainer), ("weighted", WeightedSFTTrainer)):
+        trainer = cls(tiny_model(kind, tokenizer, **overrides), args=sft_config(tmp_path / name, max_steps=2),
+                      train_dataset=conversations, processing_class=tokenizer)
+        trainer.train()
+        trainers.append(trainer)
+    _assert_same_logs(*trainers)
+
+
+def test_gemma2_softcapping_is_a_clear_error(tokenizer, conversations, tmp_path):
+    model = tiny_model("gemma2", tokenizer, final_logit_softcapping=30.0)
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+        WeightedSFTTrainer(model, args=sft_config(tmp_path), train_dataset=conversations, processing_class=tokenizer)
+
+
+def test_untied_head_gets_its_gradient(tokenizer, conversations, tmp_path):
+    """An untied LM head (Qwen2 default here: tie_word_embeddings=False) trains like stock."""
+    stock, weighted = _train_pair(tokenizer, conversations, tmp_path, kind="qwen2", max_steps=2,
+                                  assistant_only_loss=True)
+    head_stock = stock.model.get_output_embeddings().weight
+    head_weighted = weighted.model.get_output_embeddings().weight
+    assert head_stock.data_ptr() != stock.model.get_input_embeddings().weight.data_ptr()
+    torch.testing.assert_close(head_weighted, head_stock, rtol=1e-5, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------- the loss itself, by hand
+def _reference_batch_loss(model, batch):
+    """sum(w * CE) / sum(w) from the full logits in float64: the definition the trainer must implement."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    target = batch["labels"][:, 1:]
+    weight = batch["token_weights"][:, 1:].double() * (target != -100)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target.clamp_min(0), reduction="none")
+    return (weight * ce).sum() / weight.sum()
+
+
+def test_weighted_loss_matches_full_logits_reference(tokenizer, conversations, tmp_path):
+    """Non-uniform weights (decay, user turns at 0.25): the trainer's loss equals the float64 full-logits value."""
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.25}, decay=0.5)
+    trainer = WeightedSFTTrainer(tiny_model("llama", tokenizer), args=sft_config(tmp_path), weighting=weighting,
+                                 train_dataset=conversations, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    weights = batch["token_weights"]
+    assert len(set(weights[weights > 0].tolist())) > 2  # really non-uniform
+    trainer.model.eval()
+    expected = _reference_batch_loss(trainer.model, batch)
+    with torch.no_grad():
+        actual = trainer.compute_loss(trainer.model, dict(batch))
+    assert float(actual) == pytest.approx(float(expected), rel=1e-5)
+    # A stock-normalised loss (by the token count) would differ: the normaliser is the sum of weights.
+    count = (batch["labels"][:, 1:] != -100).sum()
+    assert not math.isclose(float(expected) * float(weights[:, 1:].sum()) / float(count), float(expected), rel_tol=1e-3)
+
+
+def test_never_divides_by_zero(tokenizer, conversations, tmp_path):
+    """A (micro-)batch whose weights are all 0 gives loss 0 and zero gradients, not NaN."""
+    trainer = WeightedSFTTrainer(tiny_model("llama", tokenizer), args=sft_config(tmp_path),
+                                 train_dataset=conversations, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch["token_weights"] = torch.zeros_like(batch["token_weights"])
+    for num_items in (None, torch.tensor(0.0)):
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
+        loss.backward()
+        assert float(loss) == 0.0
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        assert all(torch.isfinite(g).all() and not g.any() for g in grads)
+
+
+# ------------------------------------------------------------------------ gradient accumulation and ranks
+def _parameters_after(tokenizer, dataset, output_dir, weighting, **config):
+    trainer = WeightedSFTTrainer(tiny_model("llama", tokenizer), args=sft_config(output_dir, **config),
+                                 weighting=weighting, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    return trainer, {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+
+def test_gradient_accumulation_equals_large_batch(tokenizer, conversations, tmp_path):
+    """bs=1 x GA=4 == bs=4 (SGD, so parameter updates are linear in the gradient), with non-uniform weights."""
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.3}, decay=0.5)
+    common = dict(max_steps=2, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant")
+    big, params_big = _parameters_after(tokenizer, conversations, tmp_path / "big", weighting,
+                                        per_device_train_batch_size=4, **common)
+    accumulated, params_acc = _parameters_after(tokenizer, conversations, tmp_path / "ga", weighting,
+                                                per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                                                **common)
+    assert logged(accumulated, "loss") == pytest.approx(logged(big, "loss"), rel=1e-5)
+    initial = {name: p.detach() for name, p in tiny_model("llama", tokenizer).named_parameters()}
+    for name, param in params_big.items():
+        update_big, update_acc = param - initial[name], params_acc[name] - initial[name]
+        assert update_big.abs().max() > 0, name
+        torch.testing.assert_close(update_acc, update_big, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_process_data_parallel_equals_one_process(tmp_path):
+    """torchrun, 2 CPU processes (gloo) x bs=2  ==  1 process x bs=4: same losses and parameters."""
+    worker = TESTS / "ddp_worker.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(TESTS.parent)]))}
+    results = {}
+    for processes, batch in ((2, 2), (1, 4)):
+        out = tmp_path / f"p{processes}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   str(worker), str(out), str(batch)]
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        results[processes] = (json.loads((out / "losses.json").read_text()), torch.load(out / "params.pt"))
+    (losses_2, params_2), (losses_1, params_1) = results[2], results[1]
+    assert losses_2 == pytest.approx(losses_1, rel=1e-5)
+    for name in params_1:
+        torch.testing.assert_close(params_2[name], params_1[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------- alignment through packing
+def _segments(row):
+    """Split a packed row back into its documents with ``seq_lengths``."""
+    start = 0
+    for length in row["seq_lengths"]:
+        yield {key: row[key][start:start + length] for key in ("input_ids", "token_weights", "token_roles",
+                                                                "token_turn_positions")}
+        start += length
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "wrapped"])
+def test_packing_keeps_weights_roles_and_turns_aligned(tokenizer, conversations, tmp_path, strategy):
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5}, decay=0.7)
+    trainer = WeightedSFTTrainer(tiny_model("llama", tokenizer), weighting=weighting, train_dataset=conversations,
+                                 processing_class=tokenizer,
+                                 args=sft_config(tmp_path, packing=True, packing_strategy=strategy, max_length=96))
+    originals = [tokenize_with_weights(tokenizer, m, weighting) for m in conversations["messages"]]
+    stream = {key: [v for o in originals for v in o[key]] for key in originals[0]}
+    packed = trainer.train_dataset
+    assert {"token_weights", "token_roles", "token_turn_positions", "labels"} <= set(packed.column_names)
+    if strategy == "wrapped":  # one stream cut into rows: the concatenation is the original stream, in some order
+        rows = sorted((row for row in packed), key=lambda r: r["input_ids"])
+        assert sum(len(r["input_ids"]) for r in rows) == len(stream["input_ids"])
+    checked = 0
+    for row in packed:
+        assert len(row["token_weights"]) == len(row["input_ids"]) == len(row["labels"])
+        assert [lab != -100 for lab in row["labels"]] == [w > 0 for w in row["token_weights"]]
+        if strategy != "bfd":
+            continue
+        for segment in _segments(row):  # each document is a prefix of one original conversation, all columns
+            length = len(segment["input_ids"])
+            match = [o for o in originals if o["input_ids"][:length] == segment["input_ids"]]
+            assert match, "packed document matches no conversation"
+            assert any(all(o[key][:length] == segment[key] for key in segment) for o in match)
+            checked += 1
+    assert strategy != "bfd" or checked >= len(conversations)
+
+    # The collator pads (wrapped) or flattens (bfd: padding-free) the per-token columns like the input ids.
+    batch = trainer.data_collator([packed[0], packed[1]])
+    for key in ("token_weights", "token_roles", "token_turn_positions"):
+        assert batch[key].shape == batch["input_ids"].shape
+    if strategy == "bfd":
+        assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+        starts = batch["position_ids"] == 0
+        assert not batch["token_weights"][starts].any()  # a document's first token is never a target
+
+
+def test_truncation_keeps_columns_aligned_and_drops_unweighted(tokenizer, tmp_path):
+    weighting = TurnWeighting(role_weights={"assistant": 1.0})
+    messages = [[{"role": "user", "content": "tell me about python code please " * 3},
+                 {"role": "assistant", "content": "the cat sat on a mat"}],
+                [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"}]]
+    dataset = Dataset.from_dict({"messages": messages})
+    encoded = [tokenize_with_weights(tokenizer, m, weighting) for m in messages]
+    first_weighted = [next(i for i, w in enumerate(e["token_weights"]) if w > 0) for e in encoded]
+    max_length = first_weighted[1] + 3  # keeps 3 weighted tokens of the short one, none of the long one
+    assert first_weighted[0] >= max_length
+    with pytest.warns(UserWarning, match="dropped 1 of 2"):
+        trainer = WeightedSFTTrainer(tiny_model("llama", tokenizer), weighting=weighting, train_dataset=dataset,
+                                     processing_class=tokenizer, args=sft_config(tmp_path, max_length=max_length))
+    (row,) = list(trainer.train_dataset)
+    original = encoded[1]
+    for key in ("input_ids", "token_weights", "token_roles", "token_turn_positions"):
+        assert row[key] == original[key][:max_length]
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA
+def test_lora_with_frozen_head_trains_adapters_only(tokenizer, conversations, tmp_path):
+    from peft import LoraConfig
+
+    model = tiny_model("qwen2", tokenizer)
+    head_before = model.get_output_embeddings().weight.detach().clone()
+    trainer = WeightedSFTTrainer(model, args=sft_config(tmp_path, max_steps=3, learning_rate=1e-2),
+                                 train_dataset=conversations, processing_class=tokenizer,
+                                 peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                                 weighting=TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5}))
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    head = trainer.model.get_output_embeddings().weight
+    assert not head.requires_grad and head.grad is None
+    torch.testing.assert_close(head, head_before, rtol=0, atol=0)
+    assert all(math.isfinite(v) for v in logged(trainer, "loss"))
+    changed = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and not torch.equal(p, lora[n])]
+    assert changed  # the adapters were trained
+
+
+# ------------------------------------------------------------------------------------------------ bad data
+def test_conversation_without_weighted_token_is_dropped_with_a_warning(tokenizer, conversations, tmp_path):
+    no_assistant = [{"role": "system", "content": "you are helpful"}, {"role": "user", "content": "hello"}]
+    dataset = Dataset.from_dict({"messages": list(conversations["messages"][:8]) + [no_assistant]})
+    with pytest.warns(UserWarning, match="dropped 1 of 9"):
+        trainer = WeightedSFTTrainer(tiny_model("llama", tokenizer), args=sft_config(tmp_path, max_steps=1),
+                                     train_dataset=dataset, processing_class=tokenizer,
+                                     weighting=TurnWeighting(role_weights={"assistant": 1.0}))
+    assert len(trainer.train_dataset) == 8
+    trainer.train()
+    assert math.isfinite(logged(trainer, "loss")[0])
+
+
+def test_dataset_with_nothing_weighted_is_an_error(tokenizer, tmp_path):
+    dataset = Dataset.from_dict({"messages": [[{"role": "user", "content": "hello"}]] * 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(ValueError, match="nothing to train on"):
+            WeightedSFTTrainer(tiny_model("llama", tokenizer), args=sft_config(tmp_path), train_dataset=dataset,
+                               processing_class=tokenizer, weighting=TurnWeighting())
+
+
+def test_missing_messages_column_is_a_clear_error(tokenizer, tmp_path):
+    dataset = Dataset.from_dict({"conversation_text": ["hello there", "general kenobi"]})
+    with pytest.raises(ValueError, match="messages"):
+        WeightedSFTTrainer(tiny_model("llama", tokenizer), args=sft_config(tmp_path), train_dataset=dataset,
+                           processing_class=tokenizer, weighting=TurnWeighting())
+
+
+def test_text_dataset_without_weighting_falls_back_to_trl_labels(tokenizer, tmp_path):
+    """No `messages` and no explicit weighting: TRL's own preparation, weight 1 on its labels == stock."""
+    dataset = Dataset.from_dict({"text": ["the cat sat on a mat " * 3, "hello world how is your code " * 2] * 8})
+    stock, weighted = _train_pair(tokenizer, dataset, tmp_path, max_steps=2)
+    _assert_same_logs(stock, weighted)
+
+
+def test_role_codes_cover_logged_roles():
+    """The logged role names are the weighting module's (guards against the two code tables drifting apart)."""
+    from fused_wce.trl_integration import trainer as trainer_module
+
+    assert set(trainer_module._ROLE_NAMES) == {"scaffolding", *ROLE_CODES}
