@@ -70,6 +70,12 @@ def test_matches_stock_sft_trainer(tokenizer, conversations, tmp_path, assistant
         assert not roles & {"user", "system", "scaffolding"}
     else:
         assert {"user", "scaffolding"} <= roles
+    # Evaluation (a dataset passed to evaluate() is prepared the same way) matches too, with per-role metrics.
+    held_out = load_default_dataset().select(range(48, 56))
+    expected, actual = stock.evaluate(held_out), weighted.evaluate(held_out)
+    for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
+        assert actual[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert "eval_loss/assistant" in actual
 
 
 @pytest.mark.parametrize("setting", [

@@ -8,7 +8,7 @@ Takes every flag ``trl sft`` takes (``ScriptArguments``, ``SFTConfig``, ``ModelC
     fused-wce sft --dataset_name chats.jsonl --model_name_or_path ./my-model --max_length 2048
     accelerate launch -m fused_wce.trl_integration.cli sft ...   # several processes
 
-Without ``--model_name_or_path`` a tiny Llama is built from a config (hidden 64, 2 layers, the vocabulary of the
+Without ``--model_name_or_path`` a tiny Llama is built from a config (hidden 128, 2 layers, the vocabulary of the
 shipped tokenizer) and trained with demo defaults (higher learning rate, a few hundred steps at most); without
 ``--dataset_name`` the shipped multi-turn conversations are used. On a machine without CUDA the defaults are CPU
 safe (``use_cpu``, no bf16, no gradient checkpointing); ``report_to`` defaults to ``none``. Explicit flags and
@@ -59,7 +59,8 @@ def _platform_defaults() -> dict:
     """Defaults that make a bare run work here: CPU safe without CUDA, no trackers, a local output dir."""
     import torch
 
-    defaults = {"report_to": "none", "output_dir": os.path.join("outputs", "fused-wce-sft")}
+    # disable_tqdm: the stage-loss printer below replaces the progress bar and Trainer's raw log dicts.
+    defaults = {"report_to": "none", "output_dir": os.path.join("outputs", "fused-wce-sft"), "disable_tqdm": True}
     if not torch.cuda.is_available():
         defaults.update(use_cpu=True, bf16=False, gradient_checkpointing=False)
     return defaults
@@ -70,7 +71,7 @@ DEMO_DEFAULTS = {
     "learning_rate": 3e-3,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 10,
-    "num_train_epochs": 2.0,
+    "num_train_epochs": 4.0,
     "per_device_train_batch_size": 8,
     "max_length": 512,
     "logging_steps": 10,
@@ -96,12 +97,12 @@ def parse_args(argv: list[str]):
 
 
 def build_tiny_model(tokenizer, seed: int, max_length: int | None):
-    """A 2-layer Llama with hidden size 64 over ``tokenizer``'s vocabulary, tied embeddings, seeded init."""
+    """A 2-layer Llama with hidden size 128 over ``tokenizer``'s vocabulary, tied embeddings, seeded init."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(max_length or 0, 2048),
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -166,15 +167,20 @@ def stage_loss_callback():
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
                 return
+            if "train_runtime" in logs:
+                print(f"[fused-wce] trained {state.global_step} steps in {logs['train_runtime']:.1f} s "
+                      f"(mean loss {logs.get('train_loss', math.nan):.4f})", flush=True)
             for prefix in ("", "eval_"):
                 loss = logs.get(f"{prefix}loss")
                 if loss is None:
                     continue
+                line = f"[fused-wce] {'eval ' if prefix else ''}step {state.global_step:>5}  loss {loss:.4f}"
+                accuracy = logs.get(f"{prefix}mean_token_accuracy")
+                if accuracy is not None:
+                    line += f"  acc {accuracy:.3f}"
                 stages = [f"{key[len(prefix) + 5:]} {value:.3f}" for key, value in logs.items()
                           if key.startswith(f"{prefix}loss/")]
-                tag = "eval " if prefix else ""
-                print(f"[fused-wce] {tag}step {state.global_step:>5}  loss {loss:.4f}  |  " + "  ".join(stages),
-                      flush=True)
+                print(line + ("  |  " + "  ".join(stages) if stages else ""), flush=True)
 
     return StageLossPrinter()
 
@@ -268,9 +274,13 @@ def main_sft(argv: list[str]) -> int:
         callbacks=[stage_loss_callback()],
         weighting=weighting,
     )
+    if training_args.disable_tqdm:  # the stage-loss printer reports every log instead of the raw dicts
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     main_process = trainer.accelerator.is_main_process
     if main_process:
-        print(f"[fused-wce] weighting: {weighting}")
+        print(f"[fused-wce] weighting: {_describe(weighting)}")
         print(f"[fused-wce] {len(trainer.train_dataset)} training sequences"
               + (f", {len(holdout)} held out" if holdout is not None else ""), flush=True)
 
