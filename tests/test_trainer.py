@@ -90,16 +90,22 @@ def test_matches_stock_with_packing_padding_free_and_truncation(tokenizer, conve
     assert isinstance(weighted.data_collator, WeightedDataCollator)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("kind", ["qwen2", "gemma2", "mixtral"])
 def test_other_architectures_match_stock(tokenizer, conversations, tmp_path, kind):
+    """Qwen2 (here with gradient checkpointing, SFTConfig's GPU default), Gemma-2 without softcapping, and Mixtral
+    (MoE: its router load-balancing loss is added like TRL adds it)."""
     overrides = {"final_logit_softcapping": None} if kind == "gemma2" else {}
     trainers = []
     for name, cls in (("stock", SFTTrainer), ("weighted", WeightedSFTTrainer)):
-        trainer = cls(tiny_model(kind, tokenizer, **overrides), args=sft_config(tmp_path / name, max_steps=2),
+        config = sft_config(tmp_path / name, max_steps=2, gradient_checkpointing=kind == "qwen2")
+        trainer = cls(tiny_model(kind, tokenizer, **overrides), args=config,
                       train_dataset=conversations, processing_class=tokenizer)
         trainer.train()
         trainers.append(trainer)
     _assert_same_logs(*trainers)
+    if kind == "mixtral":
+        assert len(logged(trainers[1], "aux_loss")) == 2
+        assert logged(trainers[1], "aux_loss") == pytest.approx(logged(trainers[0], "aux_loss"), rel=1e-5)
 
 
 def test_gemma2_softcapping_is_a_clear_error(tokenizer, conversations, tmp_path):

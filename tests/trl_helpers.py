@@ -11,19 +11,21 @@ import torch  # noqa: E402
 
 
 def tiny_model(kind: str, tokenizer, seed: int = 0, **config_overrides):
-    """A 2-layer causal LM of ``kind`` ("llama", "qwen2", "gemma2") over the tokenizer's vocabulary, seeded init."""
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    """A 2-layer causal LM of ``kind`` ("llama", "qwen2", "gemma2", "mixtral") over the tokenizer's vocabulary, seeded init."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig,
+                              MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                   bos_token_id=tokenizer.bos_token_id)
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-               "gemma2": (Gemma2Config, Gemma2ForCausalLM)}
+               "gemma2": (Gemma2Config, Gemma2ForCausalLM), "mixtral": (MixtralConfig, MixtralForCausalLM)}
     config_class, model_class = classes[kind]
     if kind == "gemma2":
         common.update(head_dim=8)
+    if kind == "mixtral":  # a mixture of experts with its router load-balancing loss
+        common.update(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02)
     common.update(config_overrides)
     config = config_class(**common)
     torch.manual_seed(seed)

@@ -63,7 +63,8 @@ class WeightedLMOutput(ModelOutput):
 
     ``loss``: 0-d float32, ``sum(w_i l_i) / normalizer``. Per target position (shaped like the shifted targets,
     ``[B, T-1]``, detached): ``token_loss`` (float32, unweighted CE), ``entropy`` (float32), ``is_top1`` (bool),
-    ``counted`` (bool: target != -100 and weight > 0). All zero/False where not counted.
+    ``counted`` (bool: target != -100 and weight > 0). All zero/False where not counted. ``aux_loss``: the MoE
+    load-balancing loss (0-d) when router logits were requested, else None.
     """
 
     loss: torch.Tensor | None = None
@@ -71,6 +72,7 @@ class WeightedLMOutput(ModelOutput):
     entropy: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
     counted: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 def _logit_scale(text_config) -> float:
@@ -126,7 +128,19 @@ def add_weighted_lm_head(model) -> None:
         backbone = self.base_model  # looked up per call: PEFT and FSDP replace modules after patching
         if backbone is self:
             raise NotImplementedError(f"{type(self).__name__} exposes no backbone (`base_model_prefix`) to run")
-        hidden_states = backbone(*args, **kwargs).last_hidden_state[:, :-1]
+        # MoE models: like the model's own forward, return router logits when the config asks for them
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        backbone_outputs = backbone(*args, **kwargs)
+        hidden_states = backbone_outputs.last_hidden_state[:, :-1]
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            num_experts = getattr(text_config, "num_experts", None) or text_config.num_local_experts
+            # Padding-free rows have no attention mask: every token is real.
+            aux_loss = load_balancing_loss_func(backbone_outputs.router_logits, num_experts,
+                                                text_config.num_experts_per_tok, kwargs.get("attention_mask"))
 
         lm_head = self.get_output_embeddings()
         # ZeRO-3 shards the head to numel 0 outside its own forward: gather it before reading the weight.
@@ -160,7 +174,7 @@ def add_weighted_lm_head(model) -> None:
                 )
         counted = (target != -100) & (token_weight > 0)
         return WeightedLMOutput(loss=out.loss, token_loss=out.token_loss, entropy=out.entropy,
-                                is_top1=out.is_top1, counted=counted)
+                                is_top1=out.is_top1, counted=counted, aux_loss=aux_loss)
 
     model.forward = types.MethodType(forward, model)
 
@@ -185,9 +199,9 @@ class WeightedSFTTrainer(SFTTrainer):
     custom collators). A custom collator is used as is; batches without ``token_weights`` get weight 1 where
     ``labels != -100``.
 
+    MoE models keep their router load-balancing loss (``router_aux_loss_coef``), added as TRL adds it.
     Not supported (clear errors at init): ``final_logit_softcapping`` (Gemma-2), ``loss_type="dft"``,
-    ``label_smoothing_factor > 0``, ``compute_loss_func``, MoE router auxiliary losses, context/sequence
-    parallelism.
+    ``label_smoothing_factor > 0``, ``compute_loss_func``, context/sequence parallelism.
     """
 
     _tag_names = ["trl", "sft", "fused-wce"]
@@ -232,10 +246,6 @@ class WeightedSFTTrainer(SFTTrainer):
                 return_position_ids=stock.return_position_ids, pad_to_multiple_of=stock.pad_to_multiple_of,
                 return_tensors=stock.return_tensors)
 
-        if self.aux_loss_enabled:
-            raise NotImplementedError(
-                "MoE router auxiliary losses are not supported by WeightedSFTTrainer yet; set "
-                "`router_aux_loss_coef=0.0` in the SFTConfig to train without it")
         parallelism = self.accelerator.parallelism_config
         if parallelism is not None and (getattr(parallelism, "cp_enabled", False)
                                         or getattr(parallelism, "sp_enabled", False)):
@@ -372,8 +382,17 @@ class WeightedSFTTrainer(SFTTrainer):
         normalizer = normalizer.to(device=weight.device, dtype=torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
 
         inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
         outputs = model(**inputs, fused_wce_target=target, fused_wce_weight=weight, fused_wce_normalizer=normalizer)
         loss = outputs.loss * ranks if ranks != 1 else outputs.loss
+        if self.aux_loss_enabled and outputs.aux_loss is not None:
+            # A per-micro-batch mean that DDP averages over ranks; with the accumulated normaliser the Trainer
+            # leaves gradient accumulation to the loss, so average it over the accumulation steps (as TRL does).
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather(outputs.aux_loss.detach().reshape(1)).mean().item())
 
         self._record_metrics(mode, inputs, outputs, roles, turn_positions)
 
