@@ -281,8 +281,9 @@ def main_sft(argv: list[str]) -> int:
     main_process = trainer.accelerator.is_main_process
     if main_process:
         print(f"[fused-wce] weighting: {_describe(weighting)}")
-        print(f"[fused-wce] {len(trainer.train_dataset)} training sequences"
-              + (f", {len(holdout)} held out" if holdout is not None else ""), flush=True)
+        if hasattr(trainer.train_dataset, "__len__"):  # not for streaming datasets
+            print(f"[fused-wce] {len(trainer.train_dataset)} training sequences"
+                  + (f", {len(holdout)} held out" if holdout is not None else ""), flush=True)
 
     comparison = None
     if holdout is not None and main_process and "messages" in holdout.column_names:
