@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .loss_math import TokenStats
+from .loss_math import PLAIN, LossVariant, TokenStats
 
 # Memory budget of a pass's [chunk, V] temporaries: chunk_size = budget // (V * bytes per logit row element).
 # 256 MiB keeps Llama-3's V=128256 at 1024 bf16 rows per chunk (enough rows for the GEMMs to run at full rate)
@@ -20,6 +20,7 @@ class PassRequest:
     ``hidden`` ``[M, H]`` and ``weight`` ``[V, H]`` (and ``bias`` ``[V]``) share a float dtype; ``target`` is
     int64 ``[M]`` in ``[0, V)``. ``coef`` (float32 ``[M]``) is the per-token gradient coefficient (see
     :mod:`fused_wce.loss_math`); None means stats only, no gradients. ``need_*`` select which gradients.
+    ``variant`` selects the loss (label smoothing, z-loss, softcap, logit scale, DFT).
     """
 
     hidden: torch.Tensor
@@ -31,6 +32,7 @@ class PassRequest:
     need_grad_weight: bool = False
     need_grad_bias: bool = False
     chunk_size: int | None = None
+    variant: LossVariant = PLAIN
 
 
 @dataclass

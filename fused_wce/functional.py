@@ -8,7 +8,7 @@ import torch
 from . import _torch_backend
 from ._passes import PassRequest, PassResult
 from ._validation import check_arguments, count_tokens
-from .loss_math import TokenStats
+from .loss_math import LossVariant, TokenStats
 from .types import LossOptions, LossOutput
 
 
@@ -39,7 +39,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     Inputs: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, target ``[N]``, token_weight float32
     ``[N]`` or None, normalizer (float, 0-d tensor or None), options (:class:`LossOptions`).
     Outputs: loss (0-d, or ``[N]`` for reduction="none"), then per-token token_loss, lse, entropy ``[N]``
-    float32 and is_top1 ``[N]`` bool (non-differentiable).
+    float32, is_top1 ``[N]`` bool and z_term ``[N]`` float32 (zeros without z-loss); all but the loss are
+    non-differentiable.
     """
 
     @staticmethod
@@ -75,6 +76,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             need_grad_weight=need_weight,
             need_grad_bias=need_bias,
             chunk_size=options.chunk_size,
+            variant=options.variant,
         )
         backend = _backend_module(options, device)
         result = backend.run_pass(request) if counted.n_counted else _empty_result(request)
@@ -103,6 +105,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             _scatter_rows(stats.lse, index, num_tokens),
             _scatter_rows(stats.entropy, index, num_tokens),
             _scatter_rows(stats.is_top1, index, num_tokens),
+            _scatter_rows(stats.z_term, index, num_tokens) if stats.z_term is not None
+            else hidden.new_zeros(0, dtype=torch.float32),
         )
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
@@ -140,7 +144,7 @@ def _empty_result(request: PassRequest) -> PassResult:
 
     result = allocate_gradients(request)
     empty = request.hidden.new_zeros(0, dtype=torch.float32)
-    result.stats = TokenStats(empty, empty, empty, empty.bool())
+    result.stats = TokenStats(empty, empty, empty, empty.bool(), empty if request.variant.z_loss else None)
     return result
 
 
@@ -157,6 +161,11 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     return_stats: bool = False,
     backend: str = "auto",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    dft: bool = False,
 ) -> torch.Tensor | LossOutput:
     """Weighted cross-entropy of ``hidden @ weight.T + bias`` against ``target``, without the full logits.
 
@@ -174,6 +183,12 @@ def linear_cross_entropy(
         chunk_size: counted tokens per chunk; None picks it from ``DEFAULT_CHUNK_BUDGET_BYTES``.
         return_stats: also return per-token lse, entropy, is_top1 and the unweighted loss (:class:`LossOutput`).
         backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch otherwise), ``"triton"`` or ``"torch"``.
+        label_smoothing: in [0, 1), as ``F.cross_entropy`` defines it.
+        z_loss: coefficient (>= 0) of ``lse**2`` added to each counted token's loss before weighting.
+        softcap: if given (> 0), logits become ``softcap * tanh(logits / softcap)`` (Gemma-2).
+        logit_scale: (> 0) multiplies the logits before the softcap (Cohere; a temperature is 1 / scale).
+        dft: multiply each counted token's loss by stop-gradient ``p(target)`` (Dynamic Fine-Tuning).
+        Each variant is a compile-time specialisation of the kernels: when off it costs nothing.
 
     Returns:
         The loss (float32), or a :class:`LossOutput` when ``return_stats``. With nothing counted the loss is
@@ -181,10 +196,13 @@ def linear_cross_entropy(
     """
     check_arguments(hidden, weight, target, token_weight, bias, ignore_index=ignore_index, reduction=reduction,
                     normalizer=normalizer, chunk_size=chunk_size, backend=backend)
-    options = LossOptions(ignore_index=int(ignore_index), reduction=reduction, chunk_size=chunk_size, backend=backend)
+    variant = make_variant(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                           logit_scale=logit_scale, dft=dft)
+    options = LossOptions(ignore_index=int(ignore_index), reduction=reduction, chunk_size=chunk_size, backend=backend,
+                          variant=variant)
     hidden_size = weight.shape[1]
     flat_weight = None if token_weight is None else token_weight.reshape(-1).float()
-    loss, token_loss, lse, entropy, is_top1 = _LinearCrossEntropyFunction.apply(
+    loss, token_loss, lse, entropy, is_top1, z_term = _LinearCrossEntropyFunction.apply(
         hidden.reshape(-1, hidden_size), weight, bias, target.reshape(-1), flat_weight, normalizer, options)
     shape = target.shape
     if reduction == "none":
@@ -192,4 +210,17 @@ def linear_cross_entropy(
     if not return_stats:
         return loss
     return LossOutput(loss=loss, token_loss=token_loss.view(shape), lse=lse.view(shape),
-                      entropy=entropy.view(shape), is_top1=is_top1.view(shape))
+                      entropy=entropy.view(shape), is_top1=is_top1.view(shape),
+                      z_loss=z_term.view(shape) if variant.z_loss else None)
+
+
+def make_variant(*, label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0, dft=False) -> LossVariant:
+    """A validated :class:`LossVariant`; a TypeError/ValueError names the offending argument."""
+    for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss), ("logit_scale", logit_scale),
+                        ("softcap", softcap)):
+        if value is None and name == "softcap":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return LossVariant(label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                       softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale), dft=dft)

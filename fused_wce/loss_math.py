@@ -1,46 +1,103 @@
 """The loss math, in one place.
 
 Every execution path of ``fused_wce`` computes, for each *counted* token ``i`` (target != ignore_index and
-weight > 0), from its fp32 logit row ``z_i = hidden_i @ weight.T + bias``:
+weight > 0), from its raw fp32 logit row ``r_i = hidden_i @ weight.T + bias``:
 
 ====================  ===============================================================================
+``z_iv``              ``cap * tanh(scale * r_iv / cap)`` (softcap), else ``scale * r_iv``; scale = logit_scale
 ``lse_i``             ``logsumexp_v z_iv``                     (online over vocabulary tiles, fp32)
-``token_loss_i``      ``l_i = lse_i - z_i[t_i]``               (unweighted cross-entropy)
-``entropy_i``         ``-sum_v p_iv log p_iv = -sum_v p_iv (z_iv - lse_i)``
+``nll_i``             ``lse_i - z_i[t_i]``                     (plain cross-entropy)
+``token_loss_i``      ``L_i = (1 - eps) nll_i + eps (lse_i - mean_v z_iv) + lam lse_i^2``, times
+                      ``sg(p_i[t_i]) = exp(-nll_i)`` with DFT (eps = label_smoothing, lam = z_loss)
+``entropy_i``         ``-sum_v p_iv log p_iv``, ``p_iv = exp(z_iv - lse_i)``
 ``is_top1_i``         ``z_i[t_i] >= max_v z_iv``               (the target is an arg-max)
-``dlogits_iv``        ``c_i * (p_iv - [v == t_i])``, ``p_iv = exp(z_iv - lse_i)``
+``dlogits_iv``        ``c_i * d_i * (p_iv (1 + 2 lam lse_i) - (1 - eps) [v == t_i] - eps / V) * dz_iv/dr_iv``
+                      with ``d_i = exp(-nll_i)`` under DFT (else 1), ``dz/dr = scale * (1 - (z / cap)^2)``
 ====================  ===============================================================================
 
-where the per-token gradient coefficient ``c_i`` is the token's weight times the reduction's scale:
+and the per-token gradient coefficient ``c_i`` is the token's weight times the reduction's scale:
 ``w_i / sum(w)`` for "mean", ``w_i / normalizer`` with a normalizer, ``w_i`` for "sum" and
 ``w_i * grad_out_i`` for "none". Everything downstream is linear in ``dlogits``:
 ``d hidden = dlogits @ weight``, ``d weight = dlogits.T @ hidden``, ``d bias = dlogits.sum(0)``.
 
 Online logsumexp over tiles. A tile ``T`` of a row is summarised by three fp32 numbers
-``m_T = max z``, ``s_T = sum exp(z - m_T)`` and ``e_T = sum exp(z - m_T) * (z - m_T)``; two summaries
-merge exactly (:func:`merge_tile_summaries`), so the whole row never has to exist at once. From the merged
-summary, ``lse = m + log s`` and ``entropy = log s - e / s``. Keeping ``e`` relative to the running max
-(rather than ``sum p z``) avoids the cancellation of ``lse - sum p z`` for large logits.
+``m_T = max z``, ``s_T = sum exp(z - m_T)`` and ``e_T = sum exp(z - m_T) * (z - m_T)`` (plus ``sum z`` with
+label smoothing); two summaries merge exactly (:func:`merge_tile_summaries`), so the whole row never has to
+exist at once. From the merged summary, ``lse = m + log s`` and ``entropy = log s - e / s``. Keeping ``e``
+relative to the running max (rather than ``sum p z``) avoids the cancellation of ``lse - sum p z``.
 
 This module is the PyTorch statement of that math: the CPU path (:mod:`fused_wce._torch_backend`) calls these
 functions on whole chunk rows; the Triton kernels (:mod:`fused_wce.kernels`) implement the same formulas on
-register tiles (``vocab_partials``: the tile summaries and the target logit; ``combine``: the merge and the
-per-token outputs; ``softmax_grad``: ``dlogits``).
+register tiles (``vocab_partials``: logit transforms, tile summaries and the target logit; ``combine``: the
+merge and the per-token outputs; ``softmax_grad``: ``dlogits``), each variant a compile-time flag.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 
+@dataclass(frozen=True)
+class LossVariant:
+    """Which loss: plain cross-entropy when every field has its default.
+
+    - ``label_smoothing`` (eps, in [0, 1)): as ``F.cross_entropy`` defines it;
+    - ``z_loss`` (lam >= 0): ``lam * lse**2`` added to each counted token's loss (PaLM);
+    - ``softcap`` (> 0 or None): ``z = softcap * tanh(z / softcap)`` (Gemma-2's final_logit_softcapping);
+    - ``logit_scale`` (> 0): multiplies the logits before the softcap (Cohere; a temperature is 1 / scale);
+    - ``dft``: each counted token's loss times stop-gradient ``p(target)`` (Dynamic Fine-Tuning).
+    """
+
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    dft: bool = False
+
+    def __post_init__(self):
+        if not (math.isfinite(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not (math.isfinite(self.z_loss) and self.z_loss >= 0.0):
+            raise ValueError(f"z_loss must be finite and >= 0, got {self.z_loss}")
+        if self.softcap is not None and not (math.isfinite(self.softcap) and self.softcap > 0.0):
+            raise ValueError(f"softcap must be None or finite and > 0, got {self.softcap}")
+        if not (math.isfinite(self.logit_scale) and self.logit_scale > 0.0):
+            raise ValueError(f"logit_scale must be finite and > 0, got {self.logit_scale}")
+        if not isinstance(self.dft, bool):
+            raise TypeError(f"dft must be a bool, got {type(self.dft).__name__}")
+
+    @property
+    def has_logit_scale(self) -> bool:
+        return self.logit_scale != 1.0
+
+    @property
+    def has_softcap(self) -> bool:
+        return self.softcap is not None
+
+
+PLAIN = LossVariant()
+
+
 class TokenStats(NamedTuple):
     """Per-token outputs of one pass, for the counted tokens only. All ``[M]``."""
 
-    token_loss: torch.Tensor  # float32, l_i = lse_i - z_i[t_i]
+    token_loss: torch.Tensor  # float32, L_i (unweighted, every variant applied)
     lse: torch.Tensor  # float32
     entropy: torch.Tensor  # float32
     is_top1: torch.Tensor  # bool
+    z_term: torch.Tensor | None = None  # float32, lam * lse**2 (only with z_loss)
+
+
+def transform_logits_(raw_logits: torch.Tensor, variant: LossVariant) -> torch.Tensor:
+    """``z = softcap(scale * r)`` in place on fp32 ``[M, V]`` raw logits; returns them."""
+    if variant.has_logit_scale:
+        raw_logits.mul_(variant.logit_scale)
+    if variant.has_softcap:
+        raw_logits.div_(variant.softcap).tanh_().mul_(variant.softcap)
+    return raw_logits
 
 
 def tile_summary_(logits: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -70,22 +127,59 @@ def merge_tile_summaries(a, b):
     return m, s, e
 
 
-def finish_token_stats(summary, target_logit: torch.Tensor) -> TokenStats:
-    """Per-token outputs from a whole-row summary ``(m, s, e)`` and the target's fp32 logit, all ``[M]``."""
+def finish_token_stats(summary, target_logit: torch.Tensor, variant: LossVariant = PLAIN,
+                       sum_logits: torch.Tensor | None = None, vocab_size: int | None = None) -> TokenStats:
+    """Per-token outputs from a whole-row summary ``(m, s, e)`` and the target's fp32 logit, all ``[M]``.
+
+    ``sum_logits`` (``sum_v z_v``) and ``vocab_size`` are needed with label smoothing. The DFT factor is not
+    applied here: see :func:`apply_dft`.
+    """
     row_max, sum_exp, sum_exp_shifted = summary
     log_sum_exp = sum_exp.log()
     lse = row_max + log_sum_exp
     entropy = log_sum_exp - sum_exp_shifted / sum_exp
-    return TokenStats(lse - target_logit, lse, entropy, target_logit >= row_max)
+    token_loss = lse - target_logit
+    if variant.label_smoothing:
+        eps = variant.label_smoothing
+        token_loss = (1.0 - eps) * token_loss + eps * (lse - sum_logits / vocab_size)
+    z_term = None
+    if variant.z_loss:
+        z_term = variant.z_loss * lse * lse
+        token_loss = token_loss + z_term
+    return TokenStats(token_loss, lse, entropy, target_logit >= row_max, z_term)
 
 
-def softmax_grad_(
-    exp_shifted: torch.Tensor, sum_exp: torch.Tensor, target: torch.Tensor, coef: torch.Tensor
-) -> torch.Tensor:
-    """Turn ``exp(z - m)`` rows ``[M, V]`` into ``dlogits = coef * (p - onehot(target))`` in place.
+def dft_factor(lse: torch.Tensor, target_logit: torch.Tensor) -> torch.Tensor:
+    """``sg(p(target)) = exp(z_t - lse)``, ``[M]``: DFT's per-token multiplier of the loss and its gradient."""
+    return (target_logit - lse).exp()
 
-    ``p = exp(z - m) / s = exp(z - lse)``; ``sum_exp``, ``target`` (int64) and ``coef`` (float32) are ``[M]``.
+
+def apply_dft(stats: TokenStats, factor: torch.Tensor) -> TokenStats:
+    """Scale each token's loss (and z term) by DFT's detached ``p(target)``."""
+    z_term = None if stats.z_term is None else stats.z_term * factor
+    return stats._replace(token_loss=stats.token_loss * factor, z_term=z_term)
+
+
+def softmax_grad_(exp_shifted: torch.Tensor, shifted: torch.Tensor | None, row_max: torch.Tensor,
+                  sum_exp: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, coef: torch.Tensor,
+                  variant: LossVariant = PLAIN) -> torch.Tensor:
+    """Turn ``exp(z - m)`` rows ``[M, V]`` into ``dlogits`` (with respect to the raw logits) in place.
+
+    ``p = exp(z - m) / s = exp(z - lse)``; ``coef`` (float32 ``[M]``) already includes the DFT factor.
+    ``shifted`` (``z - m``, ``[M, V]``) is needed only with a softcap, whose derivative depends on ``z``.
     """
-    exp_shifted.mul_((coef / sum_exp)[:, None])
-    exp_shifted.scatter_add_(1, target[:, None], -coef[:, None])
-    return exp_shifted
+    row_scale = coef / sum_exp
+    if variant.z_loss:
+        row_scale = row_scale * (1.0 + 2.0 * variant.z_loss * lse)
+    grad = exp_shifted.mul_(row_scale[:, None])
+    eps = variant.label_smoothing
+    grad.scatter_add_(1, target[:, None], -(1.0 - eps) * coef[:, None])
+    if eps:
+        grad.sub_((eps / grad.shape[1]) * coef[:, None])
+    if variant.has_softcap:
+        # dz/dr = scale * (1 - tanh^2) = scale * (1 - (z / cap)^2), z = (z - m) + m
+        capped = shifted.add_(row_max[:, None]).div_(variant.softcap)
+        grad.mul_(capped.square_().neg_().add_(1.0))
+    if variant.has_logit_scale:
+        grad.mul_(variant.logit_scale)
+    return grad

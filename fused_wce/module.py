@@ -16,8 +16,15 @@ class LinearCrossEntropy(nn.Module):
 
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean",
                  normalizer: float | torch.Tensor | None = None, chunk_size: int | None = None,
-                 return_stats: bool = False, backend: str = "auto") -> None:
+                 return_stats: bool = False, backend: str = "auto", label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, softcap: float | None = None, logit_scale: float = 1.0,
+                 dft: bool = False) -> None:
         super().__init__()
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+        self.dft = dft
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.normalizer = normalizer
@@ -31,8 +38,12 @@ class LinearCrossEntropy(nn.Module):
         return linear_cross_entropy(hidden, weight, target, token_weight, bias=bias, ignore_index=self.ignore_index,
                                     reduction=self.reduction, normalizer=self.normalizer,
                                     chunk_size=self.chunk_size, return_stats=self.return_stats,
-                                    backend=self.backend)
+                                    backend=self.backend, label_smoothing=self.label_smoothing,
+                                    z_loss=self.z_loss, softcap=self.softcap, logit_scale=self.logit_scale,
+                                    dft=self.dft)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, chunk_size={self.chunk_size}, "
-                f"return_stats={self.return_stats}, backend={self.backend!r}")
+                f"return_stats={self.return_stats}, backend={self.backend!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+                f"logit_scale={self.logit_scale}, dft={self.dft}")

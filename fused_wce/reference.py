@@ -21,6 +21,11 @@ def reference_linear_cross_entropy(
     reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
     return_stats: bool = False,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    dft: bool = False,
     compute_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor | LossOutput:
     """Reference for :func:`fused_wce.linear_cross_entropy`, computed in ``compute_dtype`` (float64 by default).
@@ -31,6 +36,9 @@ def reference_linear_cross_entropy(
     logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
     if bias is not None:
         logits = logits + bias.to(compute_dtype)
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     if token_weight is None:
         token_weight = torch.ones(target.shape, dtype=compute_dtype, device=target.device)
     token_weight = token_weight.to(compute_dtype)
@@ -38,7 +46,14 @@ def reference_linear_cross_entropy(
     safe_target = torch.where(counted, target, 0).long()
 
     log_probs = logits.log_softmax(-1)
-    token_loss = -log_probs.gather(-1, safe_target[..., None]).squeeze(-1)
+    target_log_prob = log_probs.gather(-1, safe_target[..., None]).squeeze(-1)
+    token_loss = -(1.0 - label_smoothing) * target_log_prob - label_smoothing * log_probs.mean(-1)
+    lse = torch.logsumexp(logits, -1)
+    z_term = z_loss * lse.square()
+    token_loss = token_loss + z_term
+    if dft:
+        probability = target_log_prob.detach().exp()
+        token_loss, z_term = token_loss * probability, z_term * probability
     zero = torch.zeros((), dtype=compute_dtype, device=logits.device)
     weighted = torch.where(counted, token_weight * token_loss, zero)
 
@@ -58,14 +73,14 @@ def reference_linear_cross_entropy(
         return loss
     with torch.no_grad():
         probs = log_probs.exp()
-        lse = torch.logsumexp(logits, -1)
         entropy = -(probs * log_probs).sum(-1)
         target_logit = logits.gather(-1, safe_target[..., None]).squeeze(-1)
         is_top1 = target_logit >= logits.amax(-1)
     return LossOutput(
         loss=loss,
         token_loss=torch.where(counted, token_loss.detach(), zero),
-        lse=torch.where(counted, lse, zero),
+        lse=torch.where(counted, lse.detach(), zero),
         entropy=torch.where(counted, entropy, zero),
         is_top1=is_top1 & counted,
+        z_loss=torch.where(counted, z_term.detach(), zero) if z_loss else None,
     )

@@ -1,9 +1,11 @@
 """The tiled formulas of fused_wce.loss_math equal the whole-row ones, in any tiling."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from fused_wce.loss_math import finish_token_stats, merge_tile_summaries, softmax_grad_, tile_summary_
+from fused_wce.loss_math import (LossVariant, apply_dft, dft_factor, finish_token_stats, merge_tile_summaries,
+                                 softmax_grad_, tile_summary_, transform_logits_)
 
 
 def test_merging_tiles_equals_whole_row():
@@ -30,4 +32,40 @@ def test_softmax_grad_matches_autograd():
     coef = torch.rand(5, dtype=torch.float64)
     (torch.nn.functional.cross_entropy(logits, target, reduction="none") * coef).sum().backward()
     summary, exp_shifted = tile_summary_(logits.detach().clone())
-    torch.testing.assert_close(softmax_grad_(exp_shifted, summary[1], target, coef), logits.grad)
+    lse = summary[0] + summary[1].log()
+    grad = softmax_grad_(exp_shifted, None, summary[0], summary[1], lse, target, coef)
+    torch.testing.assert_close(grad, logits.grad)
+
+
+@pytest.mark.parametrize("variant", [
+    LossVariant(label_smoothing=0.1), LossVariant(z_loss=1e-3), LossVariant(softcap=2.0),
+    LossVariant(logit_scale=0.5), LossVariant(dft=True),
+    LossVariant(label_smoothing=0.2, z_loss=1e-2, softcap=3.0, logit_scale=1.5, dft=True),
+], ids=repr)
+def test_variant_math_matches_autograd(variant):
+    """finish_token_stats / softmax_grad_ against autograd of the textbook formulas, per variant."""
+    raw = (torch.randn(6, 50, dtype=torch.float64) * 3).requires_grad_()
+    target = torch.randint(0, 50, (6,))
+    coef = torch.rand(6, dtype=torch.float64)
+    z = raw * variant.logit_scale
+    if variant.softcap is not None:
+        z = variant.softcap * torch.tanh(z / variant.softcap)
+    loss = torch.nn.functional.cross_entropy(z, target, reduction="none", label_smoothing=variant.label_smoothing)
+    loss = loss + variant.z_loss * z.logsumexp(-1) ** 2
+    if variant.dft:
+        loss = loss * (-torch.nn.functional.cross_entropy(z, target, reduction="none")).exp().detach()
+    (loss * coef).sum().backward()
+
+    logits = transform_logits_(raw.detach().clone(), variant)
+    target_logit = logits.gather(1, target[:, None]).squeeze(1)
+    sum_logits = logits.sum(-1)
+    summary, exp_shifted = tile_summary_(logits)
+    stats = finish_token_stats(summary, target_logit, variant, sum_logits, 50)
+    scaled_coef = coef
+    if variant.dft:
+        factor = dft_factor(stats.lse, target_logit)
+        stats = apply_dft(stats, factor)
+        scaled_coef = coef * factor
+    torch.testing.assert_close(stats.token_loss, loss.detach())
+    grad = softmax_grad_(exp_shifted, logits, summary[0], summary[1], stats.lse, target, scaled_coef, variant)
+    torch.testing.assert_close(grad, raw.grad)

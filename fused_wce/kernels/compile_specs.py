@@ -47,44 +47,81 @@ def _pointer(dtype: str) -> str:
     return "*" + dtype
 
 
-def vocab_partials_spec(dtype: torch.dtype, *, store_logits: bool, has_bias: bool,
-                        config: KernelConfig) -> CompileSpec:
+@dataclass(frozen=True)
+class VariantFlags:
+    """Which loss-variant specialisation (the kernels' HAS_* flags): label smoothing, z-loss, softcap,
+    logit scale. DFT needs no kernel flag (it scales per-token coefficients on the host)."""
+
+    smoothing: bool = False
+    z_loss: bool = False
+    softcap: bool = False
+    logit_scale: bool = False
+
+    @property
+    def tag(self) -> str:
+        on = [name for name in ("smoothing", "z_loss", "softcap", "logit_scale") if getattr(self, name)]
+        return "+".join(on) or "plain"
+
+
+PLAIN_FLAGS = VariantFlags()
+ALL_FLAGS = VariantFlags(True, True, True, True)
+
+
+def variant_flag_sets(full: bool) -> list[VariantFlags]:
+    """Every combination of the four flags (16) when ``full``, else plain and all-on (the extremes)."""
+    if not full:
+        return [PLAIN_FLAGS, ALL_FLAGS]
+    return [VariantFlags(*(bool(bits >> i & 1) for i in range(4))) for bits in range(16)]
+
+
+def vocab_partials_spec(dtype: torch.dtype, *, store_logits: bool, has_bias: bool, config: KernelConfig,
+                        flags: VariantFlags = PLAIN_FLAGS) -> CompileSpec:
     t = _TRITON_DTYPES[dtype]
     signature = {
         "hidden_ptr": _pointer(t), "weight_ptr": _pointer(t), "bias_ptr": _pointer(t), "target_ptr": "*i64",
         "logits_ptr": _pointer(t), "part_max_ptr": "*fp32", "part_sumexp_ptr": "*fp32",
-        "part_sumexp_shifted_ptr": "*fp32", "target_logit_ptr": "*fp32",
+        "part_sumexp_shifted_ptr": "*fp32", "part_sum_logits_ptr": "*fp32", "target_logit_ptr": "*fp32",
         "M": "i32", "V": "i32", "H": "i32", "stride_hidden_m": "i32", "stride_weight_v": "i32",
-        "stride_logits_m": "i32", "tiles_per_split": "i32",
+        "stride_logits_m": "i32", "tiles_per_split": "i32", "logit_scale": "fp32", "softcap": "fp32",
     }
-    constexprs = {"HAS_BIAS": has_bias, "STORE_LOGITS": store_logits, "DOT_PRECISION": config.dot_precision(dtype),
+    constexprs = {"HAS_BIAS": has_bias, "STORE_LOGITS": store_logits, "HAS_LOGIT_SCALE": flags.logit_scale,
+                  "HAS_SOFTCAP": flags.softcap, "HAS_SUM_LOGITS": flags.smoothing,
+                  "DOT_PRECISION": config.dot_precision(dtype),
                   "BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": config.block_n, "BLOCK_SIZE_K": config.block_k}
     signature.update({name: "constexpr" for name in constexprs})
     mode = "store_logits" if store_logits else "stats_only"
-    return CompileSpec(f"vocab_partials[{mode},{'bias' if has_bias else 'no_bias'},{t}]", vocab_partials_kernel,
+    variant = f"{'bias' if has_bias else 'no_bias'},{flags.tag}"
+    return CompileSpec(f"vocab_partials[{mode},{variant},{t}]", vocab_partials_kernel,
                        signature, constexprs, config, multiplies=dtype != torch.float32,
                        aligned=("hidden_ptr", "weight_ptr", "logits_ptr", "part_max_ptr", "part_sumexp_ptr",
                                 "part_sumexp_shifted_ptr", "H", "stride_hidden_m", "stride_weight_v",
                                 "stride_logits_m"))
 
 
-def combine_spec(config: KernelConfig) -> CompileSpec:
+def combine_spec(config: KernelConfig, flags: VariantFlags = PLAIN_FLAGS) -> CompileSpec:
     signature = {name: "*fp32" for name in ("part_max_ptr", "part_sumexp_ptr", "part_sumexp_shifted_ptr",
-                                             "target_logit_ptr", "token_loss_ptr", "lse_ptr", "entropy_ptr")}
-    signature.update({"is_top1_ptr": "*i8", "M": "i32", "num_splits": "i32"})
-    constexprs = {"BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_S": config.block_s}
+                                             "part_sum_logits_ptr", "target_logit_ptr", "token_loss_ptr",
+                                             "lse_ptr", "entropy_ptr")}
+    signature.update({"is_top1_ptr": "*i8", "z_term_ptr": "*fp32", "M": "i32", "V": "i32", "num_splits": "i32",
+                      "label_smoothing": "fp32", "z_loss": "fp32"})
+    constexprs = {"HAS_SMOOTHING": flags.smoothing, "HAS_Z_LOSS": flags.z_loss,
+                  "BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_S": config.block_s}
     signature.update({name: "constexpr" for name in constexprs})
-    return CompileSpec("combine", combine_kernel, signature, constexprs, config, multiplies=False,
+    tag = VariantFlags(smoothing=flags.smoothing, z_loss=flags.z_loss).tag
+    return CompileSpec(f"combine[{tag}]", combine_kernel, signature, constexprs, config, multiplies=False,
                        aligned=("part_max_ptr", "part_sumexp_ptr", "part_sumexp_shifted_ptr", "M"))
 
 
-def softmax_grad_spec(dtype: torch.dtype, config: KernelConfig, block_n: int) -> CompileSpec:
+def softmax_grad_spec(dtype: torch.dtype, config: KernelConfig, block_n: int,
+                      flags: VariantFlags = PLAIN_FLAGS) -> CompileSpec:
     t = _TRITON_DTYPES[dtype]
     signature = {"logits_ptr": _pointer(t), "part_max_ptr": "*fp32", "lse_ptr": "*fp32", "target_ptr": "*i64",
-                 "coef_ptr": "*fp32", "M": "i32", "V": "i32", "stride_logits_m": "i32"}
-    constexprs = {"BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": block_n}
+                 "coef_ptr": "*fp32", "M": "i32", "V": "i32", "stride_logits_m": "i32",
+                 "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32", "logit_scale": "fp32"}
+    constexprs = {"HAS_SMOOTHING": flags.smoothing, "HAS_Z_LOSS": flags.z_loss, "HAS_SOFTCAP": flags.softcap,
+                  "HAS_LOGIT_SCALE": flags.logit_scale, "BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": block_n}
     signature.update({name: "constexpr" for name in constexprs})
-    return CompileSpec(f"softmax_grad[{t}]", softmax_grad_kernel, signature, constexprs, config, multiplies=False,
+    return CompileSpec(f"softmax_grad[{flags.tag},{t}]", softmax_grad_kernel, signature, constexprs, config, multiplies=False,
                        aligned=("logits_ptr", "part_max_ptr", "M", "V", "stride_logits_m"))
 
 
@@ -108,16 +145,25 @@ def matmul_spec(dtype: torch.dtype, *, transposed_a: bool, accumulate: bool, con
                        aligned=("a_ptr", "b_ptr", "c_ptr", "M", "N", "K", *strided))
 
 
-def shipped_specs(capability: int, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> list[CompileSpec]:
-    """Every specialisation the Triton path launches on an ``sm_<capability>`` GPU, at its shipped configs."""
-    specs = [combine_spec(gpu_configs(capability, torch.bfloat16).combine)]
+def shipped_specs(capability: int, dtypes=(torch.bfloat16, torch.float16, torch.float32),
+                  all_variants_for=(torch.bfloat16,)) -> list[CompileSpec]:
+    """The specialisations the Triton path launches on an ``sm_<capability>`` GPU, at its shipped configs.
+
+    Every combination of the loss-variant flags for the dtypes in ``all_variants_for`` (bf16, the training
+    dtype); plain and all-variants-on (the most registers) for the others.
+    """
+    combine_config = gpu_configs(capability, torch.bfloat16).combine
+    specs = [combine_spec(combine_config, VariantFlags(smoothing=s, z_loss=z)) for s in (False, True)
+             for z in (False, True)]
     for dtype in dtypes:
         configs = gpu_configs(capability, dtype)
-        for has_bias in (False, True):
-            for store_logits in (False, True):
-                specs.append(vocab_partials_spec(dtype, store_logits=store_logits, has_bias=has_bias,
-                                                 config=configs.vocab_partials))
-        specs.append(softmax_grad_spec(dtype, configs.softmax_grad, configs.vocab_partials.block_n))
+        for flags in variant_flag_sets(full=dtype in all_variants_for):
+            vocab_config = configs.vocab_config(softcap=flags.softcap, label_smoothing=flags.smoothing)
+            for has_bias in (False, True):
+                for store_logits in (False, True):
+                    specs.append(vocab_partials_spec(dtype, store_logits=store_logits, has_bias=has_bias,
+                                                     config=vocab_config, flags=flags))
+            specs.append(softmax_grad_spec(dtype, configs.softmax_grad, vocab_config.block_n, flags))
         specs.append(matmul_spec(dtype, transposed_a=False, accumulate=False, config=configs.matmul))
         specs.append(matmul_spec(dtype, transposed_a=True, accumulate=True, config=configs.matmul_accumulate))
     return specs

@@ -43,8 +43,17 @@ class KernelConfigs:
     softmax_grad: KernelConfig
     matmul: KernelConfig  # grad_hidden = dlogits @ weight
     matmul_accumulate: KernelConfig  # grad_weight += dlogits.T @ hidden (also loads the fp32 C tile)
+    # vocab_partials when its epilogue also carries a softcap or the label-smoothing sum (more registers);
+    # None: the same as vocab_partials.
+    vocab_partials_heavy: KernelConfig | None = None
     # Stats-only passes split the vocabulary until about this many programs run at once.
     target_programs_per_sm: int = 4
+
+    def vocab_config(self, *, softcap: bool, label_smoothing: bool) -> KernelConfig:
+        """The vocab_partials config for a loss variant (the BLOCK_SIZE_N the gradient kernel must reuse)."""
+        if (softcap or label_smoothing) and self.vocab_partials_heavy is not None:
+            return self.vocab_partials_heavy
+        return self.vocab_partials
 
 
 _COMBINE = KernelConfig(block_m=32, block_s=64, num_warps=4)
@@ -56,6 +65,8 @@ _MATMUL_ACCUMULATE = KernelConfig(block_m=128, block_n=128, block_k=64, group_m=
 SM90_CONFIGS = KernelConfigs(
     vocab_partials=KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
     combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD, matmul=_MATMUL, matmul_accumulate=_MATMUL_ACCUMULATE,
+    # a softcap's tanh or the smoothing sum on a 128 x 128 tile spills 8-40 bytes; 128 x 64 does not
+    vocab_partials_heavy=KernelConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
 )
 # sm_80's mma.sync keeps operand fragments in registers: a 128 x 128 tile with the logsumexp epilogue spills
 # there, 128 x 64 does not.

@@ -9,17 +9,20 @@ import triton.language as tl
 @triton.jit
 def softmax_grad_kernel(
     logits_ptr, part_max_ptr, lse_ptr, target_ptr, coef_ptr,
-    M, V, stride_logits_m,
-    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+    M, V, stride_logits_m, label_smoothing, z_loss, softcap, logit_scale,
+    HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
 ):
     """Overwrite one ``[BLOCK_SIZE_M, BLOCK_SIZE_N]`` tile of tile-relative logits with ``dlogits``.
 
     Pointers:
         logits_ptr: ``[M, V]`` fp32/fp16/bf16, row stride stride_logits_m, column stride 1; holds ``z - m_tile``
             as written by vocab_partials_kernel(STORE_LOGITS) with the same BLOCK_SIZE_N; overwritten with
-            ``coef * (exp(z - lse) - [v == target])`` (fused_wce.loss_math.softmax_grad_).
+            the gradient with respect to the raw logits (fused_wce.loss_math.softmax_grad_):
+            ``coef * (p (1 + 2 z_loss lse) - (1 - eps) [v == target] - eps / V) * dz/dr``, each variant's term
+            only under its HAS_* flag.
         part_max_ptr: ``[cdiv(V, BLOCK_SIZE_N), M]`` fp32: ``m_tile`` of each (tile, row).
-        lse_ptr, coef_ptr: ``[M]`` fp32. target_ptr: ``[M]`` int64.
+        lse_ptr, coef_ptr: ``[M]`` fp32 (coef includes DFT's factor). target_ptr: ``[M]`` int64.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -38,17 +41,32 @@ def softmax_grad_kernel(
     relative_logits = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     # exp(z - lse) = exp((z - m_tile) + (m_tile - lse)); the per-row term first keeps fp32 precision.
     probs = tl.exp(relative_logits + (tile_max - lse)[:, None])
-    grad = coef[:, None] * (probs - tl.where(offs_n[None, :] == target[:, None], 1.0, 0.0))
+    if HAS_Z_LOSS:
+        probs = probs * (1.0 + 2.0 * z_loss * lse)[:, None]
+    if HAS_SMOOTHING:
+        grad = probs - tl.where(offs_n[None, :] == target[:, None], 1.0 - label_smoothing, 0.0) - label_smoothing / V
+    else:
+        grad = probs - tl.where(offs_n[None, :] == target[:, None], 1.0, 0.0)
+    grad = coef[:, None] * grad
+    if HAS_SOFTCAP:
+        capped = (relative_logits + tile_max[:, None]) / softcap  # tanh(r / cap) = z / cap
+        grad = grad * (1.0 - capped * capped)
+    if HAS_LOGIT_SCALE:
+        grad = grad * logit_scale
     tl.store(ptrs, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
 def softmax_grad(logits: torch.Tensor, tile_max: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
-                 coef: torch.Tensor, config, block_n: int) -> None:
+                 coef: torch.Tensor, config, block_n: int, *, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: float | None = None, logit_scale: float = 1.0) -> None:
     """Launch :func:`softmax_grad_kernel` over ``logits`` ``[M, V]`` (in place); ``block_n`` is the vocabulary
-    tile width the logits were written with."""
+    tile width the logits were written with; the keyword options select the loss variant."""
     num_tokens, vocab_size = logits.shape
     assert logits.stride(1) == 1
     assert tile_max.shape == (triton.cdiv(vocab_size, block_n), num_tokens)
     grid = (triton.cdiv(num_tokens, config.block_m), triton.cdiv(vocab_size, block_n))
     softmax_grad_kernel[grid](logits, tile_max, lse, target, coef, num_tokens, vocab_size, logits.stride(0),
+                              float(label_smoothing), float(z_loss), float(softcap or 1.0), float(logit_scale),
+                              HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z_LOSS=z_loss != 0.0,
+                              HAS_SOFTCAP=softcap is not None, HAS_LOGIT_SCALE=logit_scale != 1.0,
                               BLOCK_SIZE_M=config.block_m, BLOCK_SIZE_N=block_n, num_warps=config.num_warps)

@@ -10,18 +10,38 @@ _EMPTY_MAX = tl.constexpr(-3.0e38)
 
 
 @triton.jit
+def tanh(x):
+    """tanh in fp32 from one exp of a non-positive number (no overflow; saturates to +-1)."""
+    decay = tl.exp(-2.0 * tl.abs(x))
+    magnitude = (1.0 - decay) / (1.0 + decay)
+    return tl.where(x < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def transform_logits(raw, logit_scale, softcap, HAS_LOGIT_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """``z = softcap * tanh(logit_scale * raw / softcap)`` (loss_math.transform_logits_), each step optional."""
+    z = raw
+    if HAS_LOGIT_SCALE:
+        z = z * logit_scale
+    if HAS_SOFTCAP:
+        z = softcap * tanh(z / softcap)
+    return z
+
+
+@triton.jit
 def vocab_partials_kernel(
     hidden_ptr, weight_ptr, bias_ptr, target_ptr,
-    logits_ptr, part_max_ptr, part_sumexp_ptr, part_sumexp_shifted_ptr, target_logit_ptr,
+    logits_ptr, part_max_ptr, part_sumexp_ptr, part_sumexp_shifted_ptr, part_sum_logits_ptr, target_logit_ptr,
     M, V, H,
     stride_hidden_m, stride_weight_v, stride_logits_m,
-    tiles_per_split,
-    HAS_BIAS: tl.constexpr, STORE_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    tiles_per_split, logit_scale, softcap,
+    HAS_BIAS: tl.constexpr, STORE_LOGITS: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SUM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
 ):
     """Summaries ``(max, sum exp, sum exp * shifted)`` of one split of the vocabulary for BLOCK_SIZE_M tokens.
 
-    Program ``(pid_m, pid_split)`` computes the logit tiles ``z = hidden @ weight.T + bias`` of rows
+    Program ``(pid_m, pid_split)`` computes the logit tiles ``z = transform(hidden @ weight.T + bias)`` of rows
     ``pid_m * BLOCK_SIZE_M + [0, BLOCK_SIZE_M)`` over vocabulary tiles ``[pid_split * tiles_per_split, ...)``
     of BLOCK_SIZE_N columns, in fp32 registers, and folds them into a running summary (fused_wce.loss_math).
 
@@ -34,7 +54,10 @@ def vocab_partials_kernel(
             STORE_LOGITS, with ``z - max`` of the tile (tile-relative: near-maximal logits, the ones whose
             probabilities matter, keep their precision in bf16). Requires ``tiles_per_split == 1``.
         part_max_ptr, part_sumexp_ptr, part_sumexp_shifted_ptr: ``[num_splits, M]`` fp32, contiguous.
+        part_sum_logits_ptr: ``[num_splits, M]`` fp32, ``sum z`` of the split; written only if HAS_SUM_LOGITS
+            (label smoothing needs the mean logit).
         target_logit_ptr: ``[M]`` fp32; written by the one program whose split holds the row's target.
+    The logit transform (logit_scale, softcap: floats) applies only where its HAS_* flag is set.
     """
     pid_m = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -47,6 +70,7 @@ def vocab_partials_kernel(
     running_max = tl.full([BLOCK_SIZE_M], _EMPTY_MAX, tl.float32)
     running_sumexp = tl.zeros([BLOCK_SIZE_M], tl.float32)
     running_sumexp_shifted = tl.zeros([BLOCK_SIZE_M], tl.float32)
+    running_sum_logits = tl.zeros([BLOCK_SIZE_M], tl.float32)
 
     num_tiles = tl.cdiv(V, BLOCK_SIZE_N)
     first_tile = pid_split * tiles_per_split
@@ -67,6 +91,9 @@ def vocab_partials_kernel(
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc = transform_logits(acc, logit_scale, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
+        if HAS_SUM_LOGITS:
+            running_sum_logits += tl.sum(tl.where(col_mask[None, :], acc, 0.0), axis=1)
         logits = tl.where(col_mask[None, :], acc, float("-inf"))
 
         # The target's logit, from the fp32 accumulator (exactly the value the max below sees).
@@ -93,20 +120,26 @@ def vocab_partials_kernel(
     tl.store(part_max_ptr + part_offs, running_max, mask=row_mask)
     tl.store(part_sumexp_ptr + part_offs, running_sumexp, mask=row_mask)
     tl.store(part_sumexp_shifted_ptr + part_offs, running_sumexp_shifted, mask=row_mask)
+    if HAS_SUM_LOGITS:
+        tl.store(part_sum_logits_ptr + part_offs, running_sum_logits, mask=row_mask)
 
 
 def vocab_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                   partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], target_logit: torch.Tensor,
-                   logits: torch.Tensor | None, tiles_per_split: int, config) -> None:
+                   partials: tuple[torch.Tensor, ...], target_logit: torch.Tensor,
+                   logits: torch.Tensor | None, tiles_per_split: int, config, *, logit_scale: float = 1.0,
+                   softcap: float | None = None) -> None:
     """Launch :func:`vocab_partials_kernel` over ``hidden`` ``[M, H]``; see its docstring for every tensor.
 
-    ``partials`` are three ``[num_splits, M]`` fp32 tensors with ``num_splits = cdiv(cdiv(V, BLOCK_SIZE_N),
-    tiles_per_split)``; ``logits`` (``[M, V]``, unit column stride) is written when given.
+    ``partials`` are three (four with label smoothing: ``sum z``) ``[num_splits, M]`` fp32 tensors with
+    ``num_splits = cdiv(cdiv(V, BLOCK_SIZE_N), tiles_per_split)``; ``logits`` (``[M, V]``, unit column
+    stride) is written when given. ``logit_scale != 1`` and ``softcap`` select the logit transform.
     """
     num_tokens, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     num_tiles = triton.cdiv(vocab_size, config.block_n)
     num_splits = triton.cdiv(num_tiles, tiles_per_split)
+    assert len(partials) in (3, 4)
+    has_sum_logits = len(partials) == 4
     for part in partials:
         assert part.shape == (num_splits, num_tokens) and part.is_contiguous() and part.dtype == torch.float32
     assert target.shape == (num_tokens,) and target_logit.shape == (num_tokens,)
@@ -118,12 +151,14 @@ def vocab_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     grid = (triton.cdiv(num_tokens, config.block_m), num_splits)
     vocab_partials_kernel[grid](
         hidden, weight, bias if bias is not None else weight, target,
-        logits if logits is not None else hidden, *partials, target_logit,
-        num_tokens, vocab_size, hidden_size,
+        logits if logits is not None else hidden, *partials[:3], partials[3] if has_sum_logits else partials[0],
+        target_logit, num_tokens, vocab_size, hidden_size,
         hidden.stride(0), weight.stride(0),
         logits.stride(0) if logits is not None else 0,
-        tiles_per_split,
-        HAS_BIAS=bias is not None, STORE_LOGITS=logits is not None, DOT_PRECISION=config.dot_precision(hidden.dtype),
+        tiles_per_split, float(logit_scale), float(softcap or 1.0),
+        HAS_BIAS=bias is not None, STORE_LOGITS=logits is not None, HAS_LOGIT_SCALE=logit_scale != 1.0,
+        HAS_SOFTCAP=softcap is not None, HAS_SUM_LOGITS=has_sum_logits,
+        DOT_PRECISION=config.dot_precision(hidden.dtype),
         BLOCK_SIZE_M=config.block_m, BLOCK_SIZE_N=config.block_n, BLOCK_SIZE_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

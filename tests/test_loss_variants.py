@@ -1,0 +1,82 @@
+"""Loss variants (label smoothing, z-loss, softcap, logit scale, DFT) on every path against the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_wce
+from helpers import make_problem
+from test_linear_cross_entropy import check_against_reference
+
+ALONE = {
+    "label_smoothing": dict(label_smoothing=0.1),
+    "z_loss": dict(z_loss=1e-3),
+    "softcap": dict(softcap=4.0),
+    "logit_scale": dict(logit_scale=0.7),
+    "dft": dict(dft=True),
+}
+COMBINED = {
+    "smoothing+z_loss": dict(label_smoothing=0.2, z_loss=1e-2),
+    "scale+softcap": dict(logit_scale=1.3, softcap=5.0),
+    "all": dict(label_smoothing=0.05, z_loss=1e-3, softcap=6.0, logit_scale=0.8, dft=True),
+}
+ALL = {**ALONE, **COMBINED}
+
+
+@pytest.mark.parametrize("variant", list(ALL), ids=list(ALL))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_variant_fp32(path, variant, reduction, poison):
+    problem = make_problem((3, 13), 96, 1000, torch.float32, path[0], bias=True)
+    out = check_against_reference(problem, path, torch.float32, reduction=reduction, chunk_size=16, **ALL[variant])
+    assert (out.z_loss is not None) == ("z_loss" in ALL[variant])
+
+
+@pytest.mark.parametrize("variant", ["softcap", "all"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_variant_half_precision(path, variant, dtype, poison):
+    problem = make_problem((2, 11), 96, 1000, dtype, path[0])
+    check_against_reference(problem, path, dtype, reduction="sum", chunk_size=8, **ALL[variant])
+
+
+def test_variants_with_normalizer_and_no_grad(path, poison):
+    problem = make_problem((4, 7), 64, 500, torch.float32, path[0])
+    check_against_reference(problem, path, torch.float32, normalizer=9.0, **COMBINED["all"])
+    with torch.no_grad():
+        out = fused_wce.linear_cross_entropy(problem.hidden, problem.weight, problem.target, problem.token_weight,
+                                             return_stats=True, backend=path[1], **COMBINED["all"])
+    ref = fused_wce.reference_linear_cross_entropy(problem.hidden, problem.weight, problem.target,
+                                                   problem.token_weight, return_stats=True, **COMBINED["all"])
+    torch.testing.assert_close(out.token_loss, ref.token_loss.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.z_loss, ref.z_loss.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_softcap_bounds_logits(path):
+    """With a softcap every logit is in (-cap, cap), so lse <= cap + log V whatever the hidden states."""
+    problem = make_problem((2, 5), 32, 200, torch.float32, path[0], logit_scale=1000.0)
+    out = fused_wce.linear_cross_entropy(problem.hidden, problem.weight, problem.target, softcap=2.0,
+                                         return_stats=True, backend=path[1])
+    counted = problem.target != -100
+    assert (out.lse[counted] <= 2.0 + torch.log(torch.tensor(200.0)) + 1e-4).all()
+    assert torch.isfinite(out.loss)
+
+
+BAD = [
+    (dict(label_smoothing=1.0), ValueError, "label_smoothing"),
+    (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    (dict(label_smoothing=float("nan")), ValueError, "label_smoothing"),
+    (dict(z_loss=-1.0), ValueError, "z_loss"),
+    (dict(z_loss=float("inf")), ValueError, "z_loss"),
+    (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(softcap=-30.0), ValueError, "softcap"),
+    (dict(softcap=float("inf")), ValueError, "softcap"),
+    (dict(logit_scale=0.0), ValueError, "logit_scale"),
+    (dict(logit_scale=float("nan")), ValueError, "logit_scale"),
+    (dict(logit_scale="2"), TypeError, "logit_scale"),
+    (dict(dft=1), TypeError, "dft"),
+]
+
+
+@pytest.mark.parametrize("options, error, name", BAD, ids=[str(b[0]) for b in BAD])
+def test_bad_variant_values(options, error, name):
+    with pytest.raises(error, match=name):
+        fused_wce.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,)), **options)
