@@ -45,6 +45,13 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, token_weight, normalizer, options: LossOptions):
+        # Inputs arrive already cast (see _apply_autocast); the math inside is fp32 by construction.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _LinearCrossEntropyFunction._forward(ctx, hidden, weight, bias, target, token_weight,
+                                                        normalizer, options)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, target, token_weight, normalizer, options: LossOptions):
         num_tokens = target.shape[0]
         counted = count_tokens(target, token_weight, weight.shape[0], options.ignore_index, normalizer)
         index = counted.index
@@ -114,6 +121,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *unused_stat_grads):
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            return _LinearCrossEntropyFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         (index,) = ctx.saved_tensors
         num_tokens, hidden_dtype, weight_dtype = ctx.shapes
         if ctx.options.reduction == "none":
@@ -190,10 +202,13 @@ def linear_cross_entropy(
         dft: multiply each counted token's loss by stop-gradient ``p(target)`` (Dynamic Fine-Tuning).
         Each variant is a compile-time specialisation of the kernels: when off it costs nothing.
 
+    Under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype first (as ``F.linear``).
+
     Returns:
         The loss (float32), or a :class:`LossOutput` when ``return_stats``. With nothing counted the loss is
         0.0, connected to the graph with zero gradients.
     """
+    hidden, weight, bias = _apply_autocast(hidden, weight, bias)
     check_arguments(hidden, weight, target, token_weight, bias, ignore_index=ignore_index, reduction=reduction,
                     normalizer=normalizer, chunk_size=chunk_size, backend=backend)
     variant = make_variant(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
@@ -212,6 +227,21 @@ def linear_cross_entropy(
     return LossOutput(loss=loss, token_loss=token_loss.view(shape), lse=lse.view(shape),
                       entropy=entropy.view(shape), is_top1=is_top1.view(shape),
                       z_loss=z_term.view(shape) if variant.z_loss else None)
+
+
+def _apply_autocast(hidden, weight, bias):
+    """Under ``torch.autocast`` the logits matmul runs in the autocast dtype, as ``F.linear`` would: fp32
+    master weights (mixed-precision training) meet bf16 hidden states there. Casts are differentiable, so
+    gradients reach the fp32 parameters in their own dtype."""
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return hidden, weight, bias
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [t if not isinstance(t, torch.Tensor) or not t.is_floating_point() else t.to(dtype)
+            for t in (hidden, weight, bias)]
+    return cast[0], cast[1], cast[2]
 
 
 def make_variant(*, label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0, dft=False) -> LossVariant:

@@ -1,6 +1,8 @@
 """linear_cross_entropy on every path (CPU torch, Triton interpreted/compiled) against the float64 reference."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -155,3 +157,17 @@ def test_frozen_inputs_get_no_gradient_work(path, frozen, monkeypatch):
     if path[1] == "triton":
         assert calls, "expected GEMM launches"
         assert all(not accumulate for accumulate in calls) if frozen == "weight" else all(calls)
+
+
+def test_autocast_casts_like_linear(path):
+    """Mixed precision: fp32 master weights and hidden states under autocast(bf16) compute in bf16 and
+    return fp32 gradients, as F.linear + cross_entropy would."""
+    problem = make_problem((2, 9), 64, 300, torch.float32, path[0])
+    with torch.autocast(path[0], dtype=torch.bfloat16):
+        loss = _run(problem, path)
+    loss.backward()
+    assert problem.weight.grad.dtype == torch.float32 and problem.hidden.grad.dtype == torch.float32
+    bf16 = dataclasses.replace(problem, hidden=problem.hidden.detach().bfloat16(),
+                               weight=problem.weight.detach().bfloat16())
+    expected = _run(bf16, path)
+    torch.testing.assert_close(loss, expected)
