@@ -239,7 +239,8 @@ def _message_spans(tokenizer, messages: list[dict], tools, full_text: str) -> li
         content = message.get("content") or ""
         if header < 0:
             raise ChatTemplateError(f"the chat template does not render the content of message {index} "
-                                    f"(role {message['role']!r}); its tokens cannot be located")
+                                    f"(role {message['role']!r}) verbatim (it drops or transforms it), so its "
+                                    "tokens cannot be located")
         content_start = header
         if current.startswith(content, content_start):
             content_end = content_start + len(content)
