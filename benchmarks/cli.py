@@ -1,0 +1,66 @@
+"""Command line: ``python -m benchmarks [--quick | --smoke] [--out DIR] [--device auto|cuda|cpu]``."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Time, peak memory and accuracy of fused_wce and every alternative loss kernel, side by side. "
+                    "Without a GPU the CPU mode runs automatically.")
+    parser.add_argument("--quick", action="store_true",
+                        help="GPU: the profile that finishes in under 8 minutes on one H200 (on CPU the default "
+                             "profile is already CI-sized)")
+    parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, one repeat (the test suite's run)")
+    parser.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: cuda when available, else cpu")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated subset of providers (default: all of the profile)")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training-step row")
+    parser.add_argument("--verbose", action="store_true", help="show the workers' own output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    import torch
+
+    from .providers import PROVIDERS_BY_NAME
+    from .runner import choose_profile, run_profile
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    providers = None
+    if args.providers:
+        providers = [name.strip() for name in args.providers.split(",") if name.strip()]
+        unknown = [name for name in providers if name not in PROVIDERS_BY_NAME]
+        if unknown:
+            raise SystemExit(f"--providers: unknown {unknown}; known: {sorted(PROVIDERS_BY_NAME)}")
+    profile = choose_profile(device, args.quick, args.smoke)
+    print(f"[benchmarks] profile {profile} on {device}, output in {os.path.abspath(args.out)}", flush=True)
+    result = run_profile(profile, args.out, providers=providers, e2e=not args.no_e2e, verbose=args.verbose)
+
+    print("\n== targets ==")
+    for target in result["targets"]:
+        value = target["value"]
+        shown = "-" if value is None else f"{value:.3g}"
+        print(f"  [{target['verdict']}] {target['target']}: {shown} ({target['comparison']} {target['threshold']}) "
+              f"- {target['detail']}")
+    if result["failures"]:
+        print("\n== failures ==")
+        for failure in result["failures"]:
+            print("  " + failure)
+    print("\n== outputs ==")
+    for kind, path in result["paths"].items():
+        if kind == "plots":
+            print(f"  plots: {len(path)} PNG files in {os.path.join(args.out, 'plots')}")
+        else:
+            print(f"  {kind}: {path}")
+    print(f"  wall time: {result['environment']['wall_s']} s")
+    return 0

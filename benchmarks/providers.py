@@ -1,0 +1,246 @@
+"""Loss providers: fused_wce and every alternative, behind one call signature.
+
+Each provider computes the same quantity, the weighted mean ``sum(w_i l_i) / sum(w_i)`` over counted tokens, from
+``hidden [N, H]``, ``weight [V, H]``, ``target [N]`` (``IGNORE_INDEX`` where not counted) and ``token_weight [N]``
+(float32, 0 where not counted). How it takes the weights is recorded in ``weights_support``:
+
+- ``"in kernel"``: fused_wce takes them as an argument;
+- ``"per-token loss"``: the provider returns per-token losses (or log-probabilities) with a per-token backward;
+  the weights multiply them, as transformers' ``ForCausalLMLoss`` would with ``reduction="none"``;
+- ``"uniform"``: the provider has no per-token weights (Liger, Cut Cross-Entropy): it is fed every counted token
+  with weight 1 (its loss is the plain mean over counted tokens), and is checked against a reference with
+  uniform weights. The FLOPs are the same, so the timing comparison holds; the tables say so.
+
+Peers are imported lazily: a provider whose package is missing, or that does not run on the device, is skipped
+with the reason printed and recorded. Only fused_wce's public API is used.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Provider:
+    """A named way to compute the loss.
+
+    ``make(device)`` returns a callable ``loss_fn(hidden, weight, target, token_weight) -> 0-d loss`` (it may import
+    and compile lazily) or raises :class:`Unavailable`. ``exact``: computes every gradient term (no approximate
+    filtering), so it may be the "fastest exact peer" of the targets.
+    """
+
+    name: str
+    description: str
+    weights_support: str
+    exact: bool
+    devices: tuple[str, ...]
+    make: Callable[[str], Callable]
+    is_fused_wce: bool = False
+
+    def unavailable_reason(self, device: str) -> str | None:
+        if device not in self.devices:
+            return f"does not run on {device}"
+        try:
+            self.make(device)
+        except Unavailable as error:
+            return str(error)
+        return None
+
+
+class Unavailable(RuntimeError):
+    """The provider cannot run here (package missing, wrong device, API changed); the message says why."""
+
+
+def _import(module: str, what: str):
+    try:
+        return importlib.import_module(module)
+    except Exception as error:  # ImportError, or a package that fails at import on this machine
+        raise Unavailable(f"{what} not importable ({type(error).__name__}: {error})") from None
+
+
+def version_of(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+def weighted_mean(per_token: torch.Tensor, token_weight: torch.Tensor) -> torch.Tensor:
+    """``sum(w_i l_i) / sum(w_i)`` with a float32 accumulation (``l`` is 0 where not counted)."""
+    return (per_token.float() * token_weight).sum() / token_weight.sum()
+
+
+# --- fused_wce ---------------------------------------------------------------------------------------------------
+def _make_fused_wce(backend: str):
+    def make(device: str):
+        fused_wce = _import("fused_wce", "fused_wce")
+
+        def loss_fn(hidden, weight, target, token_weight):
+            return fused_wce.linear_cross_entropy(hidden, weight, target, token_weight, backend=backend)
+
+        return loss_fn
+
+    return make
+
+
+# --- torch eager, as transformers' ForCausalLMLoss -------------------------------------------------------------
+def eager_loss(hidden, weight, target, token_weight):
+    """transformers' ForCausalLMLoss with per-token weights: bf16 logits, fp32 upcast, reduction="none"."""
+    logits = F.linear(hidden, weight)
+    logits = logits.float()  # ForCausalLMLoss upcasts the logits to fp32 before the loss
+    per_token = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
+    return weighted_mean(per_token, token_weight)
+
+
+def _make_eager(device: str):
+    return eager_loss
+
+
+def _make_compiled(device: str):
+    if not hasattr(torch, "compile"):
+        raise Unavailable("torch.compile not available")
+    if device == "cuda":
+        _import("triton", "triton (torch.compile's GPU code generator)")
+    # One graph per workload shape; recompiles are expected, so raise dynamo's limit instead of falling back.
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(eager_loss, dynamic=False)
+
+
+# --- torch 2.13's chunked F.linear_cross_entropy ---------------------------------------------------------------
+def _make_torch_chunked(device: str):
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy / LinearCrossEntropyOptions")
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def loss_fn(hidden, weight, target, token_weight):
+        # reduction="none" stays on the chunked path and back-propagates a per-token upstream gradient.
+        per_token = F.linear_cross_entropy(hidden, weight, target, reduction="none", ignore_index=IGNORE_INDEX,
+                                           options=options)
+        return weighted_mean(per_token, token_weight)
+
+    return loss_fn
+
+
+# --- TRL 1.16's fused LM head ------------------------------------------------------------------------------------
+TRL_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
+TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what SFTTrainer requests
+
+
+def _make_trl(device: str):
+    module = _import("trl.kernels.chunked_logprob", "trl (trl.kernels.chunked_logprob)")
+    function = getattr(module, "ChunkedLogProbFunction", None)
+    if function is None:
+        raise Unavailable("trl.kernels.chunked_logprob has no ChunkedLogProbFunction (TRL < 1.16?)")
+    utils = _import("trl.trainer.utils", "trl.trainer.utils")
+    chunk = getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", TRL_VOCAB_CHUNK)
+
+    def loss_fn(hidden, weight, target, token_weight):
+        # As TRL's add_fused_lm_head does on CUDA: only labelled rows go to the kernel.
+        mask = target != IGNORE_INDEX
+        log_probs = function.apply(hidden[mask], weight, None, target[mask], 1.0, chunk, None, 1.0, TRL_OUTPUTS)[0]
+        return -(log_probs * token_weight[mask]).sum() / token_weight.sum()
+
+    return loss_fn
+
+
+# --- Liger-Kernel --------------------------------------------------------------------------------------------------
+def _make_liger(accum_dtype):
+    def make(device: str):
+        if device != "cuda":
+            raise Unavailable("Liger-Kernel runs on CUDA only")
+        module = _import("liger_kernel.transformers", "liger_kernel")
+        loss_class = getattr(module, "LigerFusedLinearCrossEntropyLoss")
+        kwargs = {"ignore_index": IGNORE_INDEX, "reduction": "mean"}
+        if accum_dtype is not None:
+            kwargs["accum_dtype"] = accum_dtype
+        try:
+            criterion = loss_class(**kwargs)
+        except TypeError as error:
+            raise Unavailable(f"this liger_kernel has no {sorted(kwargs)} options ({error})") from None
+
+        def loss_fn(hidden, weight, target, token_weight):
+            return criterion(weight, hidden, target)  # (lin_weight, _input, target): Liger's argument order
+
+        return loss_fn
+
+    return make
+
+
+# --- Cut Cross-Entropy ---------------------------------------------------------------------------------------------
+def _make_cce(exact: bool):
+    def make(device: str):
+        if device != "cuda":
+            raise Unavailable("Cut Cross-Entropy's cce kernels run on CUDA only")
+        module = _import("cut_cross_entropy", "cut_cross_entropy")
+        impl_names = _cce_impl_names()
+        if not exact:
+            kwargs = {"impl": "cce"}
+        elif "cce_exact" in impl_names:
+            kwargs = {"impl": "cce_exact"}
+        else:  # releases before the presets: exact = cce without gradient filtering
+            kwargs = {"impl": "cce", "filter_eps": None}
+
+        def loss_fn(hidden, weight, target, token_weight):
+            return module.linear_cross_entropy(hidden, weight, target, ignore_index=IGNORE_INDEX, reduction="mean",
+                                               **kwargs)
+
+        return loss_fn
+
+    return make
+
+
+def _cce_impl_names() -> set[str]:
+    names = set()
+    for where in ("cut_cross_entropy.cce_utils", "cut_cross_entropy.linear_cross_entropy"):
+        try:
+            impl = getattr(importlib.import_module(where), "LinearCrossEntropyImpl")
+            names |= {member.name.lower() for member in impl}
+        except Exception:
+            pass
+        try:
+            presets = getattr(importlib.import_module(where), "CCEPresets")
+            names |= {name.lower() for name in vars(presets) if not name.startswith("_")}
+        except Exception:
+            pass
+    return names
+
+
+PROVIDERS = [
+    Provider("fused_wce", "fused_wce.linear_cross_entropy (Triton on CUDA, chunked PyTorch on CPU)", "in kernel",
+             True, ("cuda", "cpu"), _make_fused_wce("auto"), is_fused_wce=True),
+    Provider("fused_wce[torch]", "fused_wce.linear_cross_entropy(backend='torch') on CUDA tensors", "in kernel",
+             True, ("cuda",), _make_fused_wce("torch"), is_fused_wce=True),
+    Provider("torch_eager", "transformers ForCausalLMLoss: bf16 logits, fp32 upcast, F.cross_entropy", "per-token loss",
+             True, ("cuda", "cpu"), _make_eager),
+    Provider("torch_compile", "the same under torch.compile(dynamic=False)", "per-token loss",
+             True, ("cuda", "cpu"), _make_compiled),
+    Provider("torch_chunked", "torch F.linear_cross_entropy(options=LinearCrossEntropyOptions())", "per-token loss",
+             True, ("cuda", "cpu"), _make_torch_chunked),
+    Provider("trl_chunked", "TRL 1.16 fused LM head: trl.kernels.chunked_logprob.ChunkedLogProbFunction",
+             "per-token loss", True, ("cuda", "cpu"), _make_trl),
+    Provider("liger", "Liger-Kernel LigerFusedLinearCrossEntropyLoss (default accumulation)", "uniform",
+             True, ("cuda",), _make_liger(None)),
+    Provider("liger_fp32acc", "Liger-Kernel LigerFusedLinearCrossEntropyLoss(accum_dtype=float32)", "uniform",
+             True, ("cuda",), _make_liger(torch.float32)),
+    Provider("cce", "Cut Cross-Entropy impl='cce' (filtered, approximate gradients)", "uniform",
+             False, ("cuda",), _make_cce(exact=False)),
+    Provider("cce_exact", "Cut Cross-Entropy impl='cce_exact' (no gradient filtering)", "uniform",
+             True, ("cuda",), _make_cce(exact=True)),
+]
+PROVIDERS_BY_NAME = {provider.name: provider for provider in PROVIDERS}
+PEER_DISTRIBUTIONS = ("torch", "triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy", "fused-wce")
+
+
+def uniform_weights(token_weight: torch.Tensor) -> torch.Tensor:
+    """What a provider without per-token weights computes with: 1 on counted tokens, 0 elsewhere."""
+    return (token_weight > 0).float()

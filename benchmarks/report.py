@@ -1,0 +1,275 @@
+"""Rows -> derived numbers, targets, CSV, JSON, a Markdown table and PNG plots."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+MIB = 1 << 20
+
+# Accuracy flag: relative error of the loss and of each gradient (Frobenius) at most this, per input dtype.
+ACCURACY_TOLERANCE = {"bfloat16": 3e-2, "float16": 4e-3, "float32": 1e-4}
+
+GPU_TARGETS = {"time_vs_fastest_exact_peer": 0.8, "fraction_of_gemm_rate": 0.8}
+CPU_TARGETS = {"time_vs_torch_chunked": 1.0, "rss_vs_torch_chunked": 1.0}
+
+
+def flatten(row: dict, environment: dict, gemm_tflops: float | None) -> dict:
+    """One loss row with every parameter, environment field and derived number at the top level."""
+    from .workloads import SHAPES, Workload
+
+    flat = {key: value for key, value in row.items() if key not in ("workload_params", "traceback")}
+    params = row.get("workload_params") or {}
+    flat.update(params)
+    for key in ("card", "driver", "cuda", "torch", "triton", "date", "profile"):
+        flat[key] = environment.get(key)
+    for distribution, version in environment.get("versions", {}).items():
+        flat[f"version_{distribution}"] = version
+    if row.get("status") == "ok" and params and row.get("time_ms"):
+        workload = Workload(SHAPES[params["shape"]], params["tokens"], params["counted_fraction"], params["dtype"],
+                            params["frozen_head"], params["weights"], params["headline"])
+        flops = workload.counted_flops(row["mode"])
+        flat["counted_flops"] = flops
+        flat["tflops"] = flops / (row["time_ms"] * 1e-3) / 1e12
+        flat["gemm_tflops"] = gemm_tflops
+        flat["fraction_of_gemm"] = flat["tflops"] / gemm_tflops if gemm_tflops else None
+    if row.get("peak_memory_bytes") is not None:
+        flat["peak_memory_mib"] = row["peak_memory_bytes"] / MIB
+    if row.get("status") == "ok" and "loss_rel_err" in row:
+        tolerance = ACCURACY_TOLERANCE.get(params.get("dtype") or row.get("dtype"), 3e-2)
+        errors = [row.get(key) for key in ("loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err")]
+        flat["accurate"] = all(e is not None and e <= tolerance for e in errors if e is not None)
+        flat["accuracy_tolerance"] = tolerance
+    return flat
+
+
+def add_relative_columns(rows: list[dict]) -> None:
+    """``time_vs_fastest_exact_peer`` / ``memory_vs_fastest_exact_peer`` for every ok row of a (workload, mode)."""
+    groups = {}
+    for row in rows:
+        if row.get("status") == "ok" and row.get("workload"):
+            groups.setdefault((row["workload"], row["mode"]), []).append(row)
+    for group in groups.values():
+        peers = [r for r in group if not r["provider"].startswith("fused_wce") and r.get("exact")
+                 and r.get("accurate", True)]
+        if not peers:
+            continue
+        fastest = min(peers, key=lambda r: r["time_ms"])
+        for row in group:
+            row["fastest_exact_peer"] = fastest["provider"]
+            row["time_vs_fastest_exact_peer"] = row["time_ms"] / fastest["time_ms"]
+
+
+def _find(rows, provider, workload, mode="forward_backward"):
+    for row in rows:
+        if row.get("provider") == provider and row.get("workload") == workload and row.get("mode") == mode:
+            return row
+    return None
+
+
+def evaluate_targets(rows: list[dict], device: str, headline: str | None) -> list[dict]:
+    """Each target: name, value, threshold, verdict ("met" / "not met" / "not measured") and how it was read."""
+    targets = []
+
+    def add(name, value, threshold, comparison, detail):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            verdict = "not measured"
+        elif comparison == "<=":
+            verdict = "met" if value <= threshold else "not met"
+        elif comparison == "<":
+            verdict = "met" if value < threshold else "not met"
+        else:
+            verdict = "met" if value >= threshold else "not met"
+        targets.append({"target": name, "value": value, "threshold": threshold, "comparison": comparison,
+                        "verdict": verdict, "detail": detail})
+
+    fused = _find(rows, "fused_wce", headline) if headline else None
+    fused_ok = fused is not None and fused.get("status") == "ok"
+    accurate = fused_ok and fused.get("accurate", False)
+    if device == "cuda":
+        ratio = fused.get("time_vs_fastest_exact_peer") if fused_ok and accurate else None
+        add("fused_wce fwd+bwd time / fastest exact peer", ratio, GPU_TARGETS["time_vs_fastest_exact_peer"], "<=",
+            f"{headline}; fastest exact peer: {fused.get('fastest_exact_peer') if fused_ok else None}; "
+            f"fused_wce accurate: {accurate}")
+        fraction = fused.get("fraction_of_gemm") if fused_ok and accurate else None
+        add("fused_wce fwd+bwd TFLOP/s on counted FLOPs / measured GEMM rate", fraction,
+            GPU_TARGETS["fraction_of_gemm_rate"], ">=", f"{headline}; 6*N_valid*H*V FLOPs")
+        liger = _find(rows, "liger", headline)
+        value = None
+        if fused_ok and accurate and liger is not None and liger.get("status") == "ok":
+            value = fused["peak_memory_bytes"] / liger["peak_memory_bytes"]
+        add("fused_wce fwd+bwd peak memory / Liger's", value, 1.0, "<",
+            f"{headline}; Liger row: {liger.get('status') if liger else 'absent'}")
+    else:
+        chunked = _find(rows, "torch_chunked", headline)
+        both = fused_ok and accurate and chunked is not None and chunked.get("status") == "ok"
+        add("fused_wce CPU fwd+bwd time / torch chunked F.linear_cross_entropy",
+            fused["time_ms"] / chunked["time_ms"] if both else None, CPU_TARGETS["time_vs_torch_chunked"], "<=",
+            f"{headline}; fused_wce accurate: {accurate}")
+        add("fused_wce CPU fwd+bwd peak RSS / torch chunked F.linear_cross_entropy",
+            fused["peak_memory_bytes"] / max(chunked["peak_memory_bytes"], 1) if both else None,
+            CPU_TARGETS["rss_vs_torch_chunked"], "<=", f"{headline}; peak RSS above inputs, one process each")
+    return targets
+
+
+# --- files ---------------------------------------------------------------------------------------------------
+def write_outputs(out_dir: str, environment: dict, rows: list[dict], e2e_rows: list[dict], checks: list[dict],
+                  targets: list[dict], skipped: list[dict]) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"csv": os.path.join(out_dir, "results.csv"), "json": os.path.join(out_dir, "results.json"),
+             "markdown": os.path.join(out_dir, "results.md"), "e2e_csv": os.path.join(out_dir, "e2e.csv")}
+    _write_csv(paths["csv"], rows)
+    _write_csv(paths["e2e_csv"], e2e_rows)
+    with open(paths["json"], "w") as handle:
+        json.dump({"environment": environment, "rows": rows, "e2e": e2e_rows, "checks": checks,
+                   "targets": targets, "skipped_providers": skipped}, handle, indent=1, default=str)
+    with open(paths["markdown"], "w") as handle:
+        handle.write(markdown(environment, rows, e2e_rows, checks, targets, skipped))
+    paths["plots"] = plot(out_dir, rows)
+    return paths
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    columns = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+
+def _fmt(value, digits=3):
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
+            return f"{value:.1e}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown(environment, rows, e2e_rows, checks, targets, skipped) -> str:
+    lines = ["# fused_wce benchmark results", ""]
+    lines.append(f"- profile: `{environment.get('profile')}`, device: {environment.get('card')} "
+                 f"(driver {environment.get('driver')}), date {environment.get('date')}")
+    lines.append(f"- versions: " + ", ".join(f"{k} {v}" for k, v in environment.get("versions", {}).items()))
+    gemm = environment.get("gemm")
+    if gemm:
+        lines.append(f"- measured GEMM rate: {gemm.get('tflops', float('nan')):.1f} TFLOP/s "
+                     f"({gemm.get('dtype')} torch.mm {gemm.get('size')}^3, median of {gemm.get('repeats')})")
+    lines.append("- time: median (p20-p80) of the repeats; memory: peak above the inputs (CUDA: max_memory_allocated;"
+                 " CPU: process RSS, one process per provider and mode); TFLOP/s on counted FLOPs (6 N_valid H V for"
+                 " fwd+bwd, 4 with a frozen head, 2 for forward); errors relative to the reference (loss: |d|/|ref|,"
+                 " gradients: Frobenius).")
+    lines.append("- weights: *in kernel* = per-token weights passed to the kernel; *per-token loss* = per-token "
+                 "losses multiplied by the weights; *uniform* = the provider has no per-token weights and was fed "
+                 "weight 1 on every counted token (compared with a uniform-weight reference).")
+    lines.append("")
+    lines.append("## Targets")
+    lines.append("")
+    lines.append("| target | value | threshold | verdict | detail |")
+    lines.append("|---|---|---|---|---|")
+    for target in targets:
+        lines.append(f"| {target['target']} | {_fmt(target['value'])} | {target['comparison']} "
+                     f"{_fmt(target['threshold'])} | **{target['verdict']}** | {target['detail']} |")
+    lines.append("")
+    lines.append("## Loss kernels")
+    lines.append("")
+    lines.append("| workload | mode | provider | weights | status | time ms (p20-p80) | vs fastest exact peer | "
+                 "peak MiB | TFLOP/s | of GEMM | loss err | dH err | dW err | accurate |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        time_cell = "-"
+        if row.get("time_ms") is not None:
+            time_cell = f"{_fmt(row['time_ms'])} ({_fmt(row.get('time_p20_ms'))}-{_fmt(row.get('time_p80_ms'))})"
+        status = row.get("status")
+        if status != "ok":
+            status = f"{status}: {row.get('reason', '')[:80]}"
+        lines.append(
+            f"| {row.get('workload')} | {row.get('mode')} | {row.get('provider')} | {row.get('weights_used', '-')} | "
+            f"{status} | {time_cell} | {_fmt(row.get('time_vs_fastest_exact_peer'))} | "
+            f"{_fmt(row.get('peak_memory_mib'))} | {_fmt(row.get('tflops'))} | {_fmt(row.get('fraction_of_gemm'))} | "
+            f"{_fmt(row.get('loss_rel_err'))} | {_fmt(row.get('grad_hidden_rel_err'))} | "
+            f"{_fmt(row.get('grad_weight_rel_err'))} | {_fmt(row.get('accurate'))} |")
+    if checks:
+        lines.append("")
+        lines.append("## Checks (not timed)")
+        lines.append("")
+        lines.append("| check | workload | status | loss err | dH err | dW err | seconds |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for check in checks:
+            lines.append(f"| {check.get('provider')} | {check.get('workload')} | {check.get('status')} "
+                         f"{check.get('reason', '')[:80]} | {_fmt(check.get('loss_rel_err'))} | "
+                         f"{_fmt(check.get('grad_hidden_rel_err'))} | {_fmt(check.get('grad_weight_rel_err'))} | "
+                         f"{_fmt(check.get('interpreter_s'))} |")
+    if e2e_rows:
+        lines.append("")
+        lines.append("## End to end: one SFT training step")
+        lines.append("")
+        lines.append("| model | params | batch | provider | status | step ms (p20-p80) | peak MiB | loss | what |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for row in e2e_rows:
+            time_cell = "-"
+            if row.get("time_ms") is not None:
+                time_cell = f"{_fmt(row['time_ms'])} ({_fmt(row.get('time_p20_ms'))}-{_fmt(row.get('time_p80_ms'))})"
+            peak = row.get("peak_memory_bytes")
+            lines.append(f"| {row.get('model_config')} {row.get('dtype')} | {_fmt(float(row.get('n_params', 0)))} | "
+                         f"{row.get('batch_size')}x{row.get('seq_len')} | {row.get('provider')} | "
+                         f"{row.get('status')} {row.get('reason', '')[:80]} | {time_cell} | "
+                         f"{_fmt(peak / MIB if peak is not None else None)} | {_fmt(row.get('loss'))} | "
+                         f"{row.get('loss_note', '')} |")
+    if skipped:
+        lines.append("")
+        lines.append("## Providers skipped")
+        lines.append("")
+        for item in skipped:
+            lines.append(f"- {item['provider']}: {item['reason']}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(out_dir: str, rows: list[dict]) -> list[str]:
+    """Per (shape, dtype, counted fraction, head mode, mode): time and peak memory against N, one line per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir = os.path.join(out_dir, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    groups = {}
+    for row in rows:
+        if row.get("status") != "ok" or not row.get("shape"):
+            continue
+        key = (row["shape"], row["dtype"], row["counted_fraction"], row["frozen_head"], row["weights"], row["mode"])
+        groups.setdefault(key, []).append(row)
+    paths = []
+    for (shape, dtype, fraction, frozen, weights, mode), group in sorted(groups.items(), key=str):
+        hidden, vocab = group[0]["hidden"], group[0]["vocab"]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for provider in sorted({r["provider"] for r in group}):
+            points = sorted((r["tokens"], r["time_ms"], r["peak_memory_mib"]) for r in group
+                            if r["provider"] == provider)
+            style = dict(marker="o", linewidth=2.5 if provider.startswith("fused_wce") else 1.2)
+            axes[0].plot([p[0] for p in points], [p[1] for p in points], label=provider, **style)
+            axes[1].plot([p[0] for p in points], [p[2] for p in points], label=provider, **style)
+        for axis, label in zip(axes, ("time (ms, median)", "peak memory above inputs (MiB)")):
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("tokens N")
+            axis.set_ylabel(label)
+            axis.grid(True, alpha=0.3)
+        axes[0].legend(fontsize=8)
+        head = ", frozen head" if frozen else ""
+        fig.suptitle(f"{shape} (H {hidden}, V {vocab}), {dtype}, {round(fraction * 100)}% counted{head}, {mode}")
+        fig.tight_layout()
+        name = f"{shape}_{dtype}_{round(fraction * 100)}pct{'_frozen' if frozen else ''}_{weights}_{mode}.png"
+        path = os.path.join(plot_dir, name.replace("/", "-"))
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,309 @@
+"""One benchmark task in its own process: ``python -m benchmarks.worker TASK.json``.
+
+The parent (:mod:`benchmarks.runner`) starts one worker per task so that a crash (an illegal memory access
+poisons a CUDA context) loses one task only, and so that process RSS on CPU is honest. The worker prints one
+``@@ROW {json}`` line per finished measurement; the parent collects them.
+
+Task kinds:
+
+- ``"loss"``: time, peak memory and accuracy of providers on workloads (``device`` "cuda" or "cpu").
+- ``"reference"``: the float64 reference of one CPU workload, saved for the CPU loss workers to compare against.
+- ``"interpreter"``: fused_wce's Triton path under ``TRITON_INTERPRET=1`` against the reference (checked only).
+- ``"gemm"``: the device's GEMM rate with ``torch.mm``.
+- ``"e2e"``: one SFT training step of a small model, stock TRL loss vs fused_wce (:mod:`benchmarks.e2e`).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+ROW_PREFIX = "@@ROW "
+
+
+def emit(row: dict) -> None:
+    print(ROW_PREFIX + json.dumps(row, default=str), flush=True)
+
+
+def main(argv: list[str]) -> int:
+    with open(argv[0]) as handle:
+        task = json.load(handle)
+    if task["kind"] == "interpreter":
+        # Before triton is imported anywhere: @triton.jit reads it when a kernel is defined.
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    torch.manual_seed(task.get("seed", 0))
+    if task.get("threads"):
+        torch.set_num_threads(task["threads"])
+    kind = task["kind"]
+    if kind == "loss":
+        run_loss_task(task)
+    elif kind == "reference":
+        run_reference_task(task)
+    elif kind == "interpreter":
+        run_interpreter_task(task)
+    elif kind == "gemm":
+        run_gemm_task(task)
+    elif kind == "e2e":
+        from .e2e import run_e2e_task
+
+        run_e2e_task(task, emit)
+    else:
+        raise ValueError(f"unknown task kind {kind!r}")
+    return 0
+
+
+# --- loss tasks -----------------------------------------------------------------------------------------------
+def run_loss_task(task: dict) -> None:
+    import torch
+
+    from .providers import PROVIDERS_BY_NAME, Unavailable
+    from .workloads import Workload, make_inputs
+
+    device = task["device"]
+    deadline = task.get("deadline")
+    for workload_dict in task["workloads"]:
+        workload = Workload.from_dict(workload_dict)
+        inputs = make_inputs(workload, device, seed=task.get("seed", 0), rotations=task.get("rotations", 1))
+        references = {}  # "weighted" / "uniform" -> Reference (GPU: computed here; CPU: loaded after measuring)
+        for name in task["providers"]:
+            provider = PROVIDERS_BY_NAME[name]
+            base = {"workload_params": workload.params(), "provider": name, "device": device,
+                    "weights_support": provider.weights_support, "exact": provider.exact}
+            try:
+                loss_fn = provider.make(device)
+            except Unavailable as error:
+                for mode in task["modes"]:
+                    emit({**base, "mode": mode, "status": "skipped", "reason": str(error)})
+                continue
+            for mode in task["modes"]:
+                if deadline is not None and time.time() > deadline:
+                    emit({**base, "mode": mode, "status": "skipped", "reason": "time budget of the profile spent"})
+                    continue
+                row = {**base, "mode": mode}
+                try:
+                    row.update(measure_provider(task, workload, inputs, provider, loss_fn, mode, references))
+                    row["status"] = "ok"
+                except torch.cuda.OutOfMemoryError as error:
+                    row.update(status="oom", reason=str(error).splitlines()[0][:300])
+                except Exception as error:  # recorded, not fatal: the other providers still run
+                    row.update(status="error", reason=f"{type(error).__name__}: {str(error)[:300]}",
+                               traceback=traceback.format_exc()[-2000:])
+                emit(row)
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+        del inputs, references
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def measure_provider(task, workload, inputs, provider, loss_fn, mode, references) -> dict:
+    import torch
+
+    from . import measure
+    from .providers import uniform_weights
+    from .reference import fp32_reference, relative_error
+
+    device = task["device"]
+    backward = mode == "forward_backward"
+    need_grad_weight = backward and not workload.frozen_head
+    weights_kind = "uniform" if provider.weights_support == "uniform" else "weighted"
+    token_weight = uniform_weights(inputs.token_weight) if weights_kind == "uniform" else inputs.token_weight
+    target = inputs.target
+    rotations = [inputs.hidden, *inputs.extra_hidden]
+    weight = inputs.weight
+    if backward:
+        for hidden in rotations:
+            hidden.requires_grad_(True)
+        weight.requires_grad_(need_grad_weight)
+    else:
+        for hidden in rotations:
+            hidden.requires_grad_(False)
+        weight.requires_grad_(False)
+    captured = {}
+
+    def step(i: int, keep: bool = False) -> None:
+        hidden = rotations[i % len(rotations)]
+        if backward:
+            hidden.grad = None
+            weight.grad = None
+            loss = loss_fn(hidden, weight, target, token_weight)
+            loss.backward()
+        else:
+            with torch.no_grad():
+                loss = loss_fn(hidden, weight, target, token_weight)
+        if keep:
+            captured["loss"] = loss.detach()
+            if backward:
+                captured["grad_hidden"] = hidden.grad
+                captured["grad_weight"] = weight.grad
+
+    def clear_grads():
+        for hidden in rotations:
+            hidden.grad = None
+        weight.grad = None
+
+    result = {"weights_used": weights_kind}
+    if device == "cuda":
+        # GPU: the reference first (on rotation 0), then warm-up (compilation, autotuning), the memory and
+        # accuracy run, then the timed repeats.
+        if weights_kind not in references:
+            references[weights_kind] = fp32_reference(inputs.hidden.detach(), weight.detach(), target, token_weight,
+                                                      need_grad_weight=not workload.frozen_head)
+        start = time.perf_counter()
+        for i in range(task["warmup"]):
+            step(i)
+            clear_grads()
+        torch.cuda.synchronize()
+        result["warmup_s"] = time.perf_counter() - start
+        result["peak_memory_bytes"] = measure.cuda_peak_above(lambda: step(0, keep=True))
+        accuracy = _accuracy(captured, references[weights_kind], backward, need_grad_weight, relative_error)
+        captured.clear()
+        clear_grads()
+        times = measure.cuda_times(step, task["reps"])
+        clear_grads()
+    else:
+        # CPU: the memory run comes first in this fresh process (see measure.rss_peak_above), then the repeats.
+        peak, baseline = measure.rss_peak_above(lambda: step(0, keep=True))
+        result["peak_memory_bytes"] = peak
+        result["rss_baseline_bytes"] = baseline
+        kept = dict(captured)
+        captured.clear()
+        for i in range(task["warmup"]):
+            step(i + 1)
+        times = measure.wall_times(lambda i: step(i + 1), task["reps"])
+        clear_grads()
+        reference = _load_reference(task, weights_kind)
+        accuracy = _accuracy(kept, reference, backward, need_grad_weight, relative_error) if reference else {}
+    result.update(measure.summarize(times))
+    result.update(accuracy)
+    return result
+
+
+def _accuracy(captured, reference, backward, need_grad_weight, relative_error) -> dict:
+    loss = captured["loss"].double().cpu()
+    ref_loss = reference.loss.double().cpu()
+    out = {"loss": loss.item(), "ref_loss": ref_loss.item(),
+           "loss_rel_err": (abs(loss - ref_loss) / abs(ref_loss).clamp_min(1e-30)).item()}
+    if backward:
+        out["grad_hidden_rel_err"] = relative_error(captured["grad_hidden"], reference.grad_hidden.to(
+            captured["grad_hidden"].device))
+        if need_grad_weight and reference.grad_weight is not None:
+            out["grad_weight_rel_err"] = relative_error(captured["grad_weight"], reference.grad_weight.to(
+                captured["grad_weight"].device))
+    return out
+
+
+def _load_reference(task, weights_kind):
+    import torch
+
+    from .reference import Reference
+
+    path = task.get("reference_paths", {}).get(weights_kind)
+    if not path or not os.path.exists(path):
+        return None
+    data = torch.load(path)
+    return Reference(loss=data["loss"], grad_hidden=data["grad_hidden"], grad_weight=data.get("grad_weight"))
+
+
+def run_reference_task(task: dict) -> None:
+    """float64 reference (fused_wce.reference_linear_cross_entropy) of a CPU workload, for both weight kinds."""
+    import torch
+
+    import fused_wce
+
+    from .providers import uniform_weights
+    from .workloads import Workload, make_inputs
+
+    workload = Workload.from_dict(task["workload"])
+    inputs = make_inputs(workload, "cpu", seed=task.get("seed", 0), rotations=1)
+    for weights_kind, path in task["reference_paths"].items():
+        token_weight = uniform_weights(inputs.token_weight) if weights_kind == "uniform" else inputs.token_weight
+        hidden = inputs.hidden.detach().clone().requires_grad_(True)
+        weight = inputs.weight.detach().clone().requires_grad_(not workload.frozen_head)
+        loss = fused_wce.reference_linear_cross_entropy(hidden, weight, inputs.target, token_weight)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad_hidden": hidden.grad,
+                    "grad_weight": None if workload.frozen_head else weight.grad}, path)
+        emit({"kind": "reference", "workload": workload.name, "weights": weights_kind, "loss": loss.item()})
+
+
+# --- the Triton path under the interpreter ----------------------------------------------------------------------
+def run_interpreter_task(task: dict) -> None:
+    """fused_wce(backend="triton") on CPU tensors under TRITON_INTERPRET=1 vs the float64 reference."""
+    import torch
+
+    import fused_wce
+
+    from .workloads import Workload, make_inputs
+
+    workload = Workload.from_dict(task["workload"])
+    inputs = make_inputs(workload, "cpu", seed=task.get("seed", 0))
+    row = {"kind": "interpreter", "workload_params": workload.params(), "provider": "fused_wce[triton-interpreter]",
+           "device": "cpu", "mode": "forward_backward", "weights_support": "in kernel", "weights_used": "weighted",
+           "exact": True}
+    try:
+        results = {}
+        for name, fn in (("triton", lambda h, w: fused_wce.linear_cross_entropy(
+                h, w, inputs.target, inputs.token_weight, backend="triton")),
+                         ("reference", lambda h, w: fused_wce.reference_linear_cross_entropy(
+                             h, w, inputs.target, inputs.token_weight))):
+            hidden = inputs.hidden.detach().clone().requires_grad_(True)
+            weight = inputs.weight.detach().clone().requires_grad_(True)
+            start = time.perf_counter()
+            loss = fn(hidden, weight)
+            loss.backward()
+            results[name] = (loss.detach().double(), hidden.grad, weight.grad, time.perf_counter() - start)
+        from .reference import relative_error
+
+        loss, grad_hidden, grad_weight, seconds = results["triton"]
+        ref_loss, ref_hidden, ref_weight, _ = results["reference"]
+        row.update(status="ok", loss=loss.item(), ref_loss=ref_loss.item(),
+                   loss_rel_err=(abs(loss - ref_loss) / abs(ref_loss)).item(),
+                   grad_hidden_rel_err=relative_error(grad_hidden, ref_hidden),
+                   grad_weight_rel_err=relative_error(grad_weight, ref_weight), interpreter_s=seconds)
+    except Exception as error:
+        row.update(status="error", reason=f"{type(error).__name__}: {str(error)[:300]}",
+                   traceback=traceback.format_exc()[-2000:])
+    emit(row)
+
+
+# --- GEMM rate ------------------------------------------------------------------------------------------------
+def run_gemm_task(task: dict) -> None:
+    """The device's matmul rate with torch.mm: bf16 on CUDA (the card's GEMM rate), the workloads' dtype on CPU."""
+    import torch
+
+    from . import measure
+
+    device = task["device"]
+    dtype = getattr(torch, task["dtype"])
+    size = task["size"]
+    operands = [(torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device,
+                                                                                  dtype=dtype)) for _ in range(3)]
+    out = torch.empty(size, size, device=device, dtype=dtype)
+
+    def step(i):
+        a, b = operands[i % len(operands)]
+        torch.mm(a, b, out=out)
+
+    for i in range(task["warmup"]):
+        step(i)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        times = measure.cuda_times(step, task["reps"])
+    else:
+        times = measure.wall_times(step, task["reps"])
+    stats = measure.summarize(times)
+    flops = 2 * size ** 3
+    emit({"kind": "gemm", "device": device, "dtype": task["dtype"], "size": size, **stats,
+          "tflops": flops / (stats["time_ms"] * 1e-3) / 1e12})
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
