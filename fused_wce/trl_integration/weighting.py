@@ -23,9 +23,10 @@ Token alignment. A message's *weighted span* is its content and its end-of-turn 
 content up to the next whitespace, ``<|im_end|>`` in ChatML): those tokens get the message's weight, its role code
 and its turn position. Everything else the template renders (role headers, the newline after ``<|im_end|>``, a
 tools block, a generation prompt) is *scaffolding*: weight 0, role -1, position -1, or, with
-``full_sequence=True``, weight 1 (role and position stay -1). So ``TurnWeighting(full_sequence=True)`` is TRL's
-default full-sequence loss (every token 1, when no message has a ``weight`` key or ``message_weight_key=None``)
-and ``TurnWeighting()`` is TRL's ``assistant_only_loss`` on templates with ``{% generation %}`` blocks.
+``full_sequence=True``, weight 1 (role and position stay -1). Stock TRL ignores per-message weights, so its two
+selections are, token for token: ``TurnWeighting(full_sequence=True, message_weight_key=None)`` (its default
+full-sequence loss: every token 1) and ``TurnWeighting(message_weight_key=None)`` (its ``assistant_only_loss``,
+on templates with ``{% generation %}`` blocks: weight 1 exactly where ``assistant_masks`` is 1).
 
 A token that straddles a span boundary (e.g. a BPE token fusing a header newline with the content's first
 character) belongs to the message. Spans are found by rendering the template on growing prefixes of the
