@@ -44,8 +44,10 @@ PROFILES = {
         e2e=dict(config="cpu", dtype="float32", batch_size=2, seq_len=1024, counted_fraction=0.5, warmup=1, reps=2,
                  measure_rss=True),
     ),
+    # The test suite's run: one process per workload (RSS is then not per provider; the numbers are only sane).
     "cpu-smoke": dict(
         device="cpu", workloads=CPU_SMOKE, warmup=0, reps=1, rotations=1, budget_s=None, providers=CPU_PROVIDERS,
+        process_per_workload=True,
         interpreter=None, gemm=dict(dtype="float32", size=256, warmup=1, reps=2),
         e2e=dict(config="smoke", dtype="float32", batch_size=1, seq_len=128, counted_fraction=0.5, warmup=1, reps=1,
                  measure_rss=False),
@@ -255,6 +257,13 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
                                     timeout_for(600), 1)
             if error:
                 failures.append(f"reference {workload.name}: {error}")
+            if profile.get("process_per_workload"):
+                task = task_base(kind="loss", workloads=[workload.to_dict()], providers=runnable, modes=list(MODES),
+                                 warmup=profile["warmup"], reps=profile["reps"], rotations=profile["rotations"],
+                                 reference_paths=paths)
+                got, error = runner.run(task, timeout_for(900), len(runnable) * n_modes)
+                record_loss_rows(got, error, workload, runnable)
+                continue
             for name in runnable:
                 for mode in MODES:
                     task = task_base(kind="loss", workloads=[workload.to_dict()], providers=[name], modes=[mode],

@@ -1,0 +1,123 @@
+"""The benchmark suite: its accuracy reference, its workloads, and a smoke run of the CPU mode end to end."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_wce
+from benchmarks.reference import fp32_reference, relative_error
+from benchmarks.runner import CPU_PROVIDERS, MODES
+from benchmarks.workloads import CPU_SMOKE, counted_mask, make_inputs, workload
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_fp32_reference_matches_float64_reference(frozen_head, fraction):
+    # Small chunks so that several chunks (and a ragged last one) are exercised.
+    spec = workload("smoke", 300, fraction, dtype="float32", frozen_head=frozen_head)
+    inputs = make_inputs(spec, "cpu", seed=3)
+    reference = fp32_reference(inputs.hidden, inputs.weight, inputs.target, inputs.token_weight,
+                               need_grad_weight=not frozen_head, chunk_bytes=4 * 1000 * 70)
+    hidden = inputs.hidden.clone().double().requires_grad_(True)
+    weight = inputs.weight.clone().double().requires_grad_(True)
+    expected = fused_wce.reference_linear_cross_entropy(hidden, weight, inputs.target, inputs.token_weight)
+    expected.backward()
+    assert abs(reference.loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
+    assert relative_error(reference.grad_hidden, hidden.grad) < 1e-5
+    # Uncounted rows have exactly zero gradient.
+    uncounted = inputs.token_weight == 0
+    assert torch.count_nonzero(reference.grad_hidden[uncounted]) == 0
+    if frozen_head:
+        assert reference.grad_weight is None
+    else:
+        assert relative_error(reference.grad_weight, weight.grad) < 1e-5
+
+
+@pytest.mark.parametrize("tokens,fraction", [(4096, 0.5), (1000, 0.5), (64, 1.0), (700, 0.25)])
+def test_counted_fraction_is_exact_and_in_spans(tokens, fraction):
+    mask = counted_mask(tokens, fraction)
+    assert abs(mask.float().mean().item() - fraction) <= 1.0 / 512 + 1.0 / tokens
+    # assistant-only SFT: counted tokens come in contiguous spans (few switches), not scattered
+    switches = (mask[1:] != mask[:-1]).sum().item()
+    assert switches <= 2 * math.ceil(tokens / 512)
+
+
+def test_inputs_look_like_hidden_states():
+    spec = workload("smoke", 256, 0.5, dtype="float32")
+    inputs = make_inputs(spec, "cpu", seed=0, rotations=2)
+    assert 0.9 < inputs.hidden.pow(2).mean().sqrt().item() < 1.1  # unit RMS, like post-RMSNorm states
+    logits = inputs.hidden @ inputs.weight.T
+    assert 1.5 < logits.std().item() < 2.5
+    assert not torch.equal(inputs.hidden, inputs.extra_hidden[0])
+    counted = inputs.target != -100
+    assert torch.equal(counted, inputs.token_weight > 0)
+    assert set(inputs.token_weight[counted].unique().tolist()) <= {0.5, 1.0}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    completed = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out)], cwd=REPO_ROOT,
+                               env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return out, completed.stdout
+
+
+def test_smoke_run_writes_every_output(smoke_run):
+    out, stdout = smoke_run
+    for name in ("results.csv", "results.json", "results.md", "e2e.csv"):
+        assert (out / name).stat().st_size > 0, name
+    plots = list((out / "plots").glob("*.png"))
+    assert len(plots) >= 2 * len(MODES)  # time and memory against N per (fraction, mode)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    assert "== targets ==" in stdout
+
+
+def test_smoke_run_has_a_sane_row_per_provider(smoke_run):
+    out, _ = smoke_run
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = {(w.name, p, m) for w in CPU_SMOKE for p in CPU_PROVIDERS for m in MODES}
+    seen = {(r["workload"], r["provider"], r["mode"]) for r in rows}
+    assert expected <= seen
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert 0 < float(row["time_ms"]) < 60_000
+        assert float(row["peak_memory_bytes"]) >= 0
+        assert float(row["tflops"]) > 0
+        assert row["accurate"] == "True", row
+        assert float(row["loss_rel_err"]) < 1e-4
+        if row["mode"] == "forward_backward":
+            assert float(row["grad_hidden_rel_err"]) < 1e-4
+            assert float(row["grad_weight_rel_err"]) < 1e-4
+        assert row["card"].startswith("CPU") and row["torch"] == torch.__version__
+        assert row["weights_used"] == "weighted"  # every CPU provider takes the per-token weights
+
+
+def test_smoke_run_json_targets_and_end_to_end(smoke_run):
+    out, _ = smoke_run
+    data = json.loads((out / "results.json").read_text())
+    assert data["environment"]["versions"]["torch"]
+    assert data["environment"]["gemm"]["tflops"] > 0
+    verdicts = {t["target"]: t["verdict"] for t in data["targets"]}
+    assert len(verdicts) == 2 and all(v in ("met", "not met", "not measured") for v in verdicts.values())
+    assert all(v != "not measured" for v in verdicts.values())  # both providers ran, so both were read
+    e2e = {row["provider"]: row for row in data["e2e"]}
+    assert set(e2e) == {"hf_model_loss", "trl_fused_lm_head", "fused_wce"}
+    for row in e2e.values():
+        assert row["status"] == "ok", row
+        assert math.isfinite(row["loss"]) and row["time_ms"] > 0
+    markdown = (out / "results.md").read_text()
+    for provider in CPU_PROVIDERS:
+        assert f"| {provider} |" in markdown
