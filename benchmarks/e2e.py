@@ -55,7 +55,8 @@ def run_e2e_task(task: dict, emit) -> None:
     config = Qwen2Config(**CONFIGS[task["config"]])
     config._attn_implementation = "sdpa"
     torch.manual_seed(task.get("seed", 0))
-    base_model = Qwen2ForCausalLM(config).to(dtype=dtype)
+    with torch.device(device):  # initialised where it runs: 0.5B parameters take long to initialise on a CPU
+        base_model = Qwen2ForCausalLM(config).to(dtype=dtype)
     n_params = sum(p.numel() for p in base_model.parameters())
     generator = torch.Generator().manual_seed(task.get("seed", 0))
     input_ids, labels, weights = build_batch(task["batch_size"], task["seq_len"], config.vocab_size,
@@ -70,7 +71,7 @@ def run_e2e_task(task: dict, emit) -> None:
         row = {**common, "provider": name}
         model = None
         try:
-            model = copy.deepcopy(base_model).to(device)
+            model = copy.deepcopy(base_model)  # every provider starts from the same weights
             model.train()
             loss_fn, note = _loss_function(name, model, input_ids, labels, weights)
             row["loss_note"] = note
