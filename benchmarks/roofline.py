@@ -1,0 +1,492 @@
+"""Roofline model of every benchmarked provider: FLOPs, minimum HBM bytes, predicted time and peak memory.
+
+Pure Python (no torch, no GPU): a workload (H, V, N tokens, M counted, bytes per element, frozen head or not) and
+a provider's *algorithm* give a list of phases (one kernel or GEMM each, summed over chunks) and the tensors alive
+at the provider's memory peak. On a card with GEMM rate ``R`` and bandwidth ``B`` each phase takes
+``max(flops / R, bytes / B)`` and the phases add up (they run one after another); the prediction is therefore a
+lower bound that a measurement should approach, and every gap over 20% is explained in benchmarks/NOTES.md.
+
+Conventions (docs/design.md, "Static report and roofline"):
+- FLOPs: ``2 * rows * H * V`` per ``[rows, H] x [H, V]`` GEMM; ``rows`` is M (counted tokens) for providers that
+  drop the others first (fused_wce, TRL, CCE) and N for those that do not (eager, torch.compile, torch's chunked
+  op, Liger).
+- Minimum HBM bytes: each operand read once per phase and each output written once (tile re-reads inside a GEMM
+  are assumed to hit L2), plus the re-reads an algorithm forces by design: the weight once per chunk and per GEMM
+  that reads it, an fp32 accumulator read and written once per chunk.
+- Peak memory: bytes allocated by the loss beyond its inputs (hidden, weight, target, token weights), including
+  the gradients it returns (``dX`` ``[N, H]``, ``dW`` ``[V, H]`` in the input dtype), at the worst moment.
+
+API (for the benchmark suite)::
+
+    from benchmarks.roofline import CARDS, PROVIDERS, Problem, predict, compare
+    problem = Problem.of(workload)                  # any object with .shape.hidden/.vocab, .tokens, .n_counted,
+                                                    # .dtype ("bfloat16"...) and optionally .frozen_head
+    p = predict("fused_wce", problem, CARDS["H200"])    # Prediction: flops, hbm_bytes, time_s, peak_bytes, ...
+    row = compare(p, measured_s=0.041, measured_peak_bytes=3.2e9)   # ratios and whether the gap is > 20%
+
+``python -m benchmarks.roofline [--card H200] [--out DIR]`` prints the tables and writes roofline.md/.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+
+MIB = 2**20
+GIB = 2**30
+# fused_wce.DEFAULT_CHUNK_BUDGET_BYTES (the Triton path's [C, V] buffer); kept here so the model stays import-free.
+FUSED_WCE_CHUNK_BUDGET = 256 * MIB
+FUSED_WCE_VOCAB_TILE = 128  # summaries per row: one per 128-wide vocabulary tile (SM90 configs; sm_80: 64)
+TRL_TOKEN_CHUNK = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
+TRL_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE (TRL 1.16)
+GAP_THRESHOLD = 0.20  # a measurement this much above (or below) its prediction needs an explanation in NOTES.md
+
+
+@dataclass(frozen=True)
+class Card:
+    """A GPU: dense GEMM rates in FLOP/s (bf16/fp16 tensor cores, fp32 without TF32), HBM bandwidth in B/s."""
+
+    name: str
+    gemm_flops: float
+    hbm_bytes_per_s: float
+    memory_bytes: float
+    fp32_flops: float
+    source: str
+
+
+CARDS = {
+    "H200": Card("H200", 790e12, 4.3e12, 141e9, 67e12,
+                 "measured: bf16 GEMM 790 TFLOP/s, copy 4.3 TB/s (shared/peers.md); fp32 datasheet"),
+    "H100": Card("H100 SXM", 989e12, 3.35e12, 80e9, 67e12, "datasheet (dense bf16 989 TFLOP/s, 3.35 TB/s)"),
+    "A100": Card("A100 SXM", 312e12, 2.04e12, 80e9, 19.5e12, "datasheet (dense bf16 312 TFLOP/s, 2.04 TB/s)"),
+}
+
+# The benchmark suite's LM-head shapes (benchmarks/workloads.py SHAPES): name -> (H, V).
+MODELS = {
+    "Llama-3.2-1B": (2048, 128256),
+    "Llama-3-8B": (4096, 128256),
+    "Qwen2.5-7B": (3584, 152064),
+    "Gemma-2-2B": (2304, 256000),
+    "V262k-4B": (2560, 262144),
+}
+TOKEN_COUNTS = (4096, 8192, 16384, 32768)
+COUNTED_FRACTIONS = (1.0, 0.5)
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One loss problem: ``tokens`` (N) rows of hidden size H, vocabulary V, ``counted`` (M <= N) of them counted;
+    ``dtype_bytes`` per element of hidden/weight; ``frozen_head``: the weight needs no gradient."""
+
+    name: str
+    hidden: int
+    vocab: int
+    tokens: int
+    counted: int
+    dtype_bytes: int = 2
+    frozen_head: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.counted <= self.tokens:
+            raise ValueError(f"counted must be in [0, tokens], got {self.counted} of {self.tokens}")
+        if min(self.hidden, self.vocab, self.tokens) < 1 or self.dtype_bytes not in (2, 4):
+            raise ValueError(f"bad problem {self}")
+
+    @classmethod
+    def of(cls, workload) -> "Problem":
+        """From a benchmark-suite workload (benchmarks.workloads.Workload) or anything shaped like one."""
+        return cls(name=getattr(workload, "name", "workload"), hidden=workload.shape.hidden,
+                   vocab=workload.shape.vocab, tokens=workload.tokens, counted=workload.n_counted,
+                   dtype_bytes=_DTYPE_BYTES[str(workload.dtype).replace("torch.", "")],
+                   frozen_head=bool(getattr(workload, "frozen_head", False)))
+
+    @classmethod
+    def model(cls, model: str, tokens: int, counted_fraction: float, frozen_head: bool = False) -> "Problem":
+        hidden, vocab = MODELS[model]
+        name = f"{model}/N{tokens}/{round(counted_fraction * 100)}pct/bfloat16" + ("/frozen-head" if frozen_head else "")
+        return cls(name, hidden, vocab, tokens, round(tokens * counted_fraction), 2, frozen_head)
+
+
+def problems(models=tuple(MODELS), token_counts=TOKEN_COUNTS, fractions=COUNTED_FRACTIONS) -> list[Problem]:
+    """The suite's GPU grid: every model x N x counted fraction, bf16, trainable head."""
+    return [Problem.model(m, n, f) for m in models for n in token_counts for f in fractions]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One kernel (or GEMM) summed over chunks: ``flops`` at ``rate`` ("gemm" or "fp32"), ``bytes`` of HBM."""
+
+    name: str
+    flops: float
+    bytes: float
+    rate: str = "gemm"
+
+    def seconds(self, card: Card) -> float:
+        flops_per_s = card.gemm_flops if self.rate == "gemm" else card.fp32_flops
+        return max(self.flops / flops_per_s, self.bytes / card.hbm_bytes_per_s)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What a provider does on a problem: ``phases`` in order, and ``live`` = the tensors alive at each candidate
+    memory peak (name -> {tensor: bytes}); the peak is the largest of those sums."""
+
+    provider: str
+    summary: str
+    rows: int  # tokens the GEMMs run on (N or M)
+    phases: tuple[Phase, ...]
+    live: dict = field(default_factory=dict)
+
+    @property
+    def flops(self) -> float:
+        return sum(p.flops for p in self.phases)
+
+    @property
+    def hbm_bytes(self) -> float:
+        return sum(p.bytes for p in self.phases)
+
+    def peak(self) -> tuple[str, float, dict]:
+        moment, tensors = max(self.live.items(), key=lambda item: sum(item[1].values()))
+        return moment, float(sum(tensors.values())), tensors
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _gemm(name: str, rows: int, p: Problem, extra_bytes: float, rate: str = "gemm") -> Phase:
+    return Phase(name, 2.0 * rows * p.hidden * p.vocab, extra_bytes, rate)
+
+
+# --- providers -----------------------------------------------------------------------------------------------------
+def _fused_wce(p: Problem) -> Algorithm:
+    """Gradients in forward (reduced loss): per chunk of C counted rows, vocab_partials stores tile-relative logits,
+    combine, softmax_grad in place, dX and dW GEMMs; backward scatters dX and casts dW (docs/design.md)."""
+    b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
+    rows_budget = FUSED_WCE_CHUNK_BUDGET // (v * b)
+    chunk = max(1, rows_budget - rows_budget % 128 if rows_budget >= 128 else rows_budget)
+    chunk = min(chunk, max(m, 1))
+    chunks = _cdiv(m, chunk) if m else 0
+    tiles = _cdiv(v, FUSED_WCE_VOCAB_TILE)
+    summaries = 3 * m * tiles * 4
+    w, logits = v * h * b, m * v * b
+    phases = [
+        Phase("gather counted rows", 0, n * h * b + m * h * b),
+        _gemm("vocab_partials (logits + online lse)", m, p, chunks * w + m * h * b + logits + summaries),
+        Phase("combine", 0, summaries),
+        Phase("softmax_grad (in place)", 0, 2 * logits + m * tiles * 4),
+        _gemm("dX = dlogits @ W", m, p, logits + chunks * w + m * h * b),
+    ]
+    if not p.frozen_head:
+        phases.append(_gemm("dW += dlogits^T @ X (fp32)", m, p, logits + m * h * b + v * h * 4 * (2 * chunks)))
+        phases.append(Phase("dW fp32 -> input dtype", 0, v * h * (4 + b)))
+    phases.append(Phase("scatter dX to [N, H]", 0, n * h * b + m * h * b))
+    dw32 = {} if p.frozen_head else {"dW fp32": v * h * 4}
+    live = {
+        "forward (chunk loop)": {"logits chunk [C, V]": chunk * v * b, "tile summaries": 3 * chunk * tiles * 4,
+                                 "gathered hidden [M, H]": m * h * b, "dX [M, H]": m * h * b, **dw32,
+                                 "per-token stats": 6 * m * 4},
+        "backward (casts)": {**dw32, "dW": 0 if p.frozen_head else v * h * b, "dX [M, H]": m * h * b,
+                             "dX [N, H]": n * h * b},
+    }
+    return Algorithm("fused_wce", f"grad in forward on M counted rows, {chunks} chunks of {chunk}", m,
+                     tuple(phases), live)
+
+
+def _fused_wce_torch(p: Problem) -> Algorithm:
+    """fused_wce(backend="torch") on CUDA: fp32 chunks of budget // (8 V) rows, fp32 GEMMs (weight upcast once)."""
+    b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
+    chunk = min(max(1, FUSED_WCE_CHUNK_BUDGET // (8 * v)), max(m, 1))
+    chunks = _cdiv(m, chunk) if m else 0
+    w32, logits32 = v * h * 4, m * v * 4
+    phases = [Phase("gather + weight upcast", 0, n * h * b + m * h * b + v * h * (b + 4)),
+              _gemm("logits (fp32)", m, p, chunks * w32 + m * h * 4 + logits32, rate="fp32"),
+              Phase("loss math on whole rows", 0, 6 * logits32),
+              _gemm("dX (fp32)", m, p, logits32 + chunks * w32 + m * h * 4, rate="fp32")]
+    if not p.frozen_head:
+        phases.append(_gemm("dW (fp32)", m, p, logits32 + m * h * 4 + 2 * chunks * w32, rate="fp32"))
+    dw32 = {} if p.frozen_head else {"dW fp32": v * h * 4}
+    live = {"forward": {"weight fp32": w32, "two fp32 [C, V] blocks": 2 * chunk * v * 4, **dw32,
+                        "dX [M, H]": m * h * b, "gathered hidden": m * h * b},
+            "backward": {**dw32, "dW": 0 if p.frozen_head else v * h * b, "dX [N, H]": n * h * b,
+                         "dX [M, H]": m * h * b}}
+    return Algorithm("fused_wce[torch]", f"fp32 chunks of {chunk} counted rows", m, tuple(phases), live)
+
+
+def _torch_eager(p: Problem) -> Algorithm:
+    """benchmarks.providers.eager_loss: bf16 logits [N, V], .float(), F.cross_entropy(reduction="none"), autograd.
+    Every row runs (ignored rows are masked in the loss, not skipped)."""
+    b, h, v, n = p.dtype_bytes, p.hidden, p.vocab, p.tokens
+    nv = n * v
+    phases = [_gemm("logits = X @ W^T", n, p, v * h * b + n * h * b + nv * b),
+              Phase("upcast to fp32", 0, nv * (b + 4)),
+              Phase("log_softmax", 0, nv * 8),
+              Phase("nll_loss_backward (dense)", 0, nv * 4),
+              Phase("log_softmax_backward", 0, nv * 12),
+              Phase("grad cast to input dtype", 0, nv * (4 + b)),
+              _gemm("dX = dlogits @ W", n, p, nv * b + v * h * b + n * h * b)]
+    if not p.frozen_head:
+        phases.append(_gemm("dW = dlogits^T @ X", n, p, nv * b + n * h * b + v * h * b))
+    live = {"forward (log_softmax)": {"fp32 logits": nv * 4, "log-probs fp32": nv * 4},
+            "backward (log_softmax_backward)": {"log-probs fp32": nv * 4, "nll grad fp32": nv * 4,
+                                                "logits grad fp32": nv * 4},
+            "backward (GEMMs)": {"logits grad fp32": nv * 4, "logits grad": nv * b, "dX": n * h * b,
+                                 "dW": 0 if p.frozen_head else v * h * b}}
+    return Algorithm("torch_eager", "materialised [N, V] logits, fp32 upcast, all N rows", n, tuple(phases), live)
+
+
+def _torch_compile(p: Problem) -> Algorithm:
+    """The eager loss under torch.compile: Inductor fuses the upcast, log-softmax and NLL into one reduction and the
+    backward into one elementwise kernel; one fp32 [N, V] tensor stays (CCE's published 16 GB at 2.1e9 logits,
+    7.6 bytes per logit, shows it)."""
+    b, h, v, n = p.dtype_bytes, p.hidden, p.vocab, p.tokens
+    nv = n * v
+    phases = [_gemm("logits = X @ W^T", n, p, v * h * b + n * h * b + nv * b),
+              Phase("fused upcast + log_softmax + nll", 0, nv * (b + 4)),
+              Phase("fused softmax backward", 0, nv * (4 + b)),
+              _gemm("dX = dlogits @ W", n, p, nv * b + v * h * b + n * h * b)]
+    if not p.frozen_head:
+        phases.append(_gemm("dW = dlogits^T @ X", n, p, nv * b + n * h * b + v * h * b))
+    live = {"backward": {"logits": nv * b, "fp32 saved for backward": nv * 4, "logits grad": nv * b,
+                         "dX": n * h * b, "dW": 0 if p.frozen_head else v * h * b}}
+    return Algorithm("torch_compile", "fused elementwise kernels around [N, V] logits, all N rows", n,
+                     tuple(phases), live)
+
+
+def _torch_chunked(p: Problem) -> Algorithm:
+    """torch 2.13 F.linear_cross_entropy(options=LinearCrossEntropyOptions()) with reduction="none" (the suite's
+    call): chunks of next_pow2(ceil(N / ceil(V / H))) / 2 rows (CUDA bf16 auto: "aspect_ratio:2", "compact");
+    the forward keeps only the logsumexp and the backward recomputes each chunk (8 N H V on all rows); dW
+    accumulates with addmm_ into the input dtype (fp32 inside cuBLAS)."""
+    b, h, v, n = p.dtype_bytes, p.hidden, p.vocab, p.tokens
+    chunk = max(1, _next_pow2(_cdiv(n, _cdiv(v, h))) // 2)
+    chunks = _cdiv(n, chunk)
+    w, nv = v * h * b, n * v
+    phases = [_gemm("forward logits", n, p, chunks * w + n * h * b + nv * b),
+              Phase("forward logsumexp (fp32)", 0, nv * b),
+              _gemm("backward recompute logits", n, p, chunks * w + n * h * b + nv * b),
+              Phase("softmax grad", 0, 2 * nv * b),
+              _gemm("dX", n, p, nv * b + chunks * w + n * h * b)]
+    if not p.frozen_head:
+        phases.append(_gemm("dW addmm_", n, p, nv * b + n * h * b + 2 * chunks * w))
+    live = {"backward chunk": {"logits chunk": chunk * v * b, "fp32 softmax chunk": chunk * v * 4,
+                               "dX": n * h * b, "dW": 0 if p.frozen_head else w}}
+    return Algorithm("torch_chunked", f"recompute backward, all N rows, {chunks} chunks of {chunk}", n,
+                     tuple(phases), live)
+
+
+def _trl(p: Problem) -> Algorithm:
+    """TRL 1.16 ChunkedLogProbFunction on the labelled rows: cuBLAS [4096, 32768] bf16 tiles, Triton fold;
+    backward recomputes every tile (8 M H V) and accumulates dX and dW in fp32 with addmm."""
+    b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
+    token_chunks = _cdiv(m, TRL_TOKEN_CHUNK) if m else 0
+    vocab_chunks = _cdiv(v, TRL_VOCAB_CHUNK)
+    w, mv = v * h * b, m * v
+    phases = [Phase("gather labelled rows", 0, n * h * b + m * h * b),
+              _gemm("forward tiles", m, p, token_chunks * w + m * h * b + mv * b),
+              Phase("forward fold (online lse)", 0, mv * b),
+              _gemm("backward recompute tiles", m, p, token_chunks * w + m * h * b + mv * b),
+              Phase("backward grad tile", 0, 2 * mv * b),
+              _gemm("dX += tile @ W (fp32)", m, p, mv * b + token_chunks * w + 2 * vocab_chunks * m * h * 4)]
+    if not p.frozen_head:
+        phases.append(_gemm("dW += tile^T @ X (fp32)", m, p, mv * b + m * h * b + 2 * token_chunks * v * h * 4))
+        phases.append(Phase("dW fp32 -> input dtype", 0, v * h * (4 + b)))
+    phases.append(Phase("dX fp32 -> input dtype, scatter", 0, m * h * (4 + b) + n * h * b))
+    tile = min(m, TRL_TOKEN_CHUNK) * min(v, TRL_VOCAB_CHUNK) * b
+    dw32 = {} if p.frozen_head else {"dW fp32": v * h * 4}
+    live = {"backward": {"tile buffer": tile, "dX fp32 [M, H]": m * h * 4, **dw32, "gathered hidden": m * h * b},
+            "casts": {**dw32, "dW": 0 if p.frozen_head else w, "dX [M, H]": m * h * b, "dX [N, H]": n * h * b,
+                      "gathered hidden": m * h * b}}
+    return Algorithm("trl_chunked", f"recompute backward on M rows, {token_chunks} x {vocab_chunks} tiles", m,
+                     tuple(phases), live)
+
+
+def _liger(p: Problem, fp32_accumulation: bool) -> Algorithm:
+    """Liger-Kernel fused linear CE: chunks of next_pow2(ceil(N / ceil(V / H))) rows (all N rows); per chunk cuBLAS
+    logits, a Triton row kernel writing dlogits in place, cuBLAS dX; dW accumulated per chunk in the weight dtype
+    (default) or fp32 (accum_dtype=float32)."""
+    b, h, v, n = p.dtype_bytes, p.hidden, p.vocab, p.tokens
+    chunk = _next_pow2(_cdiv(n, _cdiv(v, h)))
+    chunks = _cdiv(n, chunk)
+    w, nv = v * h * b, n * v
+    acc = 4 if fp32_accumulation else b
+    phases = [_gemm("chunk logits", n, p, chunks * w + n * h * b + nv * b),
+              Phase("row kernel: loss, dlogits in place", 0, 2 * nv * b),
+              _gemm("dX = dlogits @ W", n, p, nv * b + chunks * w + n * h * b)]
+    if not p.frozen_head:
+        phases.append(_gemm("dW += dlogits^T @ X", n, p, nv * b + n * h * b + 2 * chunks * v * h * acc))
+        if fp32_accumulation:
+            phases.append(Phase("dW fp32 -> input dtype", 0, v * h * (4 + b)))
+    dw = {} if p.frozen_head else {"dW accumulator": v * h * acc}
+    live = {"forward (chunk loop)": {"logits chunk": chunk * v * b, **dw, "dX": n * h * b, "loss per row": n * 4},
+            "cast": {**dw, "dW": v * h * b if fp32_accumulation and not p.frozen_head else 0, "dX": n * h * b}}
+    name = "liger_fp32acc" if fp32_accumulation else "liger"
+    return Algorithm(name, f"grad in forward, all N rows, {chunks} chunks of {chunk}", n, tuple(phases), live)
+
+
+def _cce(p: Problem, exact: bool) -> Algorithm:
+    """Cut Cross-Entropy on the non-ignored rows: forward tiles into an fp32 accumulator and a per-row LSE; backward
+    recomputes each tile and accumulates dE and dC (8 M H V). impl="cce" skips tiles whose gradient is below
+    bf16 eps / 32 (data-dependent, not modelled: its prediction is the unfiltered upper bound)."""
+    b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
+    w = v * h * b
+    phases = [Phase("gather rows", 0, n * h * b + m * h * b),
+              _gemm("forward: logits tiles + LSE", m, p, w + m * h * b + m * 4),
+              _gemm("backward: recompute tiles", m, p, w + m * h * b + m * 4),
+              _gemm("backward: dE", m, p, m * h * b)]
+    if not p.frozen_head:
+        phases.append(_gemm("backward: dC", m, p, w))
+    live = {"backward": {"dE [M, H]": m * h * b, "dE [N, H]": n * h * b, "dC": 0 if p.frozen_head else w,
+                         "LSE": m * 4}}
+    note = "no gradient filtering" if exact else "gradient filtering not modelled (upper bound)"
+    return Algorithm("cce_exact" if exact else "cce", f"recompute backward on M rows, {note}", m,
+                     tuple(phases), live)
+
+
+PROVIDERS = {
+    "fused_wce": _fused_wce,
+    "fused_wce[torch]": _fused_wce_torch,
+    "torch_eager": _torch_eager,
+    "torch_compile": _torch_compile,
+    "torch_chunked": _torch_chunked,
+    "trl_chunked": _trl,
+    "liger": lambda p: _liger(p, fp32_accumulation=False),
+    "liger_fp32acc": lambda p: _liger(p, fp32_accumulation=True),
+    "cce": lambda p: _cce(p, exact=False),
+    "cce_exact": lambda p: _cce(p, exact=True),
+}
+
+
+def algorithm(provider: str, problem: Problem) -> Algorithm:
+    try:
+        return PROVIDERS[provider](problem)
+    except KeyError:
+        raise ValueError(f"provider: unknown {provider!r}; known: {sorted(PROVIDERS)}") from None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    provider: str
+    problem: Problem
+    card: Card
+    summary: str
+    flops: float
+    hbm_bytes: float
+    compute_s: float  # all FLOPs at the card's rate (no memory)
+    memory_s: float  # all bytes at the card's bandwidth (no compute)
+    time_s: float  # sum over phases of max(compute, memory)
+    peak_bytes: float
+    peak_moment: str
+    peak_tensors: dict
+    phase_times: tuple  # (name, seconds, bound)
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.compute_s >= self.memory_s else "memory"
+
+    def row(self) -> dict:
+        return {"provider": self.provider, "workload": self.problem.name, "card": self.card.name,
+                "hidden": self.problem.hidden, "vocab": self.problem.vocab, "tokens": self.problem.tokens,
+                "counted": self.problem.counted, "tflop": round(self.flops / 1e12, 3),
+                "hbm_gb": round(self.hbm_bytes / 1e9, 2), "compute_ms": round(self.compute_s * 1e3, 2),
+                "memory_ms": round(self.memory_s * 1e3, 2), "predicted_ms": round(self.time_s * 1e3, 2),
+                "bound": self.bound, "peak_mib": round(self.peak_bytes / MIB, 1), "peak_at": self.peak_moment,
+                "algorithm": self.summary}
+
+
+def predict(provider: str, problem: Problem, card: Card) -> Prediction:
+    algo = algorithm(provider, problem)
+    moment, peak, tensors = algo.peak()
+    phase_times = tuple((ph.name, ph.seconds(card),
+                         "compute" if ph.flops / (card.gemm_flops if ph.rate == "gemm" else card.fp32_flops)
+                         >= ph.bytes / card.hbm_bytes_per_s else "memory") for ph in algo.phases)
+    compute = sum(ph.flops / (card.gemm_flops if ph.rate == "gemm" else card.fp32_flops) for ph in algo.phases)
+    return Prediction(provider, problem, card, algo.summary, algo.flops, algo.hbm_bytes, compute,
+                      algo.hbm_bytes / card.hbm_bytes_per_s, sum(t for _, t, _ in phase_times), peak, moment,
+                      tensors, phase_times)
+
+
+def compare(prediction: Prediction, measured_s: float | None = None,
+            measured_peak_bytes: float | None = None) -> dict:
+    """The prediction's row with measured values beside it: ``time_ratio`` = measured / predicted (>= 1 expected:
+    the model is a lower bound), ``memory_ratio`` likewise; ``needs_note`` when either is off by more than 20%."""
+    row = prediction.row()
+    row["measured_ms"] = None if measured_s is None else round(measured_s * 1e3, 2)
+    row["time_ratio"] = None if measured_s is None else round(measured_s / prediction.time_s, 3)
+    row["measured_peak_mib"] = None if measured_peak_bytes is None else round(measured_peak_bytes / MIB, 1)
+    row["memory_ratio"] = (None if measured_peak_bytes is None or prediction.peak_bytes == 0
+                           else round(measured_peak_bytes / prediction.peak_bytes, 3))
+    row["needs_note"] = any(r is not None and abs(r - 1.0) > GAP_THRESHOLD
+                            for r in (row["time_ratio"], row["memory_ratio"]))
+    return row
+
+
+def predict_all(problem_list=None, providers=tuple(PROVIDERS), cards=("H200",)) -> list[Prediction]:
+    problem_list = problems() if problem_list is None else problem_list
+    return [predict(name, problem, CARDS[card]) for card in cards for problem in problem_list for name in providers]
+
+
+COLUMNS = ("provider", "workload", "card", "tflop", "hbm_gb", "compute_ms", "memory_ms", "predicted_ms", "bound",
+           "peak_mib", "peak_at", "algorithm")
+
+
+def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join("" if row.get(c) is None else str(row.get(c)) for c in columns) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+def phase_table(prediction: Prediction) -> str:
+    lines = ["| phase | ms | bound |", "|---|---|---|"]
+    lines += [f"| {name} | {seconds * 1e3:.2f} | {bound} |" for name, seconds, bound in prediction.phase_times]
+    return "\n".join(lines)
+
+
+def write_outputs(predictions: list[Prediction], out_dir: str) -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    rows = [p.row() for p in predictions]
+    csv_path = os.path.join(out_dir, "roofline.csv")
+    with open(csv_path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    md_path = os.path.join(out_dir, "roofline.md")
+    cards = sorted({p.card.name for p in predictions})
+    with open(md_path, "w") as file:
+        file.write("# Roofline predictions\n\nGenerated by `python -m benchmarks.roofline`; model and conventions in "
+                   "docs/design.md (\"Static report and roofline\"). Cards:\n\n")
+        for card in CARDS.values():
+            if card.name in cards:
+                file.write(f"- {card.name}: {card.source}\n")
+        file.write("\n" + markdown_table(rows) + "\n")
+    return md_path, csv_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--card", action="append", choices=sorted(CARDS),
+                        help="card(s) to predict for (default: H200)")
+    parser.add_argument("--provider", action="append", choices=sorted(PROVIDERS), help="default: all")
+    parser.add_argument("--out", default="bench_out", help="writes roofline.md and roofline.csv here")
+    parser.add_argument("--phases", action="store_true", help="also print each prediction's phases")
+    args = parser.parse_args(argv)
+    predictions = predict_all(providers=args.provider or tuple(PROVIDERS), cards=args.card or ("H200",))
+    print(markdown_table([p.row() for p in predictions]))
+    if args.phases:
+        for p in predictions:
+            print(f"\n{p.provider} on {p.problem.name} ({p.card.name}):\n{phase_table(p)}")
+    md_path, csv_path = write_outputs(predictions, args.out)
+    print(f"\nwrote {md_path} and {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
