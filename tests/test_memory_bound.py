@@ -1,6 +1,9 @@
 """No tensor with N * V elements is ever allocated: the logits are never materialised."""
 from __future__ import annotations
 
+import contextlib
+import weakref
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -59,3 +62,103 @@ def test_default_chunk_follows_budget():
     request = PassRequest(hidden=torch.empty(0, 8), weight=weight, bias=None, target=torch.empty(0))
     rows = chunk_rows(request, bytes_per_element=2, multiple=128)
     assert rows % 128 == 0 and rows * 128256 * 2 <= DEFAULT_CHUNK_BUDGET_BYTES < (rows + 128) * 128256 * 2
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages created by torch ops during the mode (views and in-place results share an
+    argument's storage and are not new; a storage is freed when its last tensor dies)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+        self.peak_op = ""
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor) or (INTERPRETING and tensor.dtype == torch.uint8):
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key in inputs or key in self.live or storage.nbytes() == 0:
+                continue
+            self.live[key] = storage.nbytes()
+            weakref.finalize(storage, self._free, key)
+            self.current += storage.nbytes()
+            if self.current > self.peak:
+                self.peak, self.peak_op = self.current, str(func)
+        return out
+
+
+OPTIONS = {
+    "mean": dict(reduction="mean"),
+    "sum+normalizer": dict(reduction="sum", normalizer=7.0),
+    "none": dict(reduction="none"),
+    "stats": dict(return_stats=True),
+    "frozen_weight": dict(frozen="weight"),
+    "frozen_hidden": dict(frozen="hidden"),
+    "no_grad": dict(no_grad=True),
+    "no_bias": dict(bias=False),
+    "variants": dict(label_smoothing=0.1, z_loss=1e-3, softcap=20.0, logit_scale=0.7, dft=True),
+}
+
+
+def _documented_bound(path, dtype, num_tokens, hidden_size, vocab_size, chunk) -> tuple[int, int]:
+    """(chunk term, O(N H + V H + N + V) term) of docs/design.md's allocation formulas, in bytes."""
+    b = torch.tensor([], dtype=dtype).element_size()
+    if path[1] == "torch":
+        chunk_term = 2 * chunk * vocab_size * 4  # two fp32 [C, V] blocks
+    else:
+        chunk_term = chunk * vocab_size * b + 4 * chunk * -(-vocab_size // 128) * 4  # logits chunk + summaries
+    # fp32 weight copy + fp32 grad_weight + grad_weight cast, gathered hidden + grad_hidden (fp32 upcast
+    # chunk on CPU) + its scatter, per-token vectors (~16 [N] fp32/int64), per-vocabulary vectors ([V] bias terms)
+    linear_term = 3 * vocab_size * hidden_size * 4 + 4 * num_tokens * hidden_size * 4 + 64 * num_tokens * 8 \
+        + 8 * vocab_size * 4
+    return chunk_term, linear_term
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_option_stays_within_the_budget(path, dtype, option, monkeypatch):
+    """No [N, V] allocation on any path and option, and peak live bytes <= chunk budget + O(N H + V H)."""
+    import fused_wce._passes as passes
+
+    if path == ("cpu", "triton") and dtype == torch.float32 and option not in ("mean", "none"):
+        pytest.skip("the interpreter runs every option in bf16; fp32 only the two gradient plans (time)")
+    num_tokens, hidden_size, vocab_size = 320, 8, 900
+    # the default chunk size from a (small) budget: 16 rows of fp32 CPU blocks, 32 rows of interpreter bf16
+    budget = 16 * vocab_size * 8
+    monkeypatch.setattr(passes, "DEFAULT_CHUNK_BUDGET_BYTES", budget)
+    b = torch.tensor([], dtype=dtype).element_size()
+    chunk = budget // (vocab_size * (8 if path[1] == "torch" else b))
+    if path[1] == "triton":
+        chunk = max(chunk - chunk % 32, 32) if chunk >= 32 else chunk  # rounded to the kernel's row block
+    kwargs = dict(OPTIONS[option])
+    frozen, no_grad, with_bias = kwargs.pop("frozen", None), kwargs.pop("no_grad", False), kwargs.pop("bias", True)
+    problem = make_problem((num_tokens,), hidden_size, vocab_size, dtype, path[0], bias=with_bias,
+                           ignore_fraction=0.1, zero_weight_fraction=0.1, seed=3)
+    if frozen:
+        getattr(problem, frozen).requires_grad_(False)
+    shapes, live = AllocationRecorder(), LiveBytes()
+    with shapes, live:
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            out = fused_wce.linear_cross_entropy(problem.hidden, problem.weight, problem.target,
+                                                 problem.token_weight, bias=problem.bias, backend=path[1],
+                                                 **kwargs)
+        loss = out.loss if isinstance(out, fused_wce.LossOutput) else out
+        if loss.requires_grad:
+            loss.backward(torch.ones_like(loss))
+        del out, loss
+    name, shape = shapes.largest()
+    assert torch.Size(shape).numel() < num_tokens * vocab_size, f"{name} allocated {shape}"
+    chunk_term, linear_term = _documented_bound(path, dtype, num_tokens, hidden_size, vocab_size, chunk)
+    logits_bytes = num_tokens * vocab_size * 4
+    assert chunk_term + linear_term < logits_bytes / 2  # the bound discriminates: [N, V] fp32 logits break it
+    assert live.peak <= chunk_term + linear_term, (
+        f"peak {live.peak} B (at {live.peak_op}) > chunk {chunk_term} B + linear {linear_term} B")
