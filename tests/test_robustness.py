@@ -565,3 +565,89 @@ def test_minus_inf_bias_entropy_is_finite(path):
 
 if __name__ == "__main__":
     print(markdown_table())
+
+
+# ---- offsets beyond 2**31 --------------------------------------------------------------------------------------
+
+# Row stride, in elements, of views into a sparse file: row 2 starts at 2 * BIG_STRIDE > 2**31 elements, so
+# `row * stride` wraps to a negative offset in int32. The file is sparse and mapped shared: only the pages of
+# the few rows touched exist, nothing of that size is allocated.
+BIG_STRIDE = 2**30 + 64
+
+
+def _sparse_rows(directory: Path, name: str, rows: int, cols: int, values: torch.Tensor | None = None):
+    numel = (rows - 1) * BIG_STRIDE + cols
+    file = directory / name
+    with open(file, "wb") as handle:
+        handle.truncate(numel * 4)
+    view = torch.from_file(str(file), shared=True, size=numel, dtype=torch.float32).as_strided((rows, cols),
+                                                                                             (BIG_STRIDE, 1))
+    assert (rows - 1) * view.stride(0) >= 2**31
+    if values is not None:
+        view.copy_(values)
+    return view
+
+
+def test_weight_rows_beyond_2_31_elements(path, tmp_path):
+    """The public API on an lm_head weight whose rows sit 2**30 elements apart (V * stride > 2**31): the Triton
+    path reads it in place (unit stride along H), so vocab_partials and the grad_hidden GEMM must compute
+    ``v * stride`` in int64; any int32 product would read at a negative offset."""
+    if path[0] != "cpu":
+        pytest.skip("sparse-file views are host memory")
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(3, H, generator=g)
+    weight = _sparse_rows(tmp_path, "weight.bin", 3, H, values).detach().requires_grad_(True)
+    hidden = torch.randn(5, H, generator=g, requires_grad=True)
+    target = torch.tensor([2, 0, 2, 1, 2])
+    loss = fused_wce.linear_cross_entropy(hidden, weight, target, backend=path[1], chunk_size=2)
+    grad_hidden, grad_weight = torch.autograd.grad(loss, [hidden, weight])
+    dense = values.clone().requires_grad_(True)
+    ref = fused_wce.reference_linear_cross_entropy(hidden, dense, target)
+    ref_grad_hidden, ref_grad_weight = torch.autograd.grad(ref, [hidden, dense])
+    _assert_close_fp32(loss, ref, "loss")
+    _assert_close_fp32(grad_hidden, ref_grad_hidden, "grad_hidden")
+    _assert_close_fp32(grad_weight, ref_grad_weight, "grad_weight")
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="runs the kernels on host memory under the interpreter")
+def test_kernels_address_rows_beyond_2_31_elements(tmp_path):
+    """Every kernel on operands whose row offsets pass 2**31 elements: hidden rows (``rows * H``), the stored
+    logits and dlogits (``rows * V``) and the grad_hidden output, each a strided view into a sparse file."""
+    from fused_wce.kernels import combine, matmul, softmax_grad, vocab_partials
+    from fused_wce.kernels.configs import INTERPRETER_CONFIGS as configs
+
+    g = torch.Generator().manual_seed(6)
+    rows, vocab = 3, 300
+    hidden = _sparse_rows(tmp_path, "hidden.bin", rows, H, torch.randn(rows, H, generator=g))
+    weight = torch.randn(vocab, H, generator=g) / 2
+    target = torch.tensor([5, 299, 130])
+    logits = _sparse_rows(tmp_path, "logits.bin", rows, vocab)
+    grad_hidden = _sparse_rows(tmp_path, "grad_hidden.bin", rows, H)
+    num_tiles = -(-vocab // configs.vocab_partials.block_n)
+    partials = tuple(torch.empty(num_tiles, rows) for _ in range(3))
+    target_logit, token_loss, lse, entropy = (torch.empty(rows) for _ in range(4))
+    is_top1 = torch.empty(rows, dtype=torch.int8)
+
+    vocab_partials(hidden, weight, None, target, partials, target_logit, logits, 1, configs.vocab_partials)
+    combine(partials, target_logit, token_loss, lse, entropy, is_top1, configs.combine, vocab_size=vocab)
+    exact = hidden.double() @ weight.double().T
+    exact_lse = exact.logsumexp(-1)
+    tile_max = torch.stack([exact[:, i:i + configs.vocab_partials.block_n].amax(-1)
+                            for i in range(0, vocab, configs.vocab_partials.block_n)])
+    tile_of = torch.arange(vocab) // configs.vocab_partials.block_n
+    _assert_close_fp32(logits, exact - tile_max[tile_of].T, "stored logits")
+    _assert_close_fp32(lse, exact_lse, "lse")
+    _assert_close_fp32(token_loss, exact_lse - exact.gather(1, target[:, None]).squeeze(1), "token_loss")
+
+    coef = torch.tensor([0.5, 1.0, 2.0])
+    softmax_grad(logits, partials[0], lse, target, coef, configs.softmax_grad, configs.vocab_partials.block_n)
+    dlogits = (exact - exact_lse[:, None]).exp()
+    dlogits[torch.arange(rows), target] -= 1
+    dlogits *= coef[:, None].double()
+    _assert_close_fp32(logits, dlogits, "dlogits")
+
+    matmul(logits, weight, grad_hidden, accumulate=False, config=configs.matmul)
+    _assert_close_fp32(grad_hidden, dlogits @ weight.double(), "grad_hidden")
+    grad_weight = torch.zeros(vocab, H)
+    matmul(logits.T, hidden, grad_weight, accumulate=True, config=configs.matmul_accumulate)
+    _assert_close_fp32(grad_weight, dlogits.T @ hidden.double(), "grad_weight")
