@@ -112,7 +112,8 @@ def _make_compiled(device: str):
     # One graph per workload shape; recompiles are expected, so raise dynamo's limit instead of falling back.
     import torch._dynamo
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
     return torch.compile(eager_loss, dynamic=False)
 
 
