@@ -47,3 +47,20 @@ def test_large_offsets_are_64_bit(compiled):
     for row in compiled:
         if row["name"].startswith(("vocab_partials", "matmul", "softmax_grad")):
             assert row["wide_offsets"], f"{row['name']}: no 64-bit offset arithmetic"
+
+
+# 32-bit products of two run-time values that may be widened into an offset: each is bounded far below 2**31.
+SMALL_PRODUCTS = {
+    "program_id(1)*tiles_per_split",  # vocab_partials' first vocabulary tile: <= cdiv(V, BLOCK_SIZE_N)
+}
+
+
+def test_large_products_are_never_32_bit(compiled):
+    """The specific products that can pass 2**31 (row * row stride: rows * H, V * H, rows * V; split * M) are
+    64-bit: no 32-bit multiply in any kernel's PTX takes a stride or M as an operand, and every 32-bit product
+    of two run-time values that is widened into a 64-bit offset is one known to be small."""
+    for row in compiled:
+        where = f"{row['name']} on sm_{row['capability']}"
+        assert not row["large_narrow"], f"{where}: 32-bit multiply of a large operand: {row['large_narrow']}"
+        unexpected = set(row["widened_narrow"]) - SMALL_PRODUCTS
+        assert not unexpected, f"{where}: 32-bit products widened into offsets: {sorted(unexpected)}"
