@@ -163,26 +163,31 @@ _GEMM_FIELDS = _TILE_FIELDS + ("group_m",)
 
 def candidate_jobs(capability: int) -> list[Job]:
     """Candidate configs of the families whose config choice matters, on representative specialisations: plain
-    (no bias, no variant flags) and the heaviest (bias and every loss-variant flag on: most registers)."""
+    (no bias, no variant flags) and the heaviest (bias and every loss-variant flag on: most registers).
+    A candidate is marked shipped when it equals the config of the shipped specialisation of the same name on
+    this target (configs may differ per loss variant, e.g. a narrower vocabulary tile for the heaviest)."""
     import torch
 
     from fused_wce.kernels import compile_specs as cs
     from fused_wce.kernels.configs import gpu_configs
 
+    shipped_by_name = {spec.name: spec for spec in cs.shipped_specs(capability)}
     all_flags = getattr(cs, "ALL_FLAGS", None)
     heaviest = {} if all_flags is None else {"flags": all_flags}
     candidates = candidate_configs()
     jobs: list[Job] = []
 
-    def add(spec, shipped_config, fields):
-        jobs.append(Job(capability, spec, family_of(spec.name), _same(spec.config, shipped_config, fields),
-                        "candidate"))
+    def add(spec, fallback_config, fields):
+        shipped_spec = shipped_by_name.get(spec.name)
+        reference = shipped_spec.config if shipped_spec is not None else fallback_config
+        same = _same(spec.config, reference, fields)
+        if shipped_spec is not None and "BLOCK_SIZE_N" in spec.constexprs:
+            same = same and spec.constexprs["BLOCK_SIZE_N"] == shipped_spec.constexprs.get("BLOCK_SIZE_N")
+        jobs.append(Job(capability, spec, family_of(spec.name), same, "candidate"))
 
     for dtype, suffix in ((torch.bfloat16, ""), (torch.float32, "_fp32")):
         shipped = gpu_configs(capability, dtype)
         tile_configs = candidates["vocab_partials" + suffix]
-        if shipped.vocab_partials not in tile_configs:
-            tile_configs = [shipped.vocab_partials, *tile_configs]
         for config in tile_configs:
             add(cs.vocab_partials_spec(dtype, store_logits=True, has_bias=False, config=config),
                 shipped.vocab_partials, _TILE_FIELDS)
@@ -191,16 +196,17 @@ def candidate_jobs(capability: int) -> list[Job]:
             if dtype == torch.bfloat16:
                 add(cs.vocab_partials_spec(dtype, store_logits=True, has_bias=True, config=config, **heaviest),
                     shipped.vocab_partials, _TILE_FIELDS)
-        gemm_configs = candidates["matmul" + suffix]
-        for config in gemm_configs:
+        for config in candidates["matmul" + suffix]:
             add(cs.matmul_spec(dtype, transposed_a=False, accumulate=False, config=config), shipped.matmul,
                 _GEMM_FIELDS)
             add(cs.matmul_spec(dtype, transposed_a=True, accumulate=True, config=config),
                 shipped.matmul_accumulate, _GEMM_FIELDS)
     bf16 = gpu_configs(capability, torch.bfloat16)
+    probe = cs.softmax_grad_spec(torch.bfloat16, bf16.softmax_grad, bf16.vocab_partials.block_n, **heaviest)
+    shipped_softmax = shipped_by_name.get(probe.name, probe)
     for config in candidates["softmax_grad"]:
-        add(cs.softmax_grad_spec(torch.bfloat16, config, bf16.vocab_partials.block_n, **heaviest), bf16.softmax_grad,
-            ("block_m", "num_warps"))
+        add(cs.softmax_grad_spec(torch.bfloat16, config, shipped_softmax.constexprs["BLOCK_SIZE_N"], **heaviest),
+            bf16.softmax_grad, ("block_m", "num_warps"))
     for config in candidates["combine"]:
         add(cs.combine_spec(config), bf16.combine, ("block_m", "block_s", "num_warps"))
     return jobs
