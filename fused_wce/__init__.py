@@ -4,13 +4,14 @@
 ``hidden @ weight.T`` without allocating the ``[N, V]`` logits: Triton kernels on CUDA, a chunked PyTorch path
 on CPU, both implementing :mod:`fused_wce.loss_math`.
 """
-from ._passes import DEFAULT_CHUNK_BUDGET_BYTES
+from ._passes import CPU_CHUNK_BUDGET_BYTES, DEFAULT_CHUNK_BUDGET_BYTES
 from .functional import linear_cross_entropy
 from .module import LinearCrossEntropy
 from .reference import reference_linear_cross_entropy
 from .types import LossOutput
 
 __all__ = [
+    "CPU_CHUNK_BUDGET_BYTES",
     "DEFAULT_CHUNK_BUDGET_BYTES",
     "LinearCrossEntropy",
     "LossOutput",

@@ -8,9 +8,12 @@ import torch
 from .loss_math import PLAIN, LossVariant, TokenStats
 
 # Memory budget of a pass's [chunk, V] temporaries: chunk_size = budget // (V * bytes per logit row element).
-# 256 MiB keeps Llama-3's V=128256 at 1024 bf16 rows per chunk (enough rows for the GEMMs to run at full rate)
-# while staying far below the N * V logits the pass replaces (16384 tokens: 4 GiB in bf16).
+# On a GPU, 256 MiB keeps Llama-3's V=128256 at 1024 bf16 rows per chunk (enough rows for the grad_hidden GEMM
+# to fill the machine) while staying far below the N * V logits the pass replaces (16384 tokens: 4 GiB in bf16).
 DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
+# CPU GEMMs reach their rate with ~100 rows, and host memory is what CPU users run out of (docs/design.md has
+# the measured peak RSS per budget).
+CPU_CHUNK_BUDGET_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -70,12 +73,17 @@ def allocate_gradients(request: PassRequest) -> PassResult:
     )
 
 
-def chunk_rows(request: PassRequest, bytes_per_element: int, multiple: int = 1) -> int:
-    """Tokens per chunk: the request's, or the budget's, rounded down to ``multiple``, at least 1."""
+def chunk_rows(request: PassRequest, bytes_per_element: int, multiple: int = 1, *, cpu_budget: bool = False) -> int:
+    """Tokens per chunk: the request's, or the budget's, rounded down to ``multiple``, at least 1.
+
+    The budget is ``DEFAULT_CHUNK_BUDGET_BYTES`` for the Triton path (GPU, or its interpreter) and
+    ``CPU_CHUNK_BUDGET_BYTES`` for the PyTorch path on CPU tensors.
+    """
     if request.chunk_size is not None:
         return request.chunk_size
     vocab_size = request.weight.shape[0]
-    rows = DEFAULT_CHUNK_BUDGET_BYTES // (vocab_size * bytes_per_element)
+    budget = CPU_CHUNK_BUDGET_BYTES if cpu_budget else DEFAULT_CHUNK_BUDGET_BYTES
+    rows = budget // (vocab_size * bytes_per_element)
     if rows >= multiple:
         rows -= rows % multiple
     return max(1, rows)

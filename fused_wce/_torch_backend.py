@@ -30,7 +30,7 @@ def run_pass(request: PassRequest) -> PassResult:
                                 for _ in range(3))
     is_top1 = _passes.uninitialized(num_tokens, dtype=torch.bool, device=device)
     z_term = _passes.uninitialized(num_tokens, dtype=torch.float32, device=device) if variant.z_loss else None
-    rows = chunk_rows(request, _BYTES_PER_LOGIT)
+    rows = chunk_rows(request, _BYTES_PER_LOGIT, cpu_budget=device.type == "cpu")
 
     for start in range(0, num_tokens, rows):
         end = min(start + rows, num_tokens)
@@ -57,6 +57,7 @@ def run_pass(request: PassRequest) -> PassResult:
         if z_term is not None:
             z_term[start:end] = chunk_stats.z_term
         if chunk_coef is None:
+            del logits, exp_shifted
             continue
         dlogits = softmax_grad_(exp_shifted, logits if variant.has_softcap else None, summary[0], summary[1],
                                 chunk_stats.lse, target_chunk, chunk_coef, variant)
@@ -67,6 +68,7 @@ def run_pass(request: PassRequest) -> PassResult:
             result.grad_weight.addmm_(dlogits.T, hidden_chunk)
         if result.grad_bias is not None:
             result.grad_bias += dlogits.sum(0)
+        del dlogits, exp_shifted  # free this chunk's block before the next one is allocated
 
     result.stats = TokenStats(token_loss, lse, entropy, is_top1, z_term)
     return result

@@ -28,7 +28,8 @@ def _summaries(num_splits: int, num_tokens: int, count: int, device) -> tuple[to
 
 
 def run_pass(request: PassRequest) -> PassResult:
-    hidden, bias, target, variant = request.hidden, request.bias, request.target, request.variant
+    hidden, target, variant = request.hidden, request.target, request.variant
+    bias = None if request.bias is None else request.bias.contiguous()  # the kernel reads it with unit stride
     # The vocabulary-tile kernel reads rows of H with unit stride (vectorised loads); a transposed or sliced
     # weight is copied once (O(V * H)).
     weight = request.weight if request.weight.stride(1) == 1 else request.weight.contiguous()

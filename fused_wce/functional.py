@@ -66,8 +66,10 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         elif normalizer is not None:
             denominator = torch.as_tensor(normalizer, dtype=torch.float32, device=device)
         elif options.reduction == "mean":
-            # max(sum, tiny): with nothing counted the numerator is 0 and so is the loss, never 0/0.
-            denominator = counted_weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
+            # In float64 so that tiny (even subnormal) weights still normalise exactly; with nothing counted the
+            # numerator is 0, and so is the loss (divided by 1, never 0/0).
+            total = counted_weight.double().sum()
+            denominator = torch.where(total > 0, total, torch.ones_like(total))
         else:
             denominator = torch.ones((), dtype=torch.float32, device=device)
 
@@ -78,7 +80,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             weight=weight,
             bias=bias,
             target=target.index_select(0, index).long(),
-            coef=counted_weight / denominator if grads_in_forward else None,
+            coef=(counted_weight / denominator).float() if grads_in_forward else None,
             need_grad_hidden=need_hidden,
             need_grad_weight=need_weight,
             need_grad_bias=need_bias,
@@ -88,11 +90,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         backend = _backend_module(options, device)
         result = backend.run_pass(request) if counted.n_counted else _empty_result(request)
 
-        weighted_loss = counted_weight * result.stats.token_loss
         if denominator is None:
-            loss = _scatter_rows(weighted_loss, index, num_tokens)
+            loss = _scatter_rows(counted_weight * result.stats.token_loss, index, num_tokens)
         else:
-            loss = weighted_loss.sum() / denominator
+            weighted_sum = (counted_weight.double() * result.stats.token_loss.double()).sum()
+            loss = (weighted_sum / denominator).float()
 
         ctx.options = options
         ctx.shapes = (num_tokens, hidden.dtype, weight.dtype)
@@ -192,7 +194,8 @@ def linear_cross_entropy(
             ``w_i l_i`` shaped like target. Sums run over counted tokens (target != ignore_index and w_i > 0).
         normalizer: float or 0-d tensor, finite and > 0; if given, the loss is ``sum(w_i l_i) / normalizer``
             (how a trainer normalises over gradient accumulation and ranks).
-        chunk_size: counted tokens per chunk; None picks it from ``DEFAULT_CHUNK_BUDGET_BYTES``.
+        chunk_size: counted tokens per chunk; None picks it from ``DEFAULT_CHUNK_BUDGET_BYTES`` (256 MiB of
+            ``[chunk, V]`` temporaries; ``CPU_CHUNK_BUDGET_BYTES``, 32 MiB, for the PyTorch path on CPU).
         return_stats: also return per-token lse, entropy, is_top1 and the unweighted loss (:class:`LossOutput`).
         backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch otherwise), ``"triton"`` or ``"torch"``.
         label_smoothing: in [0, 1), as ``F.cross_entropy`` defines it.

@@ -107,7 +107,9 @@ def tile_summary_(logits: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tenso
     probabilities that :func:`softmax_grad_` turns into ``dlogits``; two ``[M, T]`` buffers in all.
     """
     row_max = logits.amax(dim=-1)
-    shifted = logits.sub_(row_max[:, None])
+    # A -inf logit (a banned token) has p = 0 and adds nothing; clamping it to the lowest finite float keeps
+    # exp(z - m) (z - m) at 0 instead of 0 * -inf = NaN. NaN stays NaN.
+    shifted = logits.sub_(row_max[:, None]).clamp_(min=torch.finfo(logits.dtype).min)
     exp_shifted = shifted.exp()
     sum_exp = exp_shifted.sum(-1)
     # sum_v exp(z - m) (z - m) as a batched dot product: no third [M, T] temporary.

@@ -47,7 +47,9 @@ def reference_linear_cross_entropy(
 
     log_probs = logits.log_softmax(-1)
     target_log_prob = log_probs.gather(-1, safe_target[..., None]).squeeze(-1)
-    token_loss = -(1.0 - label_smoothing) * target_log_prob - label_smoothing * log_probs.mean(-1)
+    token_loss = -target_log_prob
+    if label_smoothing:  # (not 0 * mean, which is NaN when a logit is -inf)
+        token_loss = (1.0 - label_smoothing) * token_loss - label_smoothing * log_probs.mean(-1)
     lse = torch.logsumexp(logits, -1)
     z_term = z_loss * lse.square()
     token_loss = token_loss + z_term

@@ -135,6 +135,7 @@ def test_every_option_stays_within_the_budget(path, dtype, option, monkeypatch):
     # the default chunk size from a (small) budget: 16 rows of fp32 CPU blocks, 32 rows of interpreter bf16
     budget = 16 * vocab_size * 8
     monkeypatch.setattr(passes, "DEFAULT_CHUNK_BUDGET_BYTES", budget)
+    monkeypatch.setattr(passes, "CPU_CHUNK_BUDGET_BYTES", budget)
     b = torch.tensor([], dtype=dtype).element_size()
     chunk = budget // (vocab_size * (8 if path[1] == "torch" else b))
     if path[1] == "triton":

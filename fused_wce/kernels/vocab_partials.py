@@ -108,7 +108,7 @@ def vocab_partials_kernel(
         exp_shifted = tl.exp(shifted)
         scale = tl.exp(running_max - new_max)
         running_sumexp_shifted = scale * (running_sumexp_shifted + (running_max - new_max) * running_sumexp) \
-            + tl.sum(exp_shifted * tl.where(col_mask[None, :], shifted, 0.0), axis=1)
+            + tl.sum(tl.where(exp_shifted > 0.0, exp_shifted * shifted, 0.0), axis=1)  # -inf z: p = 0, not NaN
         running_sumexp = scale * running_sumexp + tl.sum(exp_shifted, axis=1)
         running_max = new_max
 
