@@ -1,6 +1,6 @@
 """Robustness: every way an argument can be wrong has a documented outcome, and nothing is silently wrong.
 
-``CASES`` is the bad-input matrix of docs/robustness.md (``python tests/test_robustness.py`` prints it as
+``CASES`` is the bad-input matrix of README.md (``python tests/test_robustness.py`` prints it as
 markdown; a test checks the document holds every row). Each case is run on every path: a wrong argument must
 raise a TypeError/ValueError naming it *before any pass runs*; an unusual but valid one must give the float64
 reference's loss and gradients (finite), or the documented defined result (a 0.0 loss connected to the graph,
@@ -415,11 +415,11 @@ def _assert_close_fp32(actual, expected, name):
     assert error <= 2e-5 * scale, f"{name}: max error {error:.3g} > {2e-5 * scale:.3g}"
 
 
-def test_docs_hold_the_matrix():
-    """docs/robustness.md carries this table verbatim (regenerate it with `python tests/test_robustness.py`)."""
-    text = (Path(__file__).parents[1] / "docs" / "robustness.md").read_text()
+def test_readme_holds_the_matrix():
+    """README.md carries this table verbatim (regenerate it with `python tests/test_robustness.py`)."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
     missing = [line for line in markdown_table().splitlines() if line not in text]
-    assert not missing, "docs/robustness.md is missing rows:\n" + "\n".join(missing)
+    assert not missing, "README.md is missing rows:\n" + "\n".join(missing)
 
 
 # ---- non-finite inputs in detail ------------------------------------------------------------------------------
