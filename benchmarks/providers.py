@@ -11,6 +11,15 @@ Each provider computes the same quantity, the weighted mean ``sum(w_i l_i) / sum
   with weight 1 (its loss is the plain mean over counted tokens), and is checked against a reference with
   uniform weights. The FLOPs are the same, so the timing comparison holds; the tables say so.
 
+Loss variants (``benchmarks.workloads.VARIANTS``: label smoothing, z-loss, softcap, logit scale, DFT) are given as
+fused_wce's keywords. ``variant_support(keywords)`` says whether a provider computes that exact loss natively (None)
+or why not (the row is then skipped with that reason): fused_wce and torch eager / torch.compile express every
+variant; torch's chunked op none (it takes ``label_smoothing`` but then ignores ``options`` and materialises the
+logits, so it would not be the chunked algorithm); TRL's fused head softcap and logit scale (its kernel's arguments) and
+DFT (TRL's ``loss_type="dft"`` multiplies its per-token log-probabilities by their detached exponential); Liger label
+smoothing, z-loss (``lse_square_scale``), softcap and DFT (``use_token_scaling``, in recent releases); Cut
+Cross-Entropy softcap.
+
 Peers are imported lazily: a provider whose package is missing, or that does not run on the device, is skipped
 with the reason printed and recorded. Only fused_wce's public API is used.
 """
@@ -30,9 +39,10 @@ IGNORE_INDEX = -100
 class Provider:
     """A named way to compute the loss.
 
-    ``make(device)`` returns a callable ``loss_fn(hidden, weight, target, token_weight) -> 0-d loss`` (it may import
-    and compile lazily) or raises :class:`Unavailable`. ``exact``: computes every gradient term (no approximate
-    filtering), so it may be the "fastest exact peer" of the targets.
+    ``make(device, keywords)`` returns a callable ``loss_fn(hidden, weight, target, token_weight) -> 0-d loss`` for
+    the loss variant ``keywords`` (fused_wce's keyword arguments, ``{}`` for the plain loss; it may import and compile
+    lazily) or raises :class:`Unavailable`. ``variants``: the keywords it expresses natively (``"*"``: all).
+    ``exact``: computes every gradient term (no approximate filtering), so it may be the "fastest exact peer".
     """
 
     name: str
@@ -40,8 +50,21 @@ class Provider:
     weights_support: str
     exact: bool
     devices: tuple[str, ...]
-    make: Callable[[str], Callable]
+    make: Callable[..., Callable]
     is_fused_wce: bool = False
+    variants: tuple[str, ...] = ("*",)
+    variant_note: str = ""  # why the others are missing, when the provider's API has a subtlety
+
+    def variant_support(self, keywords: dict) -> str | None:
+        """None when this provider computes the loss variant ``keywords`` exactly, else the reason it cannot."""
+        if "*" in self.variants:
+            return None
+        missing = sorted(key for key in keywords if key not in self.variants)
+        if not missing:
+            return None
+        supported = ", ".join(self.variants) if self.variants else "no loss variant"
+        note = f"; {self.variant_note}" if self.variant_note else ""
+        return f"cannot express {', '.join(missing)} (supports {supported}{note})"
 
     def unavailable_reason(self, device: str) -> str | None:
         if device not in self.devices:
@@ -80,11 +103,12 @@ def weighted_mean(per_token: torch.Tensor, token_weight: torch.Tensor) -> torch.
 
 # --- fused_wce ---------------------------------------------------------------------------------------------------
 def _make_fused_wce(backend: str):
-    def make(device: str):
+    def make(device: str, keywords: dict | None = None):
         fused_wce = _import("fused_wce", "fused_wce")
+        variant = dict(keywords or {})
 
         def loss_fn(hidden, weight, target, token_weight):
-            return fused_wce.linear_cross_entropy(hidden, weight, target, token_weight, backend=backend)
+            return fused_wce.linear_cross_entropy(hidden, weight, target, token_weight, backend=backend, **variant)
 
         return loss_fn
 
@@ -100,11 +124,48 @@ def eager_loss(hidden, weight, target, token_weight):
     return weighted_mean(per_token, token_weight)
 
 
-def _make_eager(device: str):
-    return eager_loss
+def make_eager_loss(keywords: dict | None = None) -> Callable:
+    """The eager loss with a loss variant, written as a user would on materialised fp32 logits.
+
+    ``z = softcap * tanh(logit_scale * logits / softcap)`` (as Gemma-2's and Cohere's modelling code do), then
+    ``F.cross_entropy(z, label_smoothing=eps)``, plus ``z_loss * logsumexp(z)**2``, times ``exp(z_t - lse)``
+    detached with DFT (as TRL's ``dft_loss``). The plain loss is :func:`eager_loss` itself.
+    """
+    keywords = dict(keywords or {})
+    if not keywords:
+        return eager_loss
+    scale = keywords.get("logit_scale", 1.0)
+    cap = keywords.get("softcap")
+    smoothing = keywords.get("label_smoothing", 0.0)
+    z_loss = keywords.get("z_loss", 0.0)
+    dft = keywords.get("dft", False)
+
+    def loss_fn(hidden, weight, target, token_weight):
+        logits = F.linear(hidden, weight).float()
+        if scale != 1.0:
+            logits = logits * scale
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        per_token = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none",
+                                    label_smoothing=smoothing)
+        if z_loss or dft:
+            lse = torch.logsumexp(logits, dim=-1)
+        if z_loss:
+            per_token = per_token + z_loss * lse.square()  # ignored tokens have weight 0 in weighted_mean
+        if dft:
+            safe_target = torch.where(target == IGNORE_INDEX, 0, target)
+            target_logit = logits.gather(1, safe_target[:, None]).squeeze(1)
+            per_token = per_token * torch.exp(target_logit - lse).detach()
+        return weighted_mean(per_token, token_weight)
+
+    return loss_fn
 
 
-def _make_compiled(device: str):
+def _make_eager(device: str, keywords: dict | None = None):
+    return make_eager_loss(keywords)
+
+
+def _make_compiled(device: str, keywords: dict | None = None):
     if not hasattr(torch, "compile"):
         raise Unavailable("torch.compile not available")
     if device == "cuda":
@@ -114,11 +175,11 @@ def _make_compiled(device: str):
 
     name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    return torch.compile(eager_loss, dynamic=False)
+    return torch.compile(make_eager_loss(keywords), dynamic=False)
 
 
 # --- torch 2.13's chunked F.linear_cross_entropy ---------------------------------------------------------------
-def _make_torch_chunked(device: str):
+def _make_torch_chunked(device: str, keywords: dict | None = None):
     if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
         raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy / LinearCrossEntropyOptions")
     options = torch.nn.LinearCrossEntropyOptions()
@@ -137,7 +198,11 @@ TRL_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 
 TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what SFTTrainer requests
 
 
-def _make_trl(device: str):
+def _make_trl(device: str, keywords: dict | None = None):
+    keywords = keywords or {}
+    softcap = keywords.get("softcap")  # TRL passes the model's final_logit_softcapping
+    logit_scale = keywords.get("logit_scale", 1.0)  # and its logit_scale attribute (applied before the softcap)
+    dft = keywords.get("dft", False)  # SFTConfig(loss_type="dft"): -log_probs * exp(log_probs).detach()
     module = _import("trl.kernels.chunked_logprob", "trl (trl.kernels.chunked_logprob)")
     function = getattr(module, "ChunkedLogProbFunction", None)
     if function is None:
@@ -148,15 +213,17 @@ def _make_trl(device: str):
     def loss_fn(hidden, weight, target, token_weight):
         # As TRL's add_fused_lm_head does on CUDA: only labelled rows go to the kernel.
         mask = target != IGNORE_INDEX
-        log_probs = function.apply(hidden[mask], weight, None, target[mask], 1.0, chunk, None, 1.0, TRL_OUTPUTS)[0]
-        return -(log_probs * token_weight[mask]).sum() / token_weight.sum()
+        log_probs = function.apply(hidden[mask], weight, None, target[mask], 1.0, chunk, softcap, logit_scale,
+                                   TRL_OUTPUTS)[0]
+        per_token = -log_probs * log_probs.detach().exp() if dft else -log_probs
+        return (per_token * token_weight[mask]).sum() / token_weight.sum()
 
     return loss_fn
 
 
 # --- Liger-Kernel --------------------------------------------------------------------------------------------------
 def _make_liger(accum_dtype):
-    def make(device: str):
+    def make(device: str, keywords: dict | None = None):
         if device != "cuda":
             raise Unavailable("Liger-Kernel runs on CUDA only")
         module = _import("liger_kernel.transformers", "liger_kernel")
@@ -164,6 +231,12 @@ def _make_liger(accum_dtype):
         kwargs = {"ignore_index": IGNORE_INDEX, "reduction": "mean"}
         if accum_dtype is not None:
             kwargs["accum_dtype"] = accum_dtype
+        keywords = keywords or {}
+        # Liger's names: z-loss is lse_square_scale (lse**2 added to each token's loss), DFT is use_token_scaling
+        # (each token's loss times its detached p(target)); smoothing and softcap as fused_wce defines them.
+        for ours, theirs in LIGER_KEYWORDS.items():
+            if ours in keywords:
+                kwargs[theirs] = keywords[ours]
         try:
             criterion = loss_class(**kwargs)
         except TypeError as error:
@@ -179,7 +252,7 @@ def _make_liger(accum_dtype):
 
 # --- Cut Cross-Entropy ---------------------------------------------------------------------------------------------
 def _make_cce(exact: bool):
-    def make(device: str):
+    def make(device: str, keywords: dict | None = None):
         if device != "cuda":
             raise Unavailable("Cut Cross-Entropy's cce kernels run on CUDA only")
         module = _import("cut_cross_entropy", "cut_cross_entropy")
@@ -190,6 +263,8 @@ def _make_cce(exact: bool):
             kwargs = {"impl": "cce_exact"}
         else:  # releases before the presets: exact = cce without gradient filtering
             kwargs = {"impl": "cce", "filter_eps": None}
+        if (keywords or {}).get("softcap") is not None:
+            kwargs["softcap"] = keywords["softcap"]  # softcap * tanh(logits / softcap), as fused_wce
 
         def loss_fn(hidden, weight, target, token_weight):
             return module.linear_cross_entropy(hidden, weight, target, ignore_index=IGNORE_INDEX, reduction="mean",
@@ -216,6 +291,9 @@ def _cce_impl_names() -> set[str]:
     return names
 
 
+LIGER_KEYWORDS = {"label_smoothing": "label_smoothing", "z_loss": "lse_square_scale", "softcap": "softcap",
+                  "dft": "use_token_scaling"}
+
 PROVIDERS = [
     Provider("fused_wce", "fused_wce.linear_cross_entropy (Triton on CUDA, chunked PyTorch on CPU)", "in kernel",
              True, ("cuda", "cpu"), _make_fused_wce("auto"), is_fused_wce=True),
@@ -226,17 +304,19 @@ PROVIDERS = [
     Provider("torch_compile", "the same under torch.compile(dynamic=False)", "per-token loss",
              True, ("cuda", "cpu"), _make_compiled),
     Provider("torch_chunked", "torch F.linear_cross_entropy(options=LinearCrossEntropyOptions())", "per-token loss",
-             True, ("cuda", "cpu"), _make_torch_chunked),
+             True, ("cuda", "cpu"), _make_torch_chunked, variants=(),
+             variant_note="its label_smoothing leaves the chunked path for materialised logits, warning "
+                          "'options ignored'"),
     Provider("trl_chunked", "TRL 1.16 fused LM head: trl.kernels.chunked_logprob.ChunkedLogProbFunction",
-             "per-token loss", True, ("cuda", "cpu"), _make_trl),
+             "per-token loss", True, ("cuda", "cpu"), _make_trl, variants=("softcap", "logit_scale", "dft")),
     Provider("liger", "Liger-Kernel LigerFusedLinearCrossEntropyLoss (default accumulation)", "uniform",
-             True, ("cuda",), _make_liger(None)),
+             True, ("cuda",), _make_liger(None), variants=tuple(LIGER_KEYWORDS)),
     Provider("liger_fp32acc", "Liger-Kernel LigerFusedLinearCrossEntropyLoss(accum_dtype=float32)", "uniform",
-             True, ("cuda",), _make_liger(torch.float32)),
+             True, ("cuda",), _make_liger(torch.float32), variants=tuple(LIGER_KEYWORDS)),
     Provider("cce", "Cut Cross-Entropy impl='cce' (filtered, approximate gradients)", "uniform",
-             False, ("cuda",), _make_cce(exact=False)),
+             False, ("cuda",), _make_cce(exact=False), variants=("softcap",)),
     Provider("cce_exact", "Cut Cross-Entropy impl='cce_exact' (no gradient filtering)", "uniform",
-             True, ("cuda",), _make_cce(exact=True)),
+             True, ("cuda",), _make_cce(exact=True), variants=("softcap",)),
 ]
 PROVIDERS_BY_NAME = {provider.name: provider for provider in PROVIDERS}
 PEER_DISTRIBUTIONS = ("torch", "triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy", "fused-wce")

@@ -4,7 +4,12 @@ For a ``16384 x 128256`` problem the float64 reference of ``fused_wce.reference_
 materialise 16 GiB of logits plus as much again for autograd; this computes the same quantity in true fp32 (TF32
 off), chunk by chunk over the counted tokens, with the gradient written out explicitly:
 ``dL/dz_i = (w_i / sum w) (softmax(z_i) - onehot(t_i))``, ``dH_i = dz_i W`` and ``dW = sum_i dz_i^T h_i``.
-The smoke test checks it against ``fused_wce.reference_linear_cross_entropy`` (float64).
+
+Loss variants (fused_wce's keywords) are computed the same way, from the transformed logits
+``z = c tanh(s u / c)`` of the raw logits ``u = h W^T`` (softcap ``c``, logit scale ``s``): the per-token loss
+``l = (1 - eps) (lse - z_t) + eps (lse - mean_v z) + lam lse^2``, times ``f = sg(exp(z_t - lse))`` with DFT, and
+``dL/du = (w f / sum w) (p (1 + 2 lam lse) - (1 - eps) onehot(t) - eps / V) (1 - (z / c)^2) s``.
+The smoke test checks it against ``fused_wce.reference_linear_cross_entropy`` (float64) for every variant.
 """
 from __future__ import annotations
 
@@ -42,12 +47,16 @@ def full_fp32_matmul():
 
 @torch.no_grad()
 def fp32_reference(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, token_weight: torch.Tensor,
-                   need_grad_weight: bool = True, chunk_bytes: int = CHUNK_BYTES) -> Reference:
-    """Weighted mean cross-entropy of ``hidden @ weight.T`` and its gradients, in fp32.
+                   need_grad_weight: bool = True, chunk_bytes: int = CHUNK_BYTES, *, label_smoothing: float = 0.0,
+                   z_loss: float = 0.0, softcap: float | None = None, logit_scale: float = 1.0,
+                   dft: bool = False) -> Reference:
+    """Weighted mean cross-entropy of ``hidden @ weight.T`` (with a loss variant) and its gradients, in fp32.
 
     hidden ``[N, H]``, weight ``[V, H]`` (any float dtype; upcast), target ``[N]`` int64, token_weight ``[N]``
-    float32 (tokens count where target != IGNORE_INDEX and weight > 0).
+    float32 (tokens count where target != IGNORE_INDEX and weight > 0). The variant keywords are
+    fused_wce.linear_cross_entropy's. With a softcap each chunk holds two ``[rows, V]`` fp32 blocks, else one.
     """
+    plain = not (label_smoothing or z_loss or softcap is not None or logit_scale != 1.0 or dft)
     vocab = weight.shape[0]
     weight32 = weight.float()
     counted = (target != IGNORE_INDEX) & (token_weight > 0)
@@ -64,16 +73,56 @@ def fp32_reference(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Ten
             t = target.index_select(0, rows)
             w = token_weight.index_select(0, rows)
             logits = h @ weight32.T
-            lse = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, t[:, None]).squeeze(1)
-            loss_sum += (w.double() * (lse - target_logit).double()).sum()
-            grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            grad_logits[torch.arange(rows.numel(), device=rows.device), t] -= 1.0
-            grad_logits.mul_((w / total_weight.float())[:, None])
+            if plain:
+                lse = torch.logsumexp(logits, dim=-1)
+                target_logit = logits.gather(1, t[:, None]).squeeze(1)
+                loss_sum += (w.double() * (lse - target_logit).double()).sum()
+                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                grad_logits[torch.arange(rows.numel(), device=rows.device), t] -= 1.0
+                grad_logits.mul_((w / total_weight.float())[:, None])
+            else:
+                grad_logits, token_loss = _variant_chunk(logits, t, label_smoothing, z_loss, softcap, logit_scale, dft)
+                loss_sum += (w.double() * token_loss).sum()
+                grad_logits.mul_((w / total_weight.float())[:, None])
             grad_hidden.index_copy_(0, rows, grad_logits @ weight32)
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.T, h)
     return Reference(loss=loss_sum / total_weight, grad_hidden=grad_hidden, grad_weight=grad_weight)
+
+
+def _variant_chunk(logits, t, label_smoothing, z_loss, softcap, logit_scale, dft):
+    """One chunk of a loss variant: (``dl/du`` per row, unweighted, in place of ``logits``; float64 ``[rows]`` loss,
+    DFT factor included). ``logits`` ``[rows, V]`` fp32 are the raw ``u = h W^T``."""
+    rows, vocab = logits.shape
+    z = logits.mul_(logit_scale) if logit_scale != 1.0 else logits
+    softcap_slope = None
+    if softcap is not None:
+        z = z.div_(softcap).tanh_()
+        softcap_slope = 1.0 - z.square()  # d(c tanh(a / c)) / da = 1 - tanh^2, a second [rows, V] block
+        z = z.mul_(softcap)
+    lse = torch.logsumexp(z, dim=-1)
+    target_logit = z.gather(1, t[:, None]).squeeze(1)
+    token_loss = (lse - target_logit).double()
+    if label_smoothing:
+        token_loss = (1.0 - label_smoothing) * token_loss + label_smoothing * (lse.double() - z.double().mean(-1))
+    if z_loss:
+        token_loss = token_loss + z_loss * lse.double().square()
+    factor = torch.exp(target_logit - lse) if dft else None
+    if factor is not None:
+        token_loss = token_loss * factor.double()
+    grad = z.sub_(lse[:, None]).exp_()  # softmax, in place
+    if z_loss:
+        grad.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+    if label_smoothing:
+        grad.sub_(label_smoothing / vocab)
+    grad[torch.arange(rows, device=t.device), t] -= 1.0 - label_smoothing
+    if factor is not None:
+        grad.mul_(factor[:, None])
+    if softcap_slope is not None:
+        grad.mul_(softcap_slope)
+    if logit_scale != 1.0:
+        grad.mul_(logit_scale)
+    return grad, token_loss
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:

@@ -28,7 +28,8 @@ def flatten(row: dict, environment: dict, gemm_tflops: float | None) -> dict:
         flat[f"version_{distribution}"] = version
     if row.get("status") == "ok" and params and row.get("time_ms"):
         workload = Workload(SHAPES[params["shape"]], params["tokens"], params["counted_fraction"], params["dtype"],
-                            params["frozen_head"], params["weights"], params["headline"])
+                            params["frozen_head"], params["weights"], params["headline"],
+                            params.get("variant", "plain"))
         flops = workload.counted_flops(row["mode"])
         flat["counted_flops"] = flops
         flat["tflops"] = flops / (row["time_ms"] * 1e-3) / 1e12
@@ -45,7 +46,21 @@ def flatten(row: dict, environment: dict, gemm_tflops: float | None) -> dict:
 
 
 def add_relative_columns(rows: list[dict]) -> None:
-    """``time_vs_fastest_exact_peer`` / ``memory_vs_fastest_exact_peer`` for every ok row of a (workload, mode)."""
+    """``time_vs_fastest_exact_peer`` for every ok row of a (workload, mode), and for a loss-variant row
+    ``time_vs_plain`` / ``memory_vs_plain``: the same provider's time and peak on the plain loss of the same problem."""
+    plain = {}
+    for row in rows:
+        if row.get("status") == "ok" and row.get("workload") and row.get("variant", "plain") == "plain":
+            plain[(row["workload"], row["provider"], row["mode"])] = row
+    for row in rows:
+        variant = row.get("variant", "plain")
+        if row.get("status") != "ok" or variant == "plain" or not row.get("workload"):
+            continue
+        base = plain.get((row["workload"][:-len("/" + variant)], row["provider"], row["mode"]))
+        if base is not None and base.get("time_ms"):
+            row["time_vs_plain"] = row["time_ms"] / base["time_ms"]
+            if base.get("peak_memory_bytes"):
+                row["memory_vs_plain"] = row["peak_memory_bytes"] / base["peak_memory_bytes"]
     groups = {}
     for row in rows:
         if row.get("status") == "ok" and row.get("workload"):
@@ -166,6 +181,10 @@ def markdown(environment, rows, e2e_rows, checks, targets, skipped) -> str:
                  " CPU: process RSS, one process per provider and mode); TFLOP/s on counted FLOPs (6 N_valid H V for"
                  " fwd+bwd, 4 with a frozen head, 2 for forward); errors relative to the reference (loss: |d|/|ref|,"
                  " gradients: Frobenius).")
+    lines.append("- variant: the loss variant (benchmarks/workloads.py VARIANTS: label smoothing 0.1, z-loss 1e-4, "
+                 "softcap 30, logit scale 0.0625, DFT, all at once) every provider computed, checked against a "
+                 "reference of the same variant; *vs plain*: time over the same provider's plain-loss row of the same "
+                 "problem. A provider that cannot express a variant is skipped on that row with the reason.")
     lines.append("- weights: *in kernel* = per-token weights passed to the kernel; *per-token loss* = per-token "
                  "losses multiplied by the weights; *uniform* = the provider has no per-token weights and was fed "
                  "weight 1 on every counted token (compared with a uniform-weight reference).")
@@ -180,9 +199,9 @@ def markdown(environment, rows, e2e_rows, checks, targets, skipped) -> str:
     lines.append("")
     lines.append("## Loss kernels")
     lines.append("")
-    lines.append("| workload | mode | provider | weights | status | time ms (p20-p80) | vs fastest exact peer | "
-                 "peak MiB | TFLOP/s | of GEMM | loss err | dH err | dW err | accurate |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| workload | variant | mode | provider | weights | status | time ms (p20-p80) | vs fastest exact peer "
+                 "| vs plain | peak MiB | TFLOP/s | of GEMM | loss err | dH err | dW err | accurate |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         time_cell = "-"
         if row.get("time_ms") is not None:
@@ -191,8 +210,9 @@ def markdown(environment, rows, e2e_rows, checks, targets, skipped) -> str:
         if status != "ok":
             status = f"{status}: {row.get('reason', '')[:80]}"
         lines.append(
-            f"| {row.get('workload')} | {row.get('mode')} | {row.get('provider')} | {row.get('weights_used', '-')} | "
-            f"{status} | {time_cell} | {_fmt(row.get('time_vs_fastest_exact_peer'))} | "
+            f"| {row.get('workload')} | {row.get('variant', 'plain')} | {row.get('mode')} | {row.get('provider')} | "
+            f"{row.get('weights_used', '-')} | {status} | {time_cell} | {_fmt(row.get('time_vs_fastest_exact_peer'))} | "
+            f"{_fmt(row.get('time_vs_plain'))} | "
             f"{_fmt(row.get('peak_memory_mib'))} | {_fmt(row.get('tflops'))} | {_fmt(row.get('fraction_of_gemm'))} | "
             f"{_fmt(row.get('loss_rel_err'))} | {_fmt(row.get('grad_hidden_rel_err'))} | "
             f"{_fmt(row.get('grad_weight_rel_err'))} | {_fmt(row.get('accurate'))} |")
@@ -244,8 +264,8 @@ def plot(out_dir: str, rows: list[dict]) -> list[str]:
     os.makedirs(plot_dir, exist_ok=True)
     groups = {}
     for row in rows:
-        if row.get("status") != "ok" or not row.get("shape"):
-            continue
+        if row.get("status") != "ok" or not row.get("shape") or row.get("variant", "plain") != "plain":
+            continue  # loss variants are measured at one N each: their numbers are in the table
         key = (row["shape"], row["dtype"], row["counted_fraction"], row["frozen_head"], row["weights"], row["mode"])
         groups.setdefault(key, []).append(row)
     paths = []

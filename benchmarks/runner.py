@@ -13,10 +13,9 @@ import time
 from . import report
 from .providers import PEER_DISTRIBUTIONS, PROVIDERS_BY_NAME, version_of
 from .worker import ROW_PREFIX
-from .workloads import CPU_DEFAULT, CPU_SMOKE, GPU_FULL, GPU_QUICK, INTERPRETER_CHECK
+from .workloads import CPU_DEFAULT, CPU_SMOKE, GPU_FULL, GPU_QUICK, INTERPRETER_CHECK, MODES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("forward", "forward_backward")
 # Peers first and fused_wce last in each GPU worker: a kernel fault poisons the CUDA context, and the peers'
 # rows of that workload are then already recorded.
 GPU_PROVIDERS = ["torch_eager", "torch_compile", "torch_chunked", "trl_chunked", "liger", "liger_fp32acc", "cce",
@@ -25,6 +24,8 @@ CPU_PROVIDERS = ["torch_eager", "torch_chunked", "trl_chunked", "fused_wce"]
 # The timed CPU profile keeps to the issue's comparison (TRL's CPU fallback is in the smoke run and with
 # --providers), so that it stays CI-sized on 2 cores.
 CPU_TIMED_PROVIDERS = ["torch_eager", "torch_chunked", "fused_wce"]
+# The CPU loss-variant rows: fused_wce against the eager loss written with the variant (the issue's comparison).
+CPU_VARIANT_PROVIDERS = ["torch_eager", "fused_wce"]
 
 PROFILES = {
     # One H200 in under 8 minutes including start-up, compilation and warm-up: the loss tasks stop starting new
@@ -43,7 +44,7 @@ PROFILES = {
     # CPU: CI-sized (under 5 minutes on 2 cores); one process per (workload, provider, mode) so RSS is honest.
     "cpu": dict(
         device="cpu", workloads=CPU_DEFAULT, warmup=0, reps=3, rotations=2, budget_s=None,
-        providers=CPU_TIMED_PROVIDERS,
+        providers=CPU_TIMED_PROVIDERS, variant_providers=CPU_VARIANT_PROVIDERS,
         interpreter=INTERPRETER_CHECK, gemm=dict(dtype="float32", size=1024, warmup=2, reps=5),
         e2e=dict(config="cpu", dtype="float32", batch_size=2, seq_len=1024, counted_fraction=0.5, warmup=1, reps=2,
                  measure_rss=True),
@@ -171,6 +172,14 @@ class Runner:
         self.bar.close()
 
 
+def _same_inputs(a, b) -> bool:
+    """Whether two workloads draw the same inputs (they differ at most in loss variant and headline flag)."""
+    import dataclasses
+
+    return dataclasses.replace(a, variant="plain", headline=False) == dataclasses.replace(b, variant="plain",
+                                                                                          headline=False)
+
+
 def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = None, e2e: bool = True,
                 verbose: bool = False) -> dict:
     """Run a whole profile; returns the output paths and the targets."""
@@ -195,15 +204,34 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
 
     workloads = profile["workloads"]
     headline = next((w for w in workloads if w.headline), workloads[0])
-    n_modes = len(MODES)
-    total = 1 + len(workloads) * len(runnable) * n_modes + (3 if e2e else 0)
+    rows, e2e_rows, checks, failures = [], [], [], []
+
+    def providers_for(workload):
+        """The providers measured on ``workload``; those that cannot express its loss variant get a skipped row."""
+        names = runnable
+        if workload.variant != "plain" and not providers and profile.get("variant_providers"):
+            names = [n for n in runnable if n in profile["variant_providers"]]
+        measured = []
+        for name in names:
+            provider = PROVIDERS_BY_NAME[name]
+            reason = provider.variant_support(workload.loss_keywords)
+            if reason is None:
+                measured.append(name)
+                continue
+            print(f"[benchmarks] skipping {name} on {workload.name}: {reason}", flush=True)
+            rows.extend({"workload_params": workload.params(), "provider": name, "mode": mode, "device": device,
+                         "status": "skipped", "reason": reason, "weights_support": provider.weights_support,
+                         "exact": provider.exact} for mode in workload.modes)
+        return measured
+
+    plan = [(workload, providers_for(workload)) for workload in workloads]
+    total = 1 + sum(len(names) * len(workload.modes) for workload, names in plan) + (3 if e2e else 0)
     if device == "cpu":
-        total += len(workloads)  # reference tasks
+        total += sum(1 for _, names in plan if names)  # reference tasks
         total += 1 if profile.get("interpreter") else 0
     os.makedirs(out_dir, exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix="work-", dir=out_dir)
     runner = Runner(work_dir, total, verbose)
-    rows, e2e_rows, checks, failures = [], [], [], []
 
     def task_base(**extra):
         return {"device": device, "seed": 0, "deadline": deadline, **extra}
@@ -234,50 +262,65 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
             e2e_rows.extend({"kind": "e2e", "provider": p, "status": "error", "reason": error}
                             for p in E2E_PROVIDERS if p not in done)
 
-    def record_loss_rows(got, error, workload, names):
+    def record_loss_rows(got, error, batch, names):
         rows.extend(got)
         if error:
-            failures.append(f"{workload.name}: {error}")
-            done = {(r["provider"], r["mode"]) for r in got}
-            for name in names:
-                for mode in MODES:
-                    if (name, mode) not in done:
+            failures.append(f"{', '.join(w.name for w in batch)}: {error}")
+            done = {(r["workload_params"]["workload"], r["provider"], r["mode"]) for r in got}
+            for workload in batch:
+                for name in names:
+                    for mode in workload.modes:
+                        if (workload.name, name, mode) in done:
+                            continue
                         rows.append({"workload_params": workload.params(), "provider": name, "mode": mode,
                                      "device": device, "status": "crashed", "reason": error,
                                      "weights_support": PROVIDERS_BY_NAME[name].weights_support,
                                      "exact": PROVIDERS_BY_NAME[name].exact})
 
     if device == "cuda":
-        # 2. Per workload, one worker (headline first), the end-to-end row right after the headline.
-        for index, workload in enumerate(workloads):
-            names = [n for n in runnable
+        # 2. Per workload, one worker (headline first), the end-to-end row right after the headline. The loss
+        # variants of one problem share a worker (and its inputs): no CUDA start-up per variant row.
+        batches = []
+        for workload, planned in plan:
+            names = [n for n in planned
                      if not (n == "torch_compile" and profile.get("compile_only_headline") and not workload.headline)]
-            if len(names) < len(runnable):
-                runner.bar.update((len(runnable) - len(names)) * n_modes)
-            task = task_base(kind="loss", workloads=[workload.to_dict()], providers=names, modes=list(MODES),
+            runner.bar.update((len(planned) - len(names)) * len(workload.modes))
+            if not names:
+                continue
+            previous = batches[-1] if batches else None
+            if (previous and workload.variant != "plain" and previous[0][-1].variant != "plain"
+                    and previous[1] == names and _same_inputs(previous[0][-1], workload)):
+                previous[0].append(workload)
+            else:
+                batches.append(([workload], names))
+        for index, (batch, names) in enumerate(batches):
+            task = task_base(kind="loss", workloads=[w.to_dict() for w in batch], providers=names, modes=list(MODES),
                              warmup=profile["warmup"], reps=profile["reps"], rotations=profile["rotations"])
-            got, error = runner.run(task, timeout_for(3600), len(names) * n_modes)
-            record_loss_rows(got, error, workload, names)
+            expected = sum(len(names) * len(w.modes) for w in batch)
+            got, error = runner.run(task, timeout_for(3600), expected)
+            record_loss_rows(got, error, batch, names)
             if index == 0:
                 run_e2e()
     else:
         # 2. CPU: the float64 reference of each workload, then one process per (workload, provider, mode).
-        for index, workload in enumerate(workloads):
-            kinds = {"uniform" if PROVIDERS_BY_NAME[n].weights_support == "uniform" else "weighted" for n in runnable}
+        for index, (workload, names) in enumerate(plan):
+            if not names:
+                continue
+            kinds = {"uniform" if PROVIDERS_BY_NAME[n].weights_support == "uniform" else "weighted" for n in names}
             paths = {kind: os.path.join(work_dir, f"reference-{index}-{kind}.pt") for kind in sorted(kinds)}
             got, error = runner.run(task_base(kind="reference", workload=workload.to_dict(), reference_paths=paths),
                                     timeout_for(600), 1)
             if error:
                 failures.append(f"reference {workload.name}: {error}")
             if profile.get("process_per_workload"):
-                task = task_base(kind="loss", workloads=[workload.to_dict()], providers=runnable, modes=list(MODES),
-                                 warmup=profile["warmup"], reps=profile["reps"], rotations=profile["rotations"],
-                                 reference_paths=paths)
-                got, error = runner.run(task, timeout_for(900), len(runnable) * n_modes)
-                record_loss_rows(got, error, workload, runnable)
+                task = task_base(kind="loss", workloads=[workload.to_dict()], providers=names,
+                                 modes=list(workload.modes), warmup=profile["warmup"], reps=profile["reps"],
+                                 rotations=profile["rotations"], reference_paths=paths)
+                got, error = runner.run(task, timeout_for(900), len(names) * len(workload.modes))
+                record_loss_rows(got, error, [workload], names)
                 continue
-            for name in runnable:
-                for mode in MODES:
+            for name in names:
+                for mode in workload.modes:
                     task = task_base(kind="loss", workloads=[workload.to_dict()], providers=[name], modes=[mode],
                                      warmup=profile["warmup"], reps=profile["reps"], rotations=profile["rotations"],
                                      reference_paths=paths)

@@ -14,6 +14,7 @@ Task kinds:
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -66,21 +67,33 @@ def run_loss_task(task: dict) -> None:
 
     device = task["device"]
     deadline = task.get("deadline")
+    inputs, inputs_key = None, None
     for workload_dict in task["workloads"]:
         workload = Workload.from_dict(workload_dict)
-        inputs = make_inputs(workload, device, seed=task.get("seed", 0), rotations=task.get("rotations", 1))
+        modes = [mode for mode in task["modes"] if mode in workload.modes]
+        # Loss variants of one problem share its inputs (the same tensors as its plain row would draw).
+        key = dataclasses.replace(workload, variant="plain", headline=False)
+        if key != inputs_key:
+            inputs = None
+            gc.collect()
+            inputs = make_inputs(workload, device, seed=task.get("seed", 0), rotations=task.get("rotations", 1))
+            inputs_key = key
         references = {}  # "weighted" / "uniform" -> Reference (GPU: computed here; CPU: loaded after measuring)
         for name in task["providers"]:
             provider = PROVIDERS_BY_NAME[name]
             base = {"workload_params": workload.params(), "provider": name, "device": device,
                     "weights_support": provider.weights_support, "exact": provider.exact}
-            try:
-                loss_fn = provider.make(device)
-            except Unavailable as error:
-                for mode in task["modes"]:
-                    emit({**base, "mode": mode, "status": "skipped", "reason": str(error)})
+            reason = provider.variant_support(workload.loss_keywords)
+            if reason is None:
+                try:
+                    loss_fn = provider.make(device, workload.loss_keywords)
+                except Unavailable as error:
+                    reason = str(error)
+            if reason is not None:
+                for mode in modes:
+                    emit({**base, "mode": mode, "status": "skipped", "reason": reason})
                 continue
-            for mode in task["modes"]:
+            for mode in modes:
                 if deadline is not None and time.time() > deadline:
                     emit({**base, "mode": mode, "status": "skipped", "reason": "time budget of the profile spent"})
                     continue
@@ -97,7 +110,7 @@ def run_loss_task(task: dict) -> None:
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
-        del inputs, references
+        del references
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -155,7 +168,8 @@ def measure_provider(task, workload, inputs, provider, loss_fn, mode, references
         # accuracy run, then the timed repeats.
         if weights_kind not in references:
             references[weights_kind] = fp32_reference(inputs.hidden.detach(), weight.detach(), target, token_weight,
-                                                      need_grad_weight=not workload.frozen_head)
+                                                      need_grad_weight=not workload.frozen_head,
+                                                      **workload.loss_keywords)
         start = time.perf_counter()
         for i in range(task["warmup"]):
             step(i)
@@ -213,7 +227,8 @@ def _load_reference(task, weights_kind):
 
 
 def run_reference_task(task: dict) -> None:
-    """float64 reference (fused_wce.reference_linear_cross_entropy) of a CPU workload, for both weight kinds."""
+    """float64 reference (fused_wce.reference_linear_cross_entropy, with the workload's loss variant) of a CPU
+    workload, for both weight kinds."""
     import torch
 
     import fused_wce
@@ -227,7 +242,8 @@ def run_reference_task(task: dict) -> None:
         token_weight = uniform_weights(inputs.token_weight) if weights_kind == "uniform" else inputs.token_weight
         hidden = inputs.hidden.detach().clone().requires_grad_(True)
         weight = inputs.weight.detach().clone().requires_grad_(not workload.frozen_head)
-        loss = fused_wce.reference_linear_cross_entropy(hidden, weight, inputs.target, token_weight)
+        loss = fused_wce.reference_linear_cross_entropy(hidden, weight, inputs.target, token_weight,
+                                                        **workload.loss_keywords)
         loss.backward()
         torch.save({"loss": loss.detach(), "grad_hidden": hidden.grad,
                     "grad_weight": None if workload.frozen_head else weight.grad}, path)

@@ -19,6 +19,21 @@ LOGIT_STD = 2.0
 TURN_TOKENS = 512  # one prompt + answer exchange
 # Earlier turns down-weighted: the counted tokens of the first half of each 4-turn conversation get this weight.
 EARLY_TURN_WEIGHT = 0.5
+MODES = ("forward", "forward_backward")
+
+# Loss variants: name -> the keywords of fused_wce.linear_cross_entropy. The settings are the ones models ship
+# with: softcap 30 is Gemma-2's final_logit_softcapping, logit scale 0.0625 Cohere's; "all" turns every one on.
+VARIANTS = {
+    "plain": {},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-4},
+    "softcap": {"softcap": 30.0},
+    "logit_scale": {"logit_scale": 0.0625},
+    "dft": {"dft": True},
+}
+VARIANTS["all"] = {key: value for keywords in VARIANTS.values() for key, value in keywords.items()}
+# A variant row is measured forward+backward only: a variant changes the loss's epilogue, which training runs.
+VARIANT_MODES = ("forward_backward",)
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,8 @@ class Workload:
     ``weights``: ``"graded"`` (counted tokens of early turns have weight ``EARLY_TURN_WEIGHT``, later ones 1.0)
     or ``"binary"`` (every counted token has weight 1.0). ``frozen_head``: the LM head does not require grad (LoRA
     fine-tuning): only the hidden-state gradient is computed. ``headline``: the workload the targets are read from.
+    ``variant``: a key of ``VARIANTS``, the loss variant (label smoothing, z-loss, softcap, logit scale, DFT or all
+    of them) every provider computes on this workload; providers that cannot express it are skipped for it.
     """
 
     shape: Shape
@@ -61,6 +78,7 @@ class Workload:
     frozen_head: bool = False
     weights: str = "graded"
     headline: bool = False
+    variant: str = "plain"
 
     def __post_init__(self):
         if self.dtype not in ("bfloat16", "float16", "float32"):
@@ -69,6 +87,18 @@ class Workload:
             raise ValueError(f"counted_fraction must be in (0, 1], got {self.counted_fraction}")
         if self.weights not in ("graded", "binary"):
             raise ValueError(f"weights must be 'graded' or 'binary', got {self.weights!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+
+    @property
+    def loss_keywords(self) -> dict:
+        """The variant's keywords for fused_wce.linear_cross_entropy (empty for the plain loss)."""
+        return dict(VARIANTS[self.variant])
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes measured: forward and forward+backward, or forward+backward only for a loss variant."""
+        return MODES if self.variant == "plain" else VARIANT_MODES
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -97,6 +127,8 @@ class Workload:
             parts.append("frozen-head")
         if self.weights != "graded":
             parts.append(self.weights)
+        if self.variant != "plain":
+            parts.append(self.variant)
         return "/".join(parts)
 
     def params(self) -> dict:
@@ -113,6 +145,7 @@ class Workload:
             "frozen_head": self.frozen_head,
             "weights": self.weights,
             "headline": self.headline,
+            "variant": self.variant,
         }
 
     def to_dict(self) -> dict:
@@ -197,6 +230,11 @@ GPU_QUICK = [
     workload("Llama-3-8B", 16384, 0.5, frozen_head=True),
     workload("Gemma-2-2B", 8192, 0.5),
 ]
+# One row per loss variant on Gemma-2-2B (the model that ships a softcap), forward+backward, after the headline rows
+# (the plain loss on the same inputs is the Gemma-2-2B row above): the variants are epilogue-only, so each row costs
+# about what the plain one does, and the time guard skips them first when a card is slow.
+GPU_VARIANTS = [workload("Gemma-2-2B", 8192, 0.5, variant=name) for name in VARIANTS if name != "plain"]
+GPU_QUICK += GPU_VARIANTS
 
 GPU_FULL = [HEADLINE_GPU] + [
     workload(name, tokens, fraction, frozen_head=frozen)
@@ -206,7 +244,7 @@ GPU_FULL = [HEADLINE_GPU] + [
     for frozen in (False, True)
     if not (name == "Llama-3-8B" and tokens == 16384 and fraction == 0.5 and not frozen)
     and not (frozen and tokens != 16384)  # the frozen-head variant at one N per shape
-]
+] + GPU_VARIANTS
 
 # CPU: fp32 (CPU bf16 GEMMs are slow and not what anyone trains with on CPU).
 HEADLINE_CPU = workload("cpu-32k", 2048, 1.0, dtype="float32", headline=True)
@@ -215,9 +253,16 @@ CPU_DEFAULT = [
     workload("cpu-32k", 1024, 1.0, dtype="float32"),
     workload("cpu-32k", 2048, 0.5, dtype="float32"),
 ]
+# Every loss variant at the CPU shape, N 1024 (the plain row above is its baseline), forward+backward.
+CPU_VARIANTS = [workload("cpu-32k", 1024, 1.0, dtype="float32", variant=name) for name in VARIANTS if name != "plain"]
+CPU_DEFAULT += CPU_VARIANTS
 CPU_SMOKE = [
     workload("smoke", 64, 1.0, dtype="float32", headline=True),
     workload("smoke", 128, 0.5, dtype="float32"),
+    # every variant at once (the providers that cannot express it are skipped with the reason), and one that
+    # TRL's fused head expresses too
+    workload("smoke", 128, 0.5, dtype="float32", variant="all"),
+    workload("smoke", 128, 0.5, dtype="float32", variant="softcap"),
 ]
 # The Triton path under the interpreter (checked, not timed).
 INTERPRETER_CHECK = workload("interpreter", 64, 0.5, dtype="float32")

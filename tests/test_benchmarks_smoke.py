@@ -12,24 +12,27 @@ import pytest
 import torch
 
 import fused_wce
+from benchmarks.providers import PROVIDERS_BY_NAME
 from benchmarks.reference import fp32_reference, relative_error
 from benchmarks.runner import CPU_PROVIDERS, MODES
-from benchmarks.workloads import CPU_SMOKE, counted_mask, make_inputs, workload
+from benchmarks.workloads import CPU_SMOKE, VARIANTS, counted_mask, make_inputs, workload
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("frozen_head", [False, True])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
-def test_fp32_reference_matches_float64_reference(frozen_head, fraction):
+def test_fp32_reference_matches_float64_reference(frozen_head, fraction, variant):
     # Small chunks so that several chunks (and a ragged last one) are exercised.
-    spec = workload("smoke", 300, fraction, dtype="float32", frozen_head=frozen_head)
+    spec = workload("smoke", 300, fraction, dtype="float32", frozen_head=frozen_head, variant=variant)
     inputs = make_inputs(spec, "cpu", seed=3)
     reference = fp32_reference(inputs.hidden, inputs.weight, inputs.target, inputs.token_weight,
-                               need_grad_weight=not frozen_head, chunk_bytes=4 * 1000 * 70)
+                               need_grad_weight=not frozen_head, chunk_bytes=4 * 1000 * 70, **spec.loss_keywords)
     hidden = inputs.hidden.clone().double().requires_grad_(True)
     weight = inputs.weight.clone().double().requires_grad_(True)
-    expected = fused_wce.reference_linear_cross_entropy(hidden, weight, inputs.target, inputs.token_weight)
+    expected = fused_wce.reference_linear_cross_entropy(hidden, weight, inputs.target, inputs.token_weight,
+                                                        **spec.loss_keywords)
     expected.backward()
     assert abs(reference.loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
     assert relative_error(reference.grad_hidden, hidden.grad) < 1e-5
@@ -84,14 +87,64 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert "== targets ==" in stdout
 
 
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"plain"}))
+def test_eager_variant_matches_float64_reference(variant):
+    """The eager provider writes each loss variant by hand on materialised logits: same loss and gradients."""
+    spec = workload("smoke", 200, 0.5, dtype="float32", variant=variant)
+    inputs = make_inputs(spec, "cpu", seed=5)
+    provider = PROVIDERS_BY_NAME["torch_eager"]
+    assert provider.variant_support(spec.loss_keywords) is None
+    loss_fn = provider.make("cpu", spec.loss_keywords)
+    results = []
+    for fn, dtype in ((loss_fn, torch.float32), (fused_wce.reference_linear_cross_entropy, torch.float64)):
+        hidden = inputs.hidden.clone().to(dtype).requires_grad_(True)
+        weight = inputs.weight.clone().to(dtype).requires_grad_(True)
+        extra = spec.loss_keywords if fn is not loss_fn else {}
+        loss = fn(hidden, weight, inputs.target, inputs.token_weight, **extra)
+        loss.backward()
+        results.append((loss.item(), hidden.grad, weight.grad))
+    (loss, grad_hidden, grad_weight), (expected, expected_hidden, expected_weight) = results
+    assert abs(loss - expected) <= 1e-5 * abs(expected)
+    assert relative_error(grad_hidden, expected_hidden) < 1e-5
+    assert relative_error(grad_weight, expected_weight) < 1e-5
+
+
+def test_variant_support_names_what_is_missing():
+    everything = VARIANTS["all"]
+    assert PROVIDERS_BY_NAME["fused_wce"].variant_support(everything) is None
+    assert PROVIDERS_BY_NAME["torch_eager"].variant_support(everything) is None
+    assert PROVIDERS_BY_NAME["trl_chunked"].variant_support(VARIANTS["softcap"]) is None
+    reason = PROVIDERS_BY_NAME["trl_chunked"].variant_support(everything)
+    assert "label_smoothing" in reason and "z_loss" in reason and "softcap" not in reason.split("(")[0]
+    assert PROVIDERS_BY_NAME["liger"].variant_support(VARIANTS["z_loss"]) is None
+    assert "logit_scale" in PROVIDERS_BY_NAME["liger"].variant_support(everything)
+    assert PROVIDERS_BY_NAME["torch_chunked"].variant_support(VARIANTS["label_smoothing"])
+
+
 def test_smoke_run_has_a_sane_row_per_provider(smoke_run):
     out, _ = smoke_run
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
-    expected = {(w.name, p, m) for w in CPU_SMOKE for p in CPU_PROVIDERS for m in MODES}
+    expected = {(w.name, p, m) for w in CPU_SMOKE for p in CPU_PROVIDERS for m in w.modes}
     seen = {(r["workload"], r["provider"], r["mode"]) for r in rows}
     assert expected <= seen
+    # At least one loss-variant row was measured and checked; a provider that cannot express a variant has a
+    # skipped row that says why.
+    variant_rows = [r for r in rows if r["variant"] != "plain"]
+    assert {r["variant"] for r in variant_rows if r["status"] == "ok"} >= {"all", "softcap"}
+    for row in variant_rows:
+        keywords = VARIANTS[row["variant"]]
+        reason = PROVIDERS_BY_NAME[row["provider"]].variant_support(keywords)
+        assert row["status"] == ("ok" if reason is None else "skipped"), row
+        if reason is not None:
+            assert row["reason"] == reason and "cannot express" in reason
+        else:
+            assert row["mode"] == "forward_backward" and float(row["time_vs_plain"]) > 0
+    assert {r["provider"] for r in variant_rows if r["variant"] == "all" and r["status"] == "ok"} == {
+        "torch_eager", "fused_wce"}
     for row in rows:
+        if row["status"] == "skipped":
+            continue
         assert row["status"] == "ok", row
         assert 0 < float(row["time_ms"]) < 60_000
         assert float(row["peak_memory_bytes"]) >= 0
@@ -121,3 +174,4 @@ def test_smoke_run_json_targets_and_end_to_end(smoke_run):
     markdown = (out / "results.md").read_text()
     for provider in CPU_PROVIDERS:
         assert f"| {provider} |" in markdown
+    assert "| variant |" in markdown and "| all | forward_backward | fused_wce |" in markdown
