@@ -15,6 +15,9 @@ Conventions (docs/design.md, "Static report and roofline"):
   that reads it, an fp32 accumulator read and written once per chunk.
 - Peak memory: bytes allocated by the loss beyond its inputs (hidden, weight, target, token weights), including
   the gradients it returns (``dX`` ``[N, H]``, ``dW`` ``[V, H]`` in the input dtype), at the worst moment.
+- Loss variants (label smoothing, z-loss, softcap, logit scale, DFT; the suite's variant rows) are not modelled:
+  they change no GEMM and no tensor alive at the peak, only add O(N V) elementwise work to the epilogues (a tanh per
+  logit for the softcap, a row sum for smoothing), so a variant's prediction is its plain problem's.
 
 API (for the benchmark suite)::
 

@@ -205,6 +205,7 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
     workloads = profile["workloads"]
     headline = next((w for w in workloads if w.headline), workloads[0])
     rows, e2e_rows, checks, failures = [], [], [], []
+    skipped_rows = {}  # workload name -> its rows for providers that cannot express its loss variant
 
     def providers_for(workload):
         """The providers measured on ``workload``; those that cannot express its loss variant get a skipped row."""
@@ -219,7 +220,7 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
                 measured.append(name)
                 continue
             print(f"[benchmarks] skipping {name} on {workload.name}: {reason}", flush=True)
-            rows.extend({"workload_params": workload.params(), "provider": name, "mode": mode, "device": device,
+            skipped_rows.setdefault(workload.name, []).extend({"workload_params": workload.params(), "provider": name, "mode": mode, "device": device,
                          "status": "skipped", "reason": reason, "weights_support": provider.weights_support,
                          "exact": provider.exact} for mode in workload.modes)
         return measured
@@ -264,11 +265,13 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
 
     def record_loss_rows(got, error, batch, names):
         rows.extend(got)
+        for workload in batch:
+            rows.extend(skipped_rows.pop(workload.name, []))
         if error:
             failures.append(f"{', '.join(w.name for w in batch)}: {error}")
             done = {(r["workload_params"]["workload"], r["provider"], r["mode"]) for r in got}
             for workload in batch:
-                for name in names:
+                for name in names[workload.name]:
                     for mode in workload.modes:
                         if (workload.name, name, mode) in done:
                             continue
@@ -289,14 +292,17 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
                 continue
             previous = batches[-1] if batches else None
             if (previous and workload.variant != "plain" and previous[0][-1].variant != "plain"
-                    and previous[1] == names and _same_inputs(previous[0][-1], workload)):
+                    and _same_inputs(previous[0][-1], workload)):
                 previous[0].append(workload)
+                previous[1][workload.name] = names
             else:
-                batches.append(([workload], names))
+                batches.append(([workload], {workload.name: names}))
         for index, (batch, names) in enumerate(batches):
-            task = task_base(kind="loss", workloads=[w.to_dict() for w in batch], providers=names, modes=list(MODES),
+            task = task_base(kind="loss", workloads=[w.to_dict() for w in batch],
+                             workload_providers=[names[w.name] for w in batch],
+                             providers=sorted({n for w in batch for n in names[w.name]}), modes=list(MODES),
                              warmup=profile["warmup"], reps=profile["reps"], rotations=profile["rotations"])
-            expected = sum(len(names) * len(w.modes) for w in batch)
+            expected = sum(len(names[w.name]) * len(w.modes) for w in batch)
             got, error = runner.run(task, timeout_for(3600), expected)
             record_loss_rows(got, error, batch, names)
             if index == 0:
@@ -304,6 +310,7 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
     else:
         # 2. CPU: the float64 reference of each workload, then one process per (workload, provider, mode).
         for index, (workload, names) in enumerate(plan):
+            rows.extend(skipped_rows.pop(workload.name, []))
             if not names:
                 continue
             kinds = {"uniform" if PROVIDERS_BY_NAME[n].weights_support == "uniform" else "weighted" for n in names}
@@ -317,7 +324,7 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
                                  modes=list(workload.modes), warmup=profile["warmup"], reps=profile["reps"],
                                  rotations=profile["rotations"], reference_paths=paths)
                 got, error = runner.run(task, timeout_for(900), len(names) * len(workload.modes))
-                record_loss_rows(got, error, [workload], names)
+                record_loss_rows(got, error, [workload], {workload.name: names})
                 continue
             for name in names:
                 for mode in workload.modes:
@@ -341,6 +348,8 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
                 checks.append({"provider": "fused_wce[triton-interpreter]", "status": "crashed", "reason": error})
         run_e2e()
     runner.close()
+    for leftover in skipped_rows.values():  # workloads on which no provider ran
+        rows.extend(leftover)
 
     gemm_tflops = gemm.get("tflops") if gemm else None
     flat = [report.flatten(row, env, gemm_tflops) for row in rows]

@@ -68,7 +68,9 @@ def run_loss_task(task: dict) -> None:
     device = task["device"]
     deadline = task.get("deadline")
     inputs, inputs_key = None, None
-    for workload_dict in task["workloads"]:
+    # Providers per workload (a batch of loss variants), or the same list for every workload.
+    provider_lists = task.get("workload_providers") or [task["providers"]] * len(task["workloads"])
+    for workload_dict, provider_names in zip(task["workloads"], provider_lists):
         workload = Workload.from_dict(workload_dict)
         modes = [mode for mode in task["modes"] if mode in workload.modes]
         # Loss variants of one problem share its inputs (the same tensors as its plain row would draw).
@@ -79,7 +81,7 @@ def run_loss_task(task: dict) -> None:
             inputs = make_inputs(workload, device, seed=task.get("seed", 0), rotations=task.get("rotations", 1))
             inputs_key = key
         references = {}  # "weighted" / "uniform" -> Reference (GPU: computed here; CPU: loaded after measuring)
-        for name in task["providers"]:
+        for name in provider_names:
             provider = PROVIDERS_BY_NAME[name]
             base = {"workload_params": workload.params(), "provider": name, "device": device,
                     "weights_support": provider.weights_support, "exact": provider.exact}
