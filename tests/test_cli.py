@@ -77,13 +77,14 @@ def test_default_run_trains_prints_stages_and_compares(tmp_path):
     step_lines = [line for line in out.splitlines() if line.startswith("[fused-wce] step")]
     assert len(step_lines) == 2 and all("assistant" in line and "turn_last" in line for line in step_lines)
     table = out[out.index("loss on held-out conversations"):].splitlines()
-    rows = {line.split("  ")[0]: line.split()[-3:] for line in table[2:5]}
-    assert set(rows) == {"weighted objective (assistant=1)", "assistant-only CE (TRL assistant_only_loss)",
-                         "full-sequence CE (TRL default)"}
+    rows = {line.split("  ")[0]: [float(v) for v in line.split()[-3:]] for line in table[2:5]}
+    objective = "weighted objective (assistant=1; x message 'weight')"  # the shipped data has OpenAI weight keys
+    assert set(rows) == {objective, "assistant-only CE (TRL assistant_only_loss)", "full-sequence CE (TRL default)"}
+    for before, after, change in rows.values():
+        assert change == pytest.approx(after - before, abs=2e-4)
     before, after, _ = rows["assistant-only CE (TRL assistant_only_loss)"]
-    assert float(after) < float(before)  # 8 steps at the demo learning rate already teach something
-    # With the default (assistant-only) weighting the objective is the stock assistant-only loss.
-    assert rows["weighted objective (assistant=1)"] == rows["assistant-only CE (TRL assistant_only_loss)"]
+    assert after < before  # 8 steps at the demo learning rate already teach something
+    assert rows[objective][1] < rows[objective][0]
     assert (tmp_path / "out" / "config.json").exists()
 
 
@@ -105,7 +106,7 @@ def test_jsonl_dataset_local_model_and_yaml(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     step_lines = [line for line in result.stdout.splitlines() if line.startswith("[fused-wce] step")]
     assert len(step_lines) == 3 and all(" user " in line for line in step_lines)
-    assert "weighted objective (assistant=1,user=0.5)" in result.stdout
+    assert "weighted objective (assistant=1,user=0.5; x message 'weight')" in result.stdout
 
 
 def test_jsonl_without_messages_fails_clearly(tmp_path):

@@ -289,8 +289,9 @@ def main_sft(argv: list[str]) -> int:
     if holdout is not None and main_process and "messages" in holdout.column_names:
         comparison = {
             f"weighted objective ({_describe(weighting)})": weighting,
-            "assistant-only CE (TRL assistant_only_loss)": TurnWeighting(role_weights={"assistant": 1.0}),
-            "full-sequence CE (TRL default)": TurnWeighting(full_sequence=True),
+            "assistant-only CE (TRL assistant_only_loss)": TurnWeighting(role_weights={"assistant": 1.0},
+                                                                         message_weight_key=None),
+            "full-sequence CE (TRL default)": TurnWeighting(full_sequence=True, message_weight_key=None),
         }
         conversations = holdout["messages"]
         unwrapped = _unwrap(trainer)
@@ -320,6 +321,10 @@ def _describe(weighting) -> str:
         parts.append(f"last {weighting.last_n}")
     if weighting.decay is not None:
         parts.append(f"decay {weighting.decay:g}")
+    if weighting.weight_fn is not None:
+        parts.append("weight_fn")
+    if weighting.message_weight_key is not None:
+        parts.append(f"x message {weighting.message_weight_key!r}")
     return "; ".join(parts)
 
 

@@ -180,10 +180,11 @@ def add_weighted_lm_head(model) -> None:
 
 
 def _default_weighting(args) -> TurnWeighting:
-    """Weight 1 on the tokens stock TRL trains: the assistant turns, or the full sequence."""
+    """Weight 1 on the tokens stock TRL trains: the assistant turns, or the full sequence (per-message ``weight``
+    keys ignored, as TRL ignores them)."""
     if args.assistant_only_loss:
-        return TurnWeighting(role_weights={"assistant": 1.0})
-    return TurnWeighting(full_sequence=True)
+        return TurnWeighting(role_weights={"assistant": 1.0}, message_weight_key=None)
+    return TurnWeighting(full_sequence=True, message_weight_key=None)
 
 
 class WeightedSFTTrainer(SFTTrainer):
