@@ -90,16 +90,17 @@ def test_matches_stock_with_packing_padding_free_and_truncation(tokenizer, conve
     assert isinstance(weighted.data_collator, WeightedDataCollator)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "gemma2", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen2", "gemma2", "gemma2_softcap", "mixtral"])
 def test_other_architectures_match_stock(tokenizer, conversations, tmp_path, kind):
-    """Qwen2 (here with gradient checkpointing, SFTConfig's GPU default), Gemma-2 without softcapping, and Mixtral
-    (MoE: its router load-balancing loss is added like TRL adds it)."""
-    overrides = {"final_logit_softcapping": None} if kind == "gemma2" else {}
+    """Qwen2 (here with gradient checkpointing, SFTConfig's GPU default), Gemma-2 without and with its final logit
+    softcapping (computed inside the fused loss), and Mixtral (MoE: the router load-balancing loss is added like
+    TRL adds it)."""
+    overrides = {"gemma2": {"final_logit_softcapping": None}, "gemma2_softcap": {"final_logit_softcapping": 2.0}}
     trainers = []
     for name, cls in (("stock", SFTTrainer), ("weighted", WeightedSFTTrainer)):
         config = sft_config(tmp_path / name, max_steps=2, gradient_checkpointing=kind == "qwen2")
-        trainer = cls(tiny_model(kind, tokenizer, **overrides), args=config,
-                      train_dataset=conversations, processing_class=tokenizer)
+        model = tiny_model(kind.split("_")[0], tokenizer, **overrides.get(kind, {}))
+        trainer = cls(model, args=config, train_dataset=conversations, processing_class=tokenizer)
         trainer.train()
         trainers.append(trainer)
     _assert_same_logs(*trainers)
@@ -108,10 +109,15 @@ def test_other_architectures_match_stock(tokenizer, conversations, tmp_path, kin
         assert logged(trainers[1], "aux_loss") == pytest.approx(logged(trainers[0], "aux_loss"), rel=1e-5)
 
 
-def test_gemma2_softcapping_is_a_clear_error(tokenizer, conversations, tmp_path):
-    model = tiny_model("gemma2", tokenizer, final_logit_softcapping=30.0)
-    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
-        WeightedSFTTrainer(model, args=sft_config(tmp_path), train_dataset=conversations, processing_class=tokenizer)
+@pytest.mark.parametrize("variant", [dict(loss_type="dft"), dict(label_smoothing_factor=0.1)],
+                         ids=["dft", "label_smoothing"])
+def test_loss_variants_match_stock(tokenizer, conversations, tmp_path, variant):
+    """TRL's DFT loss and label smoothing (stock: full logits + LabelSmoother) computed inside the fused loss."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TRL deprecates label_smoothing_factor
+        stock, weighted = _train_pair(tokenizer, conversations, tmp_path, max_steps=2, assistant_only_loss=True,
+                                      gradient_accumulation_steps=2, per_device_train_batch_size=2, **variant)
+    _assert_same_logs(stock, weighted, keys=("loss", "grad_norm"))
 
 
 def test_untied_head_gets_its_gradient(tokenizer, conversations, tmp_path):

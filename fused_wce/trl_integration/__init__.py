@@ -31,3 +31,15 @@ __all__ = [
     "load_jsonl_dataset",
     "tokenize_with_weights",
 ]
+
+# Trainer and collator: imported on first use, so the weighting helpers load without importing trl.
+_LAZY = {"WeightedDataCollator": "collator", "WeightedSFTTrainer": "trainer", "add_weighted_lm_head": "trainer"}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -89,21 +89,12 @@ def _logit_scale(text_config) -> float:
 
 
 def check_model_supported(model) -> None:
-    """Raise NotImplementedError for output heads the fused weighted loss cannot reproduce exactly."""
-    text_config = model.config.get_text_config()
-    softcap = getattr(text_config, "final_logit_softcapping", None)
-    if softcap is not None:
-        raise NotImplementedError(
-            f"{type(model).__name__} applies final_logit_softcapping={softcap} (tanh softcapping of the logits), "
-            "which fused_wce.linear_cross_entropy does not support yet, so the loss would differ from the model's. "
-            "Set `model.config.final_logit_softcapping = None` (e.g. via `model_init_kwargs`) to train without "
-            "softcapping, or use trl.SFTTrainer."
-        )
+    """Raise NotImplementedError for models without an output head to fuse the loss with."""
     if model.get_output_embeddings() is None:
         raise NotImplementedError(f"{type(model).__name__} has no output embeddings (LM head) to fuse the loss with")
 
 
-def add_weighted_lm_head(model) -> None:
+def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = False) -> None:
     """Patch ``model.forward``: with ``fused_wce_target=...`` it runs the backbone and returns the fused weighted loss.
 
     ``model(**inputs, fused_wce_target=target, fused_wce_weight=weight, fused_wce_normalizer=normalizer)``, with
@@ -112,11 +103,14 @@ def add_weighted_lm_head(model) -> None:
     ``[B, T-1, H]`` go to :func:`fused_wce.linear_cross_entropy` with ``lm_head.weight`` (and bias). Without
     ``fused_wce_target`` the previous forward runs unchanged (generation, TRL's fused head). The forward is called
     through the (DDP/FSDP/PEFT) wrappers, so their hooks run as usual. Apply to the unwrapped ``PreTrainedModel``.
+    The model's own logit transforms are reproduced inside the loss: a constant logit scale (Cohere, Granite...)
+    and ``final_logit_softcapping`` (Gemma-2); ``label_smoothing`` and ``dft`` (TRL's ``loss_type="dft"``) too.
     """
     check_model_supported(model)
     previous_forward = model.forward
     text_config = model.config.get_text_config()
     logit_scale = _logit_scale(text_config)
+    softcap = getattr(text_config, "final_logit_softcapping", None)
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, fused_wce_target=None, fused_wce_weight=None, fused_wce_normalizer=None, **kwargs):
@@ -163,14 +157,12 @@ def add_weighted_lm_head(model) -> None:
             weight = weight.to(compute_dtype)
             if bias is not None:
                 bias = bias.to(compute_dtype)
-            if logit_scale != 1.0:  # s * (h W^T + b) == (s h) W^T + s b
-                hidden_states = hidden_states * logit_scale
-                bias = None if bias is None else bias * logit_scale
 
             with torch.autocast(device.type, enabled=False):
                 out = fused_wce.linear_cross_entropy(
                     hidden_states, weight, target, token_weight, bias=bias,
-                    normalizer=fused_wce_normalizer, return_stats=True,
+                    normalizer=fused_wce_normalizer, return_stats=True, logit_scale=logit_scale, softcap=softcap,
+                    label_smoothing=label_smoothing, dft=dft,
                 )
         counted = (target != -100) & (token_weight > 0)
         return WeightedLMOutput(loss=out.loss, token_loss=out.token_loss, entropy=out.entropy,
@@ -200,9 +192,10 @@ class WeightedSFTTrainer(SFTTrainer):
     custom collators). A custom collator is used as is; batches without ``token_weights`` get weight 1 where
     ``labels != -100``.
 
-    MoE models keep their router load-balancing loss (``router_aux_loss_coef``), added as TRL adds it.
-    Not supported (clear errors at init): ``final_logit_softcapping`` (Gemma-2), ``loss_type="dft"``,
-    ``label_smoothing_factor > 0``, ``compute_loss_func``, context/sequence parallelism.
+    MoE models keep their router load-balancing loss (``router_aux_loss_coef``), added as TRL adds it. Gemma-2's
+    ``final_logit_softcapping``, logit scales, ``loss_type="dft"`` and ``label_smoothing_factor`` are computed inside
+    the fused loss, as stock TRL computes them. Not supported (clear errors at init): ``compute_loss_func`` (this
+    trainer is the loss), context/sequence parallelism.
     """
 
     _tag_names = ["trl", "sft", "fused-wce"]
@@ -213,10 +206,6 @@ class WeightedSFTTrainer(SFTTrainer):
             raise TypeError(f"weighting must be a TurnWeighting or None, got {type(weighting).__name__}")
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("WeightedSFTTrainer computes its own loss; `compute_loss_func` cannot be combined with it")
-        if args is not None and getattr(args, "loss_type", "nll") != "nll":
-            raise NotImplementedError(f"loss_type={args.loss_type!r} is not supported by WeightedSFTTrainer; use 'nll'")
-        if args is not None and getattr(args, "label_smoothing_factor", 0.0) > 0:
-            raise NotImplementedError("label_smoothing_factor > 0 is not supported by WeightedSFTTrainer")
         if not isinstance(model, str):
             check_model_supported(model)
         # Set before super().__init__(), which prepares the datasets through our _prepare_dataset.
@@ -252,7 +241,10 @@ class WeightedSFTTrainer(SFTTrainer):
                                         or getattr(parallelism, "sp_enabled", False)):
             raise NotImplementedError("context/sequence parallelism is not supported by WeightedSFTTrainer")
 
-        add_weighted_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        # Label smoothing is computed in the fused loss: stop Trainer from building its full-logits LabelSmoother.
+        label_smoothing, self.label_smoother = self.args.label_smoothing_factor, None
+        add_weighted_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model,
+                             label_smoothing=label_smoothing, dft=self.args.loss_type == "dft")
         # compute_loss normalises by the whole accumulated (and cross-rank) batch: Trainer must not divide by GA.
         self.loss_is_scaled_for_ga = True
 
