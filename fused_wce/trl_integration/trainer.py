@@ -18,7 +18,8 @@ Used exactly as :class:`trl.SFTTrainer`, plus ``weighting=TurnWeighting(...)``. 
   position over the logging window) are added, so each stage's curve shows in TensorBoard or W&B.
 
 With weight 1 on exactly the tokens TRL labels (``weighting=None`` derives that from ``assistant_only_loss``),
-the losses equal stock ``SFTTrainer``'s.
+the losses equal stock ``SFTTrainer``'s, also for Gemma-2's logit softcapping, logit scales, ``loss_type="dft"``,
+``label_smoothing_factor`` and MoE router losses, which the fused loss reproduces.
 """
 from __future__ import annotations
 
@@ -360,6 +361,9 @@ class WeightedSFTTrainer(SFTTrainer):
         token_weights = inputs.pop(TOKEN_WEIGHTS, None)
         roles = inputs.pop(TOKEN_ROLES, None)
         turn_positions = inputs.pop(TOKEN_TURN_POSITIONS, None)
+        if "labels" not in inputs:
+            raise ValueError("WeightedSFTTrainer needs `labels` in every batch (-100 where a token is not a target); "
+                             f"the collator returned {sorted(inputs)}")
         labels = inputs.pop("labels")
         target = labels[:, 1:]
         weight = self._shifted_weights({"labels": labels, TOKEN_WEIGHTS: token_weights})
