@@ -13,12 +13,14 @@ ACCURACY_TOLERANCE = {"bfloat16": 3e-2, "float16": 4e-3, "float32": 1e-4}
 
 GPU_TARGETS = {"time_vs_fastest_exact_peer": 0.8, "fraction_of_gemm_rate": 0.8}
 CPU_TARGETS = {"time_vs_torch_chunked": 1.0, "rss_vs_torch_chunked": 1.0}
+# The roofline model (benchmarks/roofline.py) covers forward+backward only: a forward-only row gets no prediction.
+ROOFLINE_MODES = ("forward_backward",)
+ROOFLINE_COLUMNS = ("roofline_card", "predicted_ms", "measured_over_predicted", "predicted_peak_mib",
+                    "peak_over_predicted", "needs_note")
 
 
 def flatten(row: dict, environment: dict, gemm_tflops: float | None) -> dict:
     """One loss row with every parameter, environment field and derived number at the top level."""
-    from .workloads import SHAPES, Workload
-
     flat = {key: value for key, value in row.items() if key not in ("workload_params", "traceback")}
     params = row.get("workload_params") or {}
     flat.update(params)
@@ -27,9 +29,7 @@ def flatten(row: dict, environment: dict, gemm_tflops: float | None) -> dict:
     for distribution, version in environment.get("versions", {}).items():
         flat[f"version_{distribution}"] = version
     if row.get("status") == "ok" and params and row.get("time_ms"):
-        workload = Workload(SHAPES[params["shape"]], params["tokens"], params["counted_fraction"], params["dtype"],
-                            params["frozen_head"], params["weights"], params["headline"],
-                            params.get("variant", "plain"))
+        workload = _workload_of(params)
         flops = workload.counted_flops(row["mode"])
         flat["counted_flops"] = flops
         flat["tflops"] = flops / (row["time_ms"] * 1e-3) / 1e12
@@ -74,6 +74,84 @@ def add_relative_columns(rows: list[dict]) -> None:
         for row in group:
             row["fastest_exact_peer"] = fastest["provider"]
             row["time_vs_fastest_exact_peer"] = row["time_ms"] / fastest["time_ms"]
+
+
+def roofline_card(device_name: str | None) -> tuple[str, str | None]:
+    """The ``roofline.CARDS`` key for ``torch.cuda.get_device_name()``, and a note when the card is not modelled
+    (then the H100's values are used: the closest Hopper part)."""
+    name = (device_name or "").upper()
+    for key in ("H200", "H100", "A100"):
+        if key in name:
+            return key, None
+    return "H100", f"card {device_name!r} is not in benchmarks.roofline.CARDS: predictions use the H100's values"
+
+
+def _workload_of(row: dict):
+    from .workloads import SHAPES, Workload
+
+    return Workload(SHAPES[row["shape"]], row["tokens"], row["counted_fraction"], row["dtype"], row["frozen_head"],
+                    row["weights"], row["headline"], row.get("variant", "plain"))
+
+
+def add_roofline_columns(rows: list[dict], environment: dict) -> list[dict]:
+    """Put the roofline prediction beside every measured CUDA loss row; returns the rows whose gap needs a note.
+
+    For each ok forward+backward row on ``cuda`` whose provider the model knows, ``roofline.predict(provider,
+    Problem.of(workload), card)`` for the card of ``environment["card"]`` (``roofline_card``) and
+    ``roofline.compare`` with the measured median time and peak give ``predicted_ms``,
+    ``measured_over_predicted`` (time), ``predicted_peak_mib``, ``peak_over_predicted`` and ``needs_note`` (either
+    ratio off by more than ``roofline.GAP_THRESHOLD``; each such gap is explained in benchmarks/NOTES.md).
+    Loss-variant rows get their plain problem's prediction (the model does not price epilogues). Rows on other
+    devices are left untouched (the CPU mode has no prediction columns); environment gets ``roofline_card`` and,
+    for a card the model does not know, ``roofline_card_note``.
+    """
+    from . import roofline
+
+    cuda_rows = [row for row in rows if row.get("device") == "cuda"]
+    if not cuda_rows:
+        return []
+    key, note = roofline_card(environment.get("card"))
+    card = roofline.CARDS[key]
+    environment["roofline_card"] = card.name
+    if note:
+        environment["roofline_card_note"] = note
+    gaps = []
+    for row in cuda_rows:
+        row.update({column: None for column in ROOFLINE_COLUMNS})
+        row["roofline_card"] = card.name
+        if (row.get("status") != "ok" or row.get("mode") not in ROOFLINE_MODES or not row.get("time_ms")
+                or row.get("provider") not in roofline.PROVIDERS or not row.get("shape")):
+            continue
+        prediction = roofline.predict(row["provider"], roofline.Problem.of(_workload_of(row)), card)
+        compared = roofline.compare(prediction, measured_s=row["time_ms"] * 1e-3,
+                                    measured_peak_bytes=row.get("peak_memory_bytes"))
+        row["predicted_ms"] = prediction.time_s * 1e3
+        row["measured_over_predicted"] = compared["time_ratio"]
+        row["predicted_peak_mib"] = prediction.peak_bytes / MIB
+        row["peak_over_predicted"] = compared["memory_ratio"]
+        row["needs_note"] = compared["needs_note"]
+        if row["needs_note"]:
+            gaps.append(row)
+    return gaps
+
+
+def roofline_gaps(rows: list[dict]) -> list[dict]:
+    """Rows whose measurement is more than 20% off its roofline prediction (time or peak memory)."""
+    return [row for row in rows if row.get("needs_note")]
+
+
+def gap_line(row: dict) -> str:
+    """One gap, as results.md and the console list it."""
+    parts = []
+    ratio = row.get("measured_over_predicted")
+    if ratio is not None:
+        parts.append(f"time {_fmt(row.get('time_ms'))} ms vs {_fmt(row.get('predicted_ms'))} predicted "
+                     f"({_fmt(ratio)}x)")
+    ratio = row.get("peak_over_predicted")
+    if ratio is not None:
+        parts.append(f"peak {_fmt(row.get('peak_memory_mib'))} MiB vs {_fmt(row.get('predicted_peak_mib'))} "
+                     f"predicted ({_fmt(ratio)}x)")
+    return f"{row.get('workload')} {row.get('mode')} {row.get('provider')}: " + "; ".join(parts)
 
 
 def _find(rows, provider, workload, mode="forward_backward"):
@@ -168,6 +246,10 @@ def _fmt(value, digits=3):
     return str(value)
 
 
+def _note_cell(value) -> str:
+    return "-" if value is None else ("**yes**" if value else "no")
+
+
 def markdown(environment, rows, e2e_rows, checks, targets, skipped) -> str:
     lines = ["# fused_wce benchmark results", ""]
     lines.append(f"- profile: `{environment.get('profile')}`, device: {environment.get('card')} "
@@ -199,9 +281,12 @@ def markdown(environment, rows, e2e_rows, checks, targets, skipped) -> str:
     lines.append("")
     lines.append("## Loss kernels")
     lines.append("")
+    predicted = any(column in row for row in rows for column in ("predicted_ms", "needs_note"))
+    extra_head = " predicted ms | measured/predicted | predicted peak MiB | peak/predicted | needs note |" \
+        if predicted else ""
     lines.append("| workload | variant | mode | provider | weights | status | time ms (p20-p80) | vs fastest exact peer "
-                 "| vs plain | peak MiB | TFLOP/s | of GEMM | loss err | dH err | dW err | accurate |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "| vs plain | peak MiB | TFLOP/s | of GEMM | loss err | dH err | dW err | accurate |" + extra_head)
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" * 5 if predicted else ""))
     for row in rows:
         time_cell = "-"
         if row.get("time_ms") is not None:
@@ -215,7 +300,10 @@ def markdown(environment, rows, e2e_rows, checks, targets, skipped) -> str:
             f"{_fmt(row.get('time_vs_plain'))} | "
             f"{_fmt(row.get('peak_memory_mib'))} | {_fmt(row.get('tflops'))} | {_fmt(row.get('fraction_of_gemm'))} | "
             f"{_fmt(row.get('loss_rel_err'))} | {_fmt(row.get('grad_hidden_rel_err'))} | "
-            f"{_fmt(row.get('grad_weight_rel_err'))} | {_fmt(row.get('accurate'))} |")
+            f"{_fmt(row.get('grad_weight_rel_err'))} | {_fmt(row.get('accurate'))} |" + (
+                f" {_fmt(row.get('predicted_ms'))} | {_fmt(row.get('measured_over_predicted'))} | "
+                f"{_fmt(row.get('predicted_peak_mib'))} | {_fmt(row.get('peak_over_predicted'))} | "
+                f"{_note_cell(row.get('needs_note'))} |" if predicted else ""))
     if checks:
         lines.append("")
         lines.append("## Checks (not timed)")
@@ -249,6 +337,20 @@ def markdown(environment, rows, e2e_rows, checks, targets, skipped) -> str:
         lines.append("")
         for item in skipped:
             lines.append(f"- {item['provider']}: {item['reason']}")
+    if predicted:
+        gaps = roofline_gaps(rows)
+        lines.append("")
+        lines.append("## Roofline gaps over 20%")
+        lines.append("")
+        lines.append(f"Measured forward+backward rows against `benchmarks.roofline` on "
+                     f"{environment.get('roofline_card')} values (a lower bound on time; peak memory above the inputs); "
+                     "each gap below gets its explanation in benchmarks/NOTES.md.")
+        if environment.get("roofline_card_note"):
+            lines.append(f"Note: {environment['roofline_card_note']}.")
+        lines.append("")
+        lines.extend(f"- {gap_line(row)}" for row in gaps)
+        if not gaps:
+            lines.append("- none: every measured row is within 20% of its prediction")
     lines.append("")
     return "\n".join(lines)
 

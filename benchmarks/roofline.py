@@ -27,7 +27,8 @@ API (for the benchmark suite)::
     p = predict("fused_wce", problem, CARDS["H200"])    # Prediction: flops, hbm_bytes, time_s, peak_bytes, ...
     row = compare(p, measured_s=0.041, measured_peak_bytes=3.2e9)   # ratios and whether the gap is > 20%
 
-``python -m benchmarks.roofline [--card H200] [--out DIR]`` prints the tables and writes roofline.md/.csv.
+``python -m benchmarks roofline [--card H200] [--out DIR]`` (or ``python -m benchmarks.roofline``) prints the
+tables and writes roofline.md/.csv.
 """
 from __future__ import annotations
 
@@ -473,8 +474,8 @@ def write_outputs(predictions: list[Prediction], out_dir: str) -> tuple[str, str
     return md_path, csv_path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.roofline") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--card", action="append", choices=sorted(CARDS),
                         help="card(s) to predict for (default: H200)")
     parser.add_argument("--provider", action="append", choices=sorted(PROVIDERS), help="default: all")

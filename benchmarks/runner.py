@@ -181,9 +181,14 @@ def _same_inputs(a, b) -> bool:
 
 
 def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = None, e2e: bool = True,
-                verbose: bool = False) -> dict:
-    """Run a whole profile; returns the output paths and the targets."""
-    profile = PROFILES[profile_name]
+                verbose: bool = False, budget_s: float | None = None) -> dict:
+    """Run a whole profile; returns the output paths and the targets. ``budget_s`` replaces the profile's time
+    guard (seconds after which no new measurement starts; the skipped rows say so)."""
+    profile = dict(PROFILES[profile_name])
+    if budget_s is not None:
+        if budget_s <= 0:
+            raise ValueError(f"budget_s must be > 0, got {budget_s}")
+        profile["budget_s"] = budget_s
     device = profile["device"]
     started = time.time()
     deadline = started + profile["budget_s"] if profile.get("budget_s") else None
@@ -354,6 +359,7 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
     gemm_tflops = gemm.get("tflops") if gemm else None
     flat = [report.flatten(row, env, gemm_tflops) for row in rows]
     report.add_relative_columns(flat)
+    gaps = report.add_roofline_columns(flat, env) if device == "cuda" else []
     for check in checks:
         check.update({k: v for k, v in (check.get("workload_params") or {}).items() if k == "workload"})
     checks = [{k: v for k, v in c.items() if k not in ("workload_params", "traceback")} for c in checks]
@@ -362,4 +368,4 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
     env["failures"] = failures
     paths = report.write_outputs(out_dir, env, flat, e2e_rows, checks, targets, skipped)
     return {"paths": paths, "targets": targets, "rows": flat, "e2e": e2e_rows, "checks": checks,
-            "environment": env, "skipped": skipped, "failures": failures}
+            "environment": env, "skipped": skipped, "failures": failures, "roofline_gaps": gaps}

@@ -477,8 +477,8 @@ def write_report(rows: list[dict], out_dir: str, targets, triton_version: str) -
     return md_path, csv_path
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__.split("\n\n")[0])
+def make_parser(prog: str = "python -m benchmarks.static") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", nargs="+", type=int, default=[80, 90, 100],
                         help="compute capabilities (default: 80 90 100; 100 only where Triton supports it)")
     parser.add_argument("--out", default="bench_out", help="writes static_report.md and static_report.csv here")
@@ -489,8 +489,8 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.static") -> int:
+    args = make_parser(prog).parse_args(argv)
     candidates = not args.no_candidates
     if args.worker:
         index, count = (int(x) for x in args.worker.split("/"))

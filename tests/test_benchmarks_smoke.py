@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import fused_wce
+from benchmarks import cli, report, roofline
 from benchmarks.providers import PROVIDERS_BY_NAME
 from benchmarks.reference import fp32_reference, relative_error
 from benchmarks.runner import CPU_PROVIDERS, MODES
-from benchmarks.workloads import CPU_SMOKE, VARIANTS, counted_mask, make_inputs, workload
+from benchmarks.workloads import CPU_SMOKE, HEADLINE_GPU, VARIANTS, counted_mask, make_inputs, workload
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,3 +176,149 @@ def test_smoke_run_json_targets_and_end_to_end(smoke_run):
     for provider in CPU_PROVIDERS:
         assert f"| {provider} |" in markdown
     assert "| variant |" in markdown and "| all | forward_backward | fused_wce |" in markdown
+
+
+def test_smoke_run_has_no_roofline_columns_on_cpu(smoke_run):
+    """The CPU mode is not predicted: no prediction column in the CSV, the JSON rows or the Markdown."""
+    out, stdout = smoke_run
+    with open(out / "results.csv") as handle:
+        columns = next(csv.reader(handle))
+    assert not set(report.ROOFLINE_COLUMNS) & set(columns)
+    data = json.loads((out / "results.json").read_text())
+    assert all("predicted_ms" not in row for row in data["rows"])
+    markdown = (out / "results.md").read_text()
+    assert "predicted ms" not in markdown and "Roofline gaps" not in markdown
+    assert "roofline gaps" not in stdout
+
+
+# --- roofline prediction beside each GPU measurement (unit test on fake CUDA rows: no GPU needed) -------------
+def _fake_cuda_row(spec, provider, mode, time_ms, peak_bytes, status="ok"):
+    raw = {"workload_params": spec.params(), "provider": provider, "mode": mode, "device": "cuda", "status": status,
+           "weights_support": PROVIDERS_BY_NAME[provider].weights_support, "exact": PROVIDERS_BY_NAME[provider].exact}
+    if status == "ok":
+        raw.update(time_ms=time_ms, time_p20_ms=time_ms, time_p80_ms=time_ms, peak_memory_bytes=peak_bytes,
+                   loss_rel_err=1e-3, grad_hidden_rel_err=2e-3, grad_weight_rel_err=2e-3, weights_used="weighted")
+    else:
+        raw["reason"] = "worker exited with -11"
+    return raw
+
+
+def _predicted(provider, spec, card="H200"):
+    return roofline.predict(provider, roofline.Problem.of(spec), roofline.CARDS[card])
+
+
+def test_roofline_columns_beside_fake_gpu_rows():
+    environment = {"card": "NVIDIA H200", "versions": {}}
+    frozen = workload("Llama-3-8B", 16384, 0.5, frozen_head=True)
+    softcap = workload("Gemma-2-2B", 8192, 0.5, variant="softcap")
+    fused, liger = _predicted("fused_wce", HEADLINE_GPU), _predicted("liger", HEADLINE_GPU)
+    fused_frozen, cce_softcap = _predicted("fused_wce", frozen), _predicted("cce_exact", softcap)
+    raw = [
+        # within 20%: 1.1x the predicted time, the predicted peak
+        _fake_cuda_row(HEADLINE_GPU, "fused_wce", "forward_backward", fused.time_s * 1e3 * 1.1, fused.peak_bytes),
+        # a time gap (1.5x) and a peak gap (0.5x)
+        _fake_cuda_row(HEADLINE_GPU, "liger", "forward_backward", liger.time_s * 1e3 * 1.5, liger.peak_bytes / 2),
+        # forward only: not modelled
+        _fake_cuda_row(HEADLINE_GPU, "fused_wce", "forward", 12.0, 1 << 30),
+        # a crashed row: nothing to compare
+        _fake_cuda_row(HEADLINE_GPU, "cce", "forward_backward", None, None, status="crashed"),
+        # frozen head and a loss variant get their own problem's prediction (the variant's plain problem)
+        _fake_cuda_row(frozen, "fused_wce", "forward_backward", fused_frozen.time_s * 1e3, fused_frozen.peak_bytes),
+        _fake_cuda_row(softcap, "cce_exact", "forward_backward", cce_softcap.time_s * 1e3 * 0.7,
+                       cce_softcap.peak_bytes * 1.05),
+    ]
+    rows = [report.flatten(row, environment, 790.0) for row in raw]
+    report.add_relative_columns(rows)
+    gaps = report.add_roofline_columns(rows, environment)
+    good, gap, forward, crashed, frozen_row, variant_row = rows
+
+    assert environment["roofline_card"] == "H200" and "roofline_card_note" not in environment
+    assert good["predicted_ms"] == pytest.approx(fused.time_s * 1e3)
+    assert good["measured_over_predicted"] == pytest.approx(1.1, abs=1e-3)
+    assert good["predicted_peak_mib"] == pytest.approx(fused.peak_bytes / 2**20)
+    assert good["peak_over_predicted"] == pytest.approx(1.0) and good["needs_note"] is False
+    assert gap["measured_over_predicted"] == pytest.approx(1.5, abs=1e-3)
+    assert gap["peak_over_predicted"] == pytest.approx(0.5, abs=1e-3) and gap["needs_note"] is True
+    for row in (forward, crashed):
+        assert row["roofline_card"] == "H200"
+        assert row["predicted_ms"] is None and row["needs_note"] is None
+    assert frozen_row["predicted_ms"] == pytest.approx(fused_frozen.time_s * 1e3)
+    assert frozen_row["predicted_ms"] < good["predicted_ms"] and frozen_row["needs_note"] is False
+    assert variant_row["measured_over_predicted"] == pytest.approx(0.7, abs=1e-3) and variant_row["needs_note"]
+    assert gaps == [gap, variant_row] == report.roofline_gaps(rows)
+
+    markdown = report.markdown(environment, rows, [], [], [], [])
+    header = next(line for line in markdown.splitlines() if line.startswith("| workload | variant"))
+    for column in ("predicted ms", "measured/predicted", "predicted peak MiB", "needs note"):
+        assert f"| {column} |" in header
+    separator = markdown.splitlines()[markdown.splitlines().index(header) + 1]
+    assert separator.count("|") == header.count("|")
+    assert "## Roofline gaps over 20%" in markdown and "H200 values" in markdown
+    gap_section = markdown.split("## Roofline gaps over 20%")[1]
+    assert f"- {HEADLINE_GPU.name} forward_backward liger: time" in gap_section and "(1.5x)" in gap_section
+    assert "peak" in gap_section and "(0.5x)" in gap_section
+    assert f"{softcap.name} forward_backward cce_exact" in gap_section
+    assert "fused_wce:" not in gap_section
+
+
+def test_roofline_columns_leave_cpu_rows_alone():
+    spec = workload("cpu-32k", 1024, 1.0, dtype="float32")
+    raw = {"workload_params": spec.params(), "provider": "fused_wce", "mode": "forward_backward", "device": "cpu",
+           "status": "ok", "time_ms": 700.0, "peak_memory_bytes": 100 << 20}
+    rows = [report.flatten(raw, {"card": "CPU: x", "versions": {}}, 1.0)]
+    before = dict(rows[0])
+    environment = {"card": "CPU: x"}
+    assert report.add_roofline_columns(rows, environment) == []
+    assert rows[0] == before and "roofline_card" not in environment
+    assert "predicted ms" not in report.markdown(environment, rows, [], [], [], [])
+
+
+@pytest.mark.parametrize("name,key,noted", [("NVIDIA H200", "H200", False), ("NVIDIA H100 80GB HBM3", "H100", False),
+                                            ("NVIDIA A100-SXM4-80GB", "A100", False),
+                                            ("NVIDIA GeForce RTX 4090", "H100", True), (None, "H100", True)])
+def test_roofline_card_from_device_name(name, key, noted):
+    got, note = report.roofline_card(name)
+    assert got == key and (note is not None) == noted
+    if noted:
+        assert "H100" in note and repr(name) in note
+
+
+def test_unknown_card_uses_h100_values_and_says_so():
+    environment = {"card": "NVIDIA L40S", "versions": {}}
+    h100 = _predicted("fused_wce", HEADLINE_GPU, "H100")
+    rows = [report.flatten(_fake_cuda_row(HEADLINE_GPU, "fused_wce", "forward_backward", h100.time_s * 1e3,
+                                          h100.peak_bytes), environment, None)]
+    report.add_roofline_columns(rows, environment)
+    assert rows[0]["roofline_card"] == "H100 SXM" and rows[0]["predicted_ms"] == pytest.approx(h100.time_s * 1e3)
+    assert "L40S" in environment["roofline_card_note"]
+    assert "Note: card 'NVIDIA L40S'" in report.markdown(environment, rows, [], [], [], [])
+
+
+# --- subcommands -----------------------------------------------------------------------------------------------
+def test_roofline_subcommand_writes_its_tables(tmp_path):
+    completed = subprocess.run([sys.executable, "-m", "benchmarks", "roofline", "--card", "A100", "--provider",
+                                "fused_wce", "--out", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with open(tmp_path / "roofline.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["provider"] for r in rows} == {"fused_wce"} and {r["card"] for r in rows} == {"A100 SXM"}
+    assert len(rows) == len(roofline.problems())
+    assert "| fused_wce |" in completed.stdout
+
+
+def test_static_and_roofline_subcommands_delegate(monkeypatch, capsys):
+    import benchmarks.static as static
+
+    calls = []
+    monkeypatch.setattr(static, "main", lambda argv, prog: calls.append((argv, prog)) or 3)
+    assert cli.main(["static", "--targets", "90", "--only", "combine"]) == 3
+    assert calls == [(["--targets", "90", "--only", "combine"], "python -m benchmarks static")]
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["roofline", "--help"])
+    assert raised.value.code == 0
+    assert "usage: python -m benchmarks roofline" in capsys.readouterr().out
+    help_text = cli.make_parser().format_help()
+    assert "static" in help_text and "roofline" in help_text and "--budget-s" in help_text
+    with pytest.raises(SystemExit, match="budget-s"):
+        cli.main(["--budget-s", "0"])
