@@ -322,3 +322,64 @@ def test_static_and_roofline_subcommands_delegate(monkeypatch, capsys):
     assert "static" in help_text and "roofline" in help_text and "--budget-s" in help_text
     with pytest.raises(SystemExit, match="budget-s"):
         cli.main(["--budget-s", "0"])
+
+
+# --- scripts/gpu_check.sh: the one prepared GPU run (checked here without a GPU) --------------------------------
+GPU_CHECK = os.path.join(REPO_ROOT, "scripts", "gpu_check.sh")
+
+
+def _gpu_check_dry_run(tmp_path, **env_extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
+    env.update(GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path / "out"), PYTHON=sys.executable, **env_extra)
+    completed = subprocess.run(["bash", GPU_CHECK], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_gpu_check_script_syntax_and_card_settings_untouched():
+    completed = subprocess.run(["bash", "-n", GPU_CHECK], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    text = open(GPU_CHECK).read()
+    commands = [line for line in text.splitlines() if "nvidia-smi" in line and not line.lstrip().startswith("#")]
+    assert commands
+    for forbidden in (" -r", "--gpu-reset", " -pm", " -pl", " -ac", " -lgc", " -c ", " -mig", "--persistence"):
+        assert not any(forbidden in line for line in commands), forbidden
+
+
+def test_gpu_check_dry_run_prints_every_stage_within_one_command_limit(tmp_path):
+    stdout = _gpu_check_dry_run(tmp_path)
+    order = [stdout.index(f"== stage {name} (cap") for name in ("info", "install", "tests", "bench")]
+    assert order == sorted(order)
+    test_line = next(line for line in stdout.splitlines() if "-m pytest" in line and "+ (cap" in line)
+    for name in ("test_linear_cross_entropy", "test_loss_variants", "test_memory_bound", "test_determinism"):
+        assert f"tests/{name}.py" in test_line and os.path.exists(os.path.join(REPO_ROOT, "tests", f"{name}.py"))
+    assert " -x " in test_line
+    bench_line = next(line for line in stdout.splitlines() if "-m benchmarks --quick" in line)
+    assert "--budget-s" in bench_line and "--out" in bench_line
+    # every stage's cap, in order, fits in the 600 s a device command may run (with the default 540 s total)
+    caps = [int(line.split("(cap ")[1].split("s)")[0]) for line in stdout.splitlines() if "+ (cap " in line]
+    assert max(caps) <= 540
+    assert "no pip install" in stdout  # a dry run never installs
+    assert "stage tests: dry run" in stdout and "stage bench: dry run" in stdout
+    assert (tmp_path / "out" / "gpu_check.log").read_text().count("== stage") == 8  # begin and end of 4 stages
+
+
+def test_gpu_check_reruns_one_stage_and_cuts_caps_to_the_total(tmp_path):
+    stdout = _gpu_check_dry_run(tmp_path, GPU_CHECK_STAGES="bench", GPU_CHECK_TOTAL_S="200")
+    assert "== stage bench" in stdout and "== stage tests" not in stdout and "== stage info" not in stdout
+    bench_line = next(line for line in stdout.splitlines() if "-m benchmarks --quick" in line)
+    cap = int(bench_line.split("(cap ")[1].split("s)")[0])
+    assert cap <= 200 - 20  # the time left, minus what copying the files back needs
+    assert f"--budget-s {max(30, cap - 130)}" in bench_line
+
+
+def test_conftest_adds_cuda_paths_when_a_gpu_is_seen():
+    """What gpu_check.sh relies on: with a GPU, every path test also runs on cuda-triton and cuda-torch."""
+    code = ("import sys, torch; torch.cuda.is_available = lambda: True; sys.path.insert(0, 'tests'); "
+            "import conftest; print(conftest.PATHS)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "('cuda', 'triton'), ('cuda', 'torch')" in completed.stdout
