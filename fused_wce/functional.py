@@ -6,7 +6,7 @@ import os
 import torch
 
 from . import _torch_backend
-from ._passes import PassRequest, PassResult
+from ._passes import PassRequest, PassResult, allocate_gradients
 from ._validation import check_arguments, count_tokens
 from .loss_math import LossVariant, TokenStats
 from .types import LossOptions, LossOutput
@@ -39,7 +39,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     Inputs: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, target ``[N]``, token_weight float32
     ``[N]`` or None, normalizer (float, 0-d tensor or None), options (:class:`LossOptions`).
     Outputs: loss (0-d, or ``[N]`` for reduction="none"), then per-token token_loss, lse, entropy ``[N]``
-    float32, is_top1 ``[N]`` bool and z_term ``[N]`` float32 (zeros without z-loss); all but the loss are
+    float32, is_top1 ``[N]`` bool and z_term ``[N]`` float32 (empty without z-loss); all but the loss are
     non-differentiable.
     """
 
@@ -154,8 +154,6 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
 def _empty_result(request: PassRequest) -> PassResult:
     """A pass over zero tokens: empty stats, zero gradients (the loss stays connected to the graph)."""
-    from ._passes import allocate_gradients
-
     result = allocate_gradients(request)
     empty = request.hidden.new_zeros(0, dtype=torch.float32)
     result.stats = TokenStats(empty, empty, empty, empty.bool(), empty if request.variant.z_loss else None)
