@@ -28,7 +28,8 @@ def _summaries(num_splits: int, num_tokens: int, count: int, device) -> tuple[to
 
 
 def run_pass(request: PassRequest) -> PassResult:
-    hidden, target, variant = request.hidden, request.target, request.variant
+    target, variant = request.target, request.variant
+    hidden = request.hidden if request.hidden.stride(1) == 1 else request.hidden.contiguous()
     bias = None if request.bias is None else request.bias.contiguous()  # the kernel reads it with unit stride
     # The vocabulary-tile kernel reads rows of H with unit stride (vectorised loads); a transposed or sliced
     # weight is copied once (O(V * H)).

@@ -29,6 +29,8 @@ def _backend_module(options: LossOptions, device: torch.device):
 
 def _scatter_rows(values: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Rows ``values[j]`` placed at ``index[j]`` of a zero tensor with ``num_rows`` rows."""
+    if values.shape[0] == num_rows:  # every row counted: index is 0..N-1, nothing to scatter
+        return values
     out = values.new_zeros((num_rows, *values.shape[1:]))
     return out.index_copy_(0, index, values) if index.numel() else out
 
@@ -75,8 +77,12 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grads_in_forward = denominator is not None and (need_hidden or need_weight or need_bias)
+        recompute_in_backward = denominator is None and (need_hidden or need_weight or need_bias)
+        # Every token counted (full-sequence SFT): no [N, H] gather copy, unless backward will read the rows
+        # again (a copy then protects them from in-place changes of the caller's tensor).
+        gather = counted.n_counted != num_tokens or recompute_in_backward
         request = PassRequest(
-            hidden=hidden.index_select(0, index),
+            hidden=hidden.index_select(0, index) if gather else hidden,
             weight=weight,
             bias=bias,
             target=target.index_select(0, index).long(),
@@ -102,7 +108,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         if grads_in_forward:
             ctx.result = result
             ctx.save_for_backward(index)
-        elif denominator is None and any(ctx.needs_input_grad[:3]):
+        elif recompute_in_backward:
             ctx.request = request  # reduction="none": recompute with the per-token upstream gradient
             ctx.counted_weight = counted_weight
             ctx.save_for_backward(index)
