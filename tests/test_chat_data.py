@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import pytest
 
-import pytest  # noqa: E402
-
-from fused_wce.trl_integration import chat_data  # noqa: E402
-from fused_wce.trl_integration.chat_data import (  # noqa: E402
+from fused_wce.trl_integration import chat_data
+from fused_wce.trl_integration.chat_data import (
     CHATML_TEMPLATE_NO_GENERATION,
     DEFAULT_DATASET_PATH,
     TOKENIZER_PATH,
@@ -21,7 +17,7 @@ from fused_wce.trl_integration.chat_data import (  # noqa: E402
     load_jsonl_dataset,
     train_tokenizer,
 )
-from fused_wce.trl_integration.weighting import TurnWeighting, tokenize_with_weights  # noqa: E402
+from fused_wce.trl_integration.weighting import TurnWeighting, tokenize_with_weights
 
 
 @pytest.fixture(scope="module")

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import math
-import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import pytest
 
-import pytest  # noqa: E402
-
-from fused_wce.trl_integration.chat_data import (  # noqa: E402
+from fused_wce.trl_integration.chat_data import (
     CHATML_TEMPLATE,
     CHATML_TEMPLATE_NO_GENERATION,
     build_tokenizer,
 )
-from fused_wce.trl_integration.weighting import (  # noqa: E402
+from fused_wce.trl_integration.weighting import (
     ROLE_CODES,
     TURN_POSITIONS,
     ChatTemplateError,
