@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fused_wce
+from conftest import INTERPRETING
+from fused_wce.kernels.vocab_partials import tanh as kernel_tanh
 from helpers import make_problem
 from test_linear_cross_entropy import check_against_reference
 
@@ -80,3 +84,24 @@ BAD = [
 def test_bad_variant_values(options, error, name):
     with pytest.raises(error, match=name):
         fused_wce.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,)), **options)
+
+
+@triton.jit
+def _apply_kernel_tanh(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, kernel_tanh(tl.load(x_ptr + offs, mask=mask, other=0.0)), mask=mask)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="runs the kernel's tanh on host memory under the interpreter")
+def test_kernel_tanh_is_accurate_for_small_and_large_arguments():
+    """The softcap's tanh: within 4 fp32 ulp of float64 tanh, from tiny arguments (where 1 - exp(-2|x|)
+    would cancel) through the switch at 0.25 to saturation."""
+    magnitudes = torch.cat([torch.logspace(-7, 1.5, 400), torch.linspace(0.2, 0.3, 101)])
+    x = torch.cat([magnitudes, -magnitudes]).float()
+    y = torch.empty_like(x)
+    _apply_kernel_tanh[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    exact = torch.tanh(x.double())
+    ulp = torch.finfo(torch.float32).eps * exact.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    worst = ((y.double() - exact).abs() / ulp).max().item()
+    assert worst <= 4.0, f"tanh off by {worst:.1f} ulp"
