@@ -134,17 +134,11 @@ def candidate_configs() -> dict[str, list]:
     tile = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
             (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 3), (64, 128, 64, 4, 3),
             (128, 64, 64, 4, 4), (128, 64, 64, 8, 4)]
-    gemm = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-            (128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (64, 256, 64, 4, 3), (128, 128, 32, 4, 4)]
     fp32_tile = [(64, 128, 16, 8, 3), (64, 128, 32, 8, 3), (128, 128, 16, 8, 3), (64, 64, 32, 4, 3),
                  (32, 128, 32, 4, 3)]
-    fp32_gemm = [(64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 3), (128, 128, 16, 8, 3),
-                 (64, 128, 32, 8, 3)]
     return {
         "vocab_partials": [_cfg(*c) for c in tile],
         "vocab_partials_fp32": [_cfg(*c) for c in fp32_tile],
-        "matmul": [_cfg(*c, group_m=8) for c in gemm],
-        "matmul_fp32": [_cfg(*c, group_m=8) for c in fp32_gemm],
         "softmax_grad": [KernelConfig(block_m=m, num_warps=w) for m, w in ((16, 4), (8, 4), (32, 4), (32, 8),
                                                                            (64, 8))],
         "combine": [KernelConfig(block_m=m, block_s=s, num_warps=w) for m, s, w in ((32, 64, 4), (64, 64, 4),
@@ -158,7 +152,6 @@ def _same(a, b, fields) -> bool:
 
 
 _TILE_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
-_GEMM_FIELDS = _TILE_FIELDS + ("group_m",)
 
 
 def candidate_jobs(capability: int) -> list[Job]:
@@ -196,11 +189,6 @@ def candidate_jobs(capability: int) -> list[Job]:
             if dtype == torch.bfloat16:
                 add(cs.vocab_partials_spec(dtype, store_logits=True, has_bias=True, config=config, **heaviest),
                     shipped.vocab_partials, _TILE_FIELDS)
-        for config in candidates["matmul" + suffix]:
-            add(cs.matmul_spec(dtype, transposed_a=False, accumulate=False, config=config), shipped.matmul,
-                _GEMM_FIELDS)
-            add(cs.matmul_spec(dtype, transposed_a=True, accumulate=True, config=config),
-                shipped.matmul_accumulate, _GEMM_FIELDS)
     bf16 = gpu_configs(capability, torch.bfloat16)
     probe = cs.softmax_grad_spec(torch.bfloat16, bf16.softmax_grad, bf16.vocab_partials.block_n, **heaviest)
     shipped_softmax = shipped_by_name.get(probe.name, probe)

@@ -24,14 +24,20 @@ def _require_tensor(name: str, value) -> None:
 
 
 def check_arguments(hidden, weight, target, token_weight, bias, *, ignore_index, reduction, normalizer,
-                    chunk_size, backend) -> None:
-    """Check everything that needs no device values; raise TypeError/ValueError naming the argument."""
+                    chunk_size, backend, mixed_dtypes: bool = False) -> None:
+    """Check everything that needs no device values; raise TypeError/ValueError naming the argument.
+
+    ``mixed_dtypes``: the matmuls run in an explicit compute dtype (or autocast's), so weight and bias may
+    have any float dtype; otherwise they must have hidden's.
+    """
     _require_tensor("hidden", hidden)
     _require_tensor("weight", weight)
     _require_tensor("target", target)
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight.dtype must be float32, float16 or bfloat16, got {weight.dtype}")
+    if weight.dtype != hidden.dtype and not mixed_dtypes:
         raise TypeError(f"weight.dtype ({weight.dtype}) must equal hidden.dtype ({hidden.dtype})")
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape [..., H] with at least one dimension, got a 0-d tensor")
@@ -59,8 +65,8 @@ def check_arguments(hidden, weight, target, token_weight, bias, *, ignore_index,
         _check_same_device("token_weight", token_weight, hidden)
     if bias is not None:
         _require_tensor("bias", bias)
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias.dtype ({bias.dtype}) must equal hidden.dtype ({hidden.dtype})")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias.dtype ({bias.dtype}) must equal weight.dtype ({weight.dtype})")
         if tuple(bias.shape) != (vocab_size,):
             raise ValueError(f"bias must have shape [V] = ({vocab_size},), got {tuple(bias.shape)}")
         _check_same_device("bias", bias, hidden)

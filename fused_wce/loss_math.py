@@ -58,16 +58,22 @@ class LossVariant:
     dft: bool = False
 
     def __post_init__(self):
-        if not (math.isfinite(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not (math.isfinite(self.z_loss) and self.z_loss >= 0.0):
-            raise ValueError(f"z_loss must be finite and >= 0, got {self.z_loss}")
-        if self.softcap is not None and not (math.isfinite(self.softcap) and self.softcap > 0.0):
-            raise ValueError(f"softcap must be None or finite and > 0, got {self.softcap}")
-        if not (math.isfinite(self.logit_scale) and self.logit_scale > 0.0):
-            raise ValueError(f"logit_scale must be finite and > 0, got {self.logit_scale}")
-        if not isinstance(self.dft, bool):
-            raise TypeError(f"dft must be a bool, got {type(self.dft).__name__}")
+        self.check(label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+                   logit_scale=self.logit_scale, dft=self.dft)
+
+    @staticmethod
+    def check(*, label_smoothing: float, z_loss: float, softcap: float | None, logit_scale: float, dft: bool) -> None:
+        """Raise ValueError/TypeError naming the first invalid field (also used before a variant is built)."""
+        if not (math.isfinite(label_smoothing) and 0.0 <= label_smoothing < 1.0):
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if not (math.isfinite(z_loss) and z_loss >= 0.0):
+            raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")
+        if softcap is not None and not (math.isfinite(softcap) and softcap > 0.0):
+            raise ValueError(f"softcap must be None or finite and > 0, got {softcap}")
+        if not (math.isfinite(logit_scale) and logit_scale > 0.0):
+            raise ValueError(f"logit_scale must be finite and > 0, got {logit_scale}")
+        if not isinstance(dft, bool):
+            raise TypeError(f"dft must be a bool, got {type(dft).__name__}")
 
     @property
     def has_logit_scale(self) -> bool:
@@ -164,20 +170,26 @@ def apply_dft(stats: TokenStats, factor: torch.Tensor) -> TokenStats:
 
 def softmax_grad_(exp_shifted: torch.Tensor, shifted: torch.Tensor | None, row_max: torch.Tensor,
                   sum_exp: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, coef: torch.Tensor,
-                  variant: LossVariant = PLAIN) -> torch.Tensor:
-    """Turn ``exp(z - m)`` rows ``[M, V]`` into ``dlogits`` (with respect to the raw logits) in place.
+                  variant: LossVariant = PLAIN, vocab_size: int | None = None) -> torch.Tensor:
+    """Turn ``exp(z - m)`` rows ``[M, T]`` into ``dlogits`` (with respect to the raw logits) in place.
 
     ``p = exp(z - m) / s = exp(z - lse)``; ``coef`` (float32 ``[M]``) already includes the DFT factor.
-    ``shifted`` (``z - m``, ``[M, V]``) is needed only with a softcap, whose derivative depends on ``z``.
+    ``shifted`` (``z - m``, ``[M, T]``) is needed only with a softcap, whose derivative depends on ``z``.
+    The rows may be one slab of the vocabulary (``T < V``): ``target`` is then relative to the slab's first
+    column (a target outside ``[0, T)`` is in another slab), ``s = exp(lse - m)`` and ``vocab_size`` is ``V``
+    (label smoothing's ``eps / V``); by default the rows are whole (``T == V``).
     """
     row_scale = coef / sum_exp
     if variant.z_loss:
         row_scale = row_scale * (1.0 + 2.0 * variant.z_loss * lse)
     grad = exp_shifted.mul_(row_scale[:, None])
     eps = variant.label_smoothing
-    grad.scatter_add_(1, target[:, None], -(1.0 - eps) * coef[:, None])
+    width = grad.shape[1]
+    in_slab = (target >= 0) & (target < width)
+    target_step = torch.where(in_slab, -(1.0 - eps) * coef, torch.zeros_like(coef))
+    grad.scatter_add_(1, target.clamp(0, width - 1)[:, None], target_step[:, None])
     if eps:
-        grad.sub_((eps / grad.shape[1]) * coef[:, None])
+        grad.sub_((eps / (vocab_size or width)) * coef[:, None])
     if variant.has_softcap:
         # dz/dr = scale * (1 - tanh^2) = scale * (1 - (z / cap)^2), z = (z - m) + m
         capped = shifted.add_(row_max[:, None]).div_(variant.softcap)

@@ -18,8 +18,10 @@ class LinearCrossEntropy(nn.Module):
                  normalizer: float | torch.Tensor | None = None, chunk_size: int | None = None,
                  return_stats: bool = False, backend: str = "auto", label_smoothing: float = 0.0,
                  z_loss: float = 0.0, softcap: float | None = None, logit_scale: float = 1.0,
-                 dft: bool = False) -> None:
+                 dft: bool = False, compute_dtype: torch.dtype | None = None, lean_memory: bool = False) -> None:
         super().__init__()
+        self.compute_dtype = compute_dtype
+        self.lean_memory = lean_memory
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap
@@ -40,10 +42,11 @@ class LinearCrossEntropy(nn.Module):
                                     chunk_size=self.chunk_size, return_stats=self.return_stats,
                                     backend=self.backend, label_smoothing=self.label_smoothing,
                                     z_loss=self.z_loss, softcap=self.softcap, logit_scale=self.logit_scale,
-                                    dft=self.dft)
+                                    dft=self.dft, compute_dtype=self.compute_dtype, lean_memory=self.lean_memory)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, chunk_size={self.chunk_size}, "
                 f"return_stats={self.return_stats}, backend={self.backend!r}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
-                f"logit_scale={self.logit_scale}, dft={self.dft}")
+                f"logit_scale={self.logit_scale}, dft={self.dft}, compute_dtype={self.compute_dtype}, "
+                f"lean_memory={self.lean_memory}")

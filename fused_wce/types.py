@@ -1,7 +1,7 @@
 """Result and option types shared by every execution path."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -40,10 +40,20 @@ BACKENDS = ("auto", "triton", "torch")
 
 @dataclass(frozen=True)
 class LossOptions:
-    """The keyword options of one call, validated; passed to the autograd function as one object."""
+    """The keyword options of one call, validated (built inside the custom op from its arguments).
+
+    ``normalizer``: a 0-d tensor or None; ``compute_dtype``: the dtype of the logit matmuls; ``lean_memory``:
+    vocabulary-slab gradients (see :func:`fused_wce.linear_cross_entropy`).
+    """
 
     ignore_index: int = -100
     reduction: str = "mean"
     chunk_size: int | None = None
     backend: str = "auto"
     variant: LossVariant = field(default=PLAIN)
+    compute_dtype: torch.dtype = torch.float32
+    lean_memory: bool = False
+    normalizer: torch.Tensor | None = None
+
+    def with_normalizer(self, normalizer: torch.Tensor | None) -> "LossOptions":
+        return replace(self, normalizer=normalizer)

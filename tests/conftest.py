@@ -37,6 +37,12 @@ def path(request):
     return request.param
 
 
+@pytest.fixture(params=["cpu", "cuda"] if HAS_CUDA else ["cpu"])
+def device(request):
+    """A device for tests of the default backend there (PyTorch on CPU, Triton on CUDA)."""
+    return request.param
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """Fill every buffer a pass must write in full with garbage (NaN / 7), so unwritten elements show."""

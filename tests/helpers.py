@@ -77,3 +77,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, yardstick: torch.
     if yardstick is not None and yardstick.numel():
         allowed += factor * (yardstick.double() - expected).abs().max().item()
     assert error <= allowed, f"{name}: max error {error:.3g} > allowed {allowed:.3g} (scale {scale:.3g})"
+
+
+def run_inside_custom_op(mode, func, args, kwargs):
+    """For a dispatch mode: run a fused_wce custom op's implementation with ``mode`` active, so the mode sees
+    the ops inside it (a mode otherwise sees one opaque op). Returns None for any other op."""
+    from fused_wce.functional import OP_IMPLEMENTATIONS
+
+    implementation = OP_IMPLEMENTATIONS.get(func._schema.name)
+    if implementation is None:
+        return None
+    with mode:
+        return implementation(*args, **(kwargs or {}))

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_wce
 from conftest import INTERPRETING
-from helpers import make_problem
+from helpers import make_problem, run_inside_custom_op
 
 
 class AllocationRecorder(TorchDispatchMode):
@@ -21,6 +21,9 @@ class AllocationRecorder(TorchDispatchMode):
         self.shapes: list[tuple[str, tuple[int, ...]]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inside = run_inside_custom_op(self, func, args, kwargs)
+        if inside is not None:
+            return inside
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten.set_.source_Storage:
             return out  # re-points a tensor at existing storage: no allocation
@@ -78,6 +81,9 @@ class LiveBytes(TorchDispatchMode):
         self.current -= self.live.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inside = run_inside_custom_op(self, func, args, kwargs)
+        if inside is not None:
+            return inside
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor)}

@@ -136,9 +136,6 @@ def _big_tile_configs():
         INTERPRETER_CONFIGS,
         vocab_partials=KernelConfig(block_m=16, block_n=8192, block_k=16, num_warps=4, num_stages=1),
         softmax_grad=KernelConfig(block_m=16, num_warps=4),
-        matmul=KernelConfig(block_m=16, block_n=16, block_k=16384, group_m=1, num_warps=4, num_stages=1),
-        matmul_accumulate=KernelConfig(block_m=16384, block_n=16, block_k=16, group_m=1, num_warps=4,
-                                       num_stages=1),
     )
 
 

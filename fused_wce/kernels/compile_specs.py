@@ -14,7 +14,6 @@ import torch
 
 from .combine import combine_kernel
 from .configs import KernelConfig, gpu_configs
-from .matmul import matmul_kernel
 from .softmax_grad import softmax_grad_kernel
 from .vocab_partials import vocab_partials_kernel
 
@@ -116,33 +115,13 @@ def softmax_grad_spec(dtype: torch.dtype, config: KernelConfig, block_n: int,
                       flags: VariantFlags = PLAIN_FLAGS) -> CompileSpec:
     t = _TRITON_DTYPES[dtype]
     signature = {"logits_ptr": _pointer(t), "part_max_ptr": "*fp32", "lse_ptr": "*fp32", "target_ptr": "*i64",
-                 "coef_ptr": "*fp32", "M": "i32", "V": "i32", "stride_logits_m": "i32",
+                 "coef_ptr": "*fp32", "M": "i32", "V": "i32", "num_classes": "i32", "stride_logits_m": "i32",
                  "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32", "logit_scale": "fp32"}
     constexprs = {"HAS_SMOOTHING": flags.smoothing, "HAS_Z_LOSS": flags.z_loss, "HAS_SOFTCAP": flags.softcap,
                   "HAS_LOGIT_SCALE": flags.logit_scale, "BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": block_n}
     signature.update({name: "constexpr" for name in constexprs})
     return CompileSpec(f"softmax_grad[{flags.tag},{t}]", softmax_grad_kernel, signature, constexprs, config, multiplies=False,
                        aligned=("logits_ptr", "part_max_ptr", "M", "V", "stride_logits_m"))
-
-
-def matmul_spec(dtype: torch.dtype, *, transposed_a: bool, accumulate: bool, config: KernelConfig) -> CompileSpec:
-    """``grad_hidden = dlogits @ weight`` (A row-major) or ``grad_weight += dlogits.T @ hidden`` (A transposed,
-    fp32 C accumulated)."""
-    t = _TRITON_DTYPES[dtype]
-    out = "fp32" if accumulate else t
-    signature = {"a_ptr": _pointer(t), "b_ptr": _pointer(t), "c_ptr": _pointer(out), "M": "i32", "N": "i32",
-                 "K": "i32", "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
-                 "stride_cm": "i32", "stride_cn": "i32"}
-    unit_strides = {"stride_am" if transposed_a else "stride_ak": 1, "stride_bn": 1, "stride_cn": 1}
-    constexprs = {**unit_strides, "ACCUMULATE": accumulate, "DOT_PRECISION": config.dot_precision(dtype),
-                  "BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": config.block_n,
-                  "BLOCK_SIZE_K": config.block_k, "GROUP_SIZE_M": config.group_m}
-    signature.update({name: "constexpr" for name in constexprs})
-    strided = [s for s in ("stride_am", "stride_ak", "stride_bk", "stride_cm") if s not in unit_strides]
-    role = "grad_weight" if transposed_a else "grad_hidden"
-    return CompileSpec(f"matmul[{role},{t}]", matmul_kernel, signature, constexprs, config,
-                       multiplies=dtype != torch.float32,
-                       aligned=("a_ptr", "b_ptr", "c_ptr", "M", "N", "K", *strided))
 
 
 def shipped_specs(capability: int, dtypes=(torch.bfloat16, torch.float16, torch.float32),
@@ -164,8 +143,6 @@ def shipped_specs(capability: int, dtypes=(torch.bfloat16, torch.float16, torch.
                     specs.append(vocab_partials_spec(dtype, store_logits=store_logits, has_bias=has_bias,
                                                      config=vocab_config, flags=flags))
             specs.append(softmax_grad_spec(dtype, configs.softmax_grad, vocab_config.block_n, flags))
-        specs.append(matmul_spec(dtype, transposed_a=False, accumulate=False, config=configs.matmul))
-        specs.append(matmul_spec(dtype, transposed_a=True, accumulate=True, config=configs.matmul_accumulate))
     return specs
 
 

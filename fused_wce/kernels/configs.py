@@ -4,9 +4,7 @@ GPU configs, per architecture, each checked to compile without register spills (
 The vocabulary-tile kernel holds a 128 x BLOCK_SIZE_N fp32 accumulator plus its logsumexp epilogue; with
 BLOCK_SIZE_K = 64 and three pipeline stages its shared memory fits A100 (164 KiB) and H100 (228 KiB); 128-row
 tiles with 8 warps are what Triton lowers to wgmma on sm_90. BLOCK_SIZE_N is also the granularity of the
-tile-relative logits the gradient kernel reads. The grad_hidden GEMM uses 128 x 256 tiles (Triton tutorial
-03's Hopper config): its ``[chunk, H]`` output has few tiles (1024 x 4096 -> 128 programs: one wave on 132
-SMs).
+tile-relative logits the gradient kernel reads. (The gradient GEMMs are cuBLAS: no configs here.)
 
 Interpreter configs (TRITON_INTERPRET=1, CPU tensors): the same kernels with blocks sized for test shapes
 (every Python-level op costs ~ms there); BLOCK_SIZE_K stays below the tests' H so K masking is exercised.
@@ -24,7 +22,6 @@ class KernelConfig:
     block_n: int = 128
     block_k: int = 64
     block_s: int = 64
-    group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
 
@@ -41,8 +38,6 @@ class KernelConfigs:
     vocab_partials: KernelConfig
     combine: KernelConfig
     softmax_grad: KernelConfig
-    matmul: KernelConfig  # grad_hidden = dlogits @ weight
-    matmul_accumulate: KernelConfig  # grad_weight += dlogits.T @ hidden (also loads the fp32 C tile)
     # vocab_partials when its epilogue also carries a softcap or the label-smoothing sum (more registers);
     # None: the same as vocab_partials.
     vocab_partials_heavy: KernelConfig | None = None
@@ -58,13 +53,10 @@ class KernelConfigs:
 
 _COMBINE = KernelConfig(block_m=32, block_s=64, num_warps=4)
 _SOFTMAX_GRAD = KernelConfig(block_m=16, num_warps=4)
-_MATMUL = KernelConfig(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3)
-# The accumulating GEMM holds the fp32 C tile beside the accumulator: 128 x 256 spills, 128 x 128 does not.
-_MATMUL_ACCUMULATE = KernelConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
 
 SM90_CONFIGS = KernelConfigs(
     vocab_partials=KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-    combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD, matmul=_MATMUL, matmul_accumulate=_MATMUL_ACCUMULATE,
+    combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD,
     # a softcap's tanh or the smoothing sum on a 128 x 128 tile spills 8-40 bytes; 128 x 64 does not
     vocab_partials_heavy=KernelConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
 )
@@ -72,15 +64,13 @@ SM90_CONFIGS = KernelConfigs(
 # there, 128 x 64 does not.
 SM80_CONFIGS = KernelConfigs(
     vocab_partials=KernelConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
-    combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD, matmul=_MATMUL, matmul_accumulate=_MATMUL_ACCUMULATE,
+    combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD,
 )
 # fp32 multiplies exactly (no TF32 unless torch allows it), with FMAs whose operand fragments live in
 # registers: smaller tiles and BLOCK_SIZE_K keep those kernels free of spills on both architectures.
 FP32_CONFIGS = KernelConfigs(
     vocab_partials=KernelConfig(block_m=64, block_n=128, block_k=16, num_warps=8, num_stages=3),
     combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD,
-    matmul=KernelConfig(block_m=64, block_n=128, block_k=32, group_m=8, num_warps=4, num_stages=3),
-    matmul_accumulate=KernelConfig(block_m=128, block_n=128, block_k=32, group_m=8, num_warps=8, num_stages=3),
 )
 GPU_CONFIGS = {80: SM80_CONFIGS, 90: SM90_CONFIGS}
 
@@ -88,8 +78,6 @@ INTERPRETER_CONFIGS = KernelConfigs(
     vocab_partials=KernelConfig(block_m=32, block_n=256, block_k=64, num_warps=4, num_stages=1),
     combine=KernelConfig(block_m=64, block_s=4, num_warps=4),
     softmax_grad=KernelConfig(block_m=32, num_warps=4),
-    matmul=KernelConfig(block_m=64, block_n=64, block_k=128, group_m=4, num_warps=4, num_stages=1),
-    matmul_accumulate=KernelConfig(block_m=64, block_n=64, block_k=128, group_m=4, num_warps=4, num_stages=1),
     target_programs_per_sm=2,
 )
 

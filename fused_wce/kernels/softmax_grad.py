@@ -9,7 +9,7 @@ import triton.language as tl
 @triton.jit
 def softmax_grad_kernel(
     logits_ptr, part_max_ptr, lse_ptr, target_ptr, coef_ptr,
-    M, V, stride_logits_m, label_smoothing, z_loss, softcap, logit_scale,
+    M, V, num_classes, stride_logits_m, label_smoothing, z_loss, softcap, logit_scale,
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_LOGIT_SCALE: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
 ):
@@ -22,7 +22,10 @@ def softmax_grad_kernel(
             ``coef * (p (1 + 2 z_loss lse) - (1 - eps) [v == target] - eps / V) * dz/dr``, each variant's term
             only under its HAS_* flag.
         part_max_ptr: ``[cdiv(V, BLOCK_SIZE_N), M]`` fp32: ``m_tile`` of each (tile, row).
-        lse_ptr, coef_ptr: ``[M]`` fp32 (coef includes DFT's factor). target_ptr: ``[M]`` int64.
+        lse_ptr, coef_ptr: ``[M]`` fp32 (coef includes DFT's factor). target_ptr: ``[M]`` int64, relative to
+            the first column of ``logits`` (a target outside ``[0, V)`` lies in another vocabulary slab).
+    ``V`` is the number of columns of ``logits`` (the whole vocabulary, or one slab of it in lean mode);
+    ``num_classes`` is the whole vocabulary's size (label smoothing's ``eps / num_classes``).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -44,7 +47,8 @@ def softmax_grad_kernel(
     if HAS_Z_LOSS:
         probs = probs * (1.0 + 2.0 * z_loss * lse)[:, None]
     if HAS_SMOOTHING:
-        grad = probs - tl.where(offs_n[None, :] == target[:, None], 1.0 - label_smoothing, 0.0) - label_smoothing / V
+        grad = probs - tl.where(offs_n[None, :] == target[:, None], 1.0 - label_smoothing, 0.0) \
+            - label_smoothing / num_classes
     else:
         grad = probs - tl.where(offs_n[None, :] == target[:, None], 1.0, 0.0)
     grad = coef[:, None] * grad
@@ -58,14 +62,16 @@ def softmax_grad_kernel(
 
 def softmax_grad(logits: torch.Tensor, tile_max: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
                  coef: torch.Tensor, config, block_n: int, *, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: float | None = None, logit_scale: float = 1.0) -> None:
+                 softcap: float | None = None, logit_scale: float = 1.0, num_classes: int | None = None) -> None:
     """Launch :func:`softmax_grad_kernel` over ``logits`` ``[M, V]`` (in place); ``block_n`` is the vocabulary
-    tile width the logits were written with; the keyword options select the loss variant."""
+    tile width the logits were written with; the keyword options select the loss variant. For one slab of the
+    vocabulary, ``target`` is relative to the slab and ``num_classes`` is the whole vocabulary's size."""
     num_tokens, vocab_size = logits.shape
     assert logits.stride(1) == 1
     assert tile_max.shape == (triton.cdiv(vocab_size, block_n), num_tokens)
     grid = (triton.cdiv(num_tokens, config.block_m), triton.cdiv(vocab_size, block_n))
-    softmax_grad_kernel[grid](logits, tile_max, lse, target, coef, num_tokens, vocab_size, logits.stride(0),
+    softmax_grad_kernel[grid](logits, tile_max, lse, target, coef, num_tokens, vocab_size,
+                              num_classes or vocab_size, logits.stride(0),
                               float(label_smoothing), float(z_loss), float(softcap or 1.0), float(logit_scale),
                               HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z_LOSS=z_loss != 0.0,
                               HAS_SOFTCAP=softcap is not None, HAS_LOGIT_SCALE=logit_scale != 1.0,
