@@ -40,8 +40,10 @@ from dataclasses import dataclass, field
 
 MIB = 2**20
 GIB = 2**30
-# fused_wce.DEFAULT_CHUNK_BUDGET_BYTES (the Triton path's [C, V] buffer); kept here so the model stays import-free.
+# fused_wce.DEFAULT_CHUNK_BUDGET_BYTES (the Triton path's [C, V] buffer) and fused_wce._passes.LEAN_BUDGET_DIVISOR;
+# kept here so the model stays import-free (tests/test_static_report.py checks they agree).
 FUSED_WCE_CHUNK_BUDGET = 256 * MIB
+FUSED_WCE_LEAN_BUDGET_DIVISOR = 4
 FUSED_WCE_VOCAB_TILE = 128  # summaries per row: one per 128-wide vocabulary tile (SM90 configs; sm_80: 64)
 TRL_TOKEN_CHUNK = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
 TRL_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE (TRL 1.16)
@@ -188,8 +190,9 @@ def _fused_wce(p: Problem) -> Algorithm:
         Phase("softmax_grad (in place)", 0, 2 * logits + m * tiles * 4),
         _gemm("dX = dlogits @ W", m, p, logits + chunks * w + m * h * b),
     ]
-    if not p.frozen_head:
-        phases.append(_gemm("dW += dlogits^T @ X (fp32)", m, p, logits + m * h * b + v * h * 4 * (2 * chunks)))
+    if not p.frozen_head:  # cuBLAS, fp32 output: the first chunk writes dW, later chunks read and write it
+        phases.append(_gemm("dW += dlogits^T @ X (fp32)", m, p,
+                            logits + m * h * b + v * h * 4 * max(2 * chunks - 1, 0)))
         phases.append(Phase("dW fp32 -> input dtype", 0, v * h * (4 + b)))
     phases.append(Phase("scatter dX to [N, H]", 0, n * h * b + m * h * b))
     dw32 = {} if p.frozen_head else {"dW fp32": v * h * 4}
@@ -201,6 +204,45 @@ def _fused_wce(p: Problem) -> Algorithm:
                              "dX [N, H]": n * h * b},
     }
     return Algorithm("fused_wce", f"grad in forward on M counted rows, {chunks} chunks of {chunk}", m,
+                     tuple(phases), live)
+
+
+def _fused_wce_lean(p: Problem) -> Algorithm:
+    """lean_memory=True: the chunk loop of the default plan without its dW GEMM (chunks of a quarter budget), then
+    per vocabulary slab of S columns over all M rows: vocab_partials recomputes the slab's logits, softmax_grad,
+    dW[slab] = dlogits^T @ X written once in the input dtype (docs/design.md). No fp32 [V, H]; 8 M H V FLOPs."""
+    b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
+    if p.frozen_head:  # lean mode only changes the weight gradient: without one it is the default plan
+        algo = _fused_wce(p)
+        return Algorithm("fused_wce_lean", algo.summary, algo.rows, algo.phases, algo.live)
+    budget = FUSED_WCE_CHUNK_BUDGET // FUSED_WCE_LEAN_BUDGET_DIVISOR
+    tile = FUSED_WCE_VOCAB_TILE
+    rows_budget = budget // (v * b)
+    chunk = min(max(1, rows_budget - rows_budget % 128 if rows_budget >= 128 else rows_budget), max(m, 1))
+    chunks = _cdiv(m, chunk) if m else 0
+    slab = min(max(tile, rows_budget * v // max(m, 1) // tile * tile), _cdiv(v, tile) * tile)
+    slabs = _cdiv(v, slab)
+    tiles = _cdiv(v, tile)
+    w, logits = v * h * b, m * v * b
+    summaries = 3 * m * tiles * 4
+    phases = [
+        Phase("gather counted rows", 0, n * h * b + m * h * b),
+        _gemm("chunks: vocab_partials (logits + online lse)", m, p, chunks * w + m * h * b + logits + summaries),
+        Phase("chunks: combine", 0, summaries),
+        Phase("chunks: softmax_grad (in place)", 0, 2 * logits + m * tiles * 4),
+        _gemm("chunks: dX = dlogits @ W", m, p, logits + chunks * w + m * h * b),
+        _gemm("slabs: vocab_partials (recompute logits)", m, p, w + slabs * m * h * b + logits + summaries),
+        Phase("slabs: softmax_grad (in place)", 0, 2 * logits + m * tiles * 4),
+        _gemm("slabs: dW[slab] = dlogits^T @ X", m, p, logits + slabs * m * h * b + w),
+        Phase("scatter dX to [N, H]", 0, n * h * b + m * h * b),
+    ]
+    common = {"gathered hidden [M, H]": m * h * b, "dX [M, H]": m * h * b, "dW": w, "per-token stats": 7 * m * 4}
+    live = {
+        "chunk loop": {"logits chunk [C, V]": chunk * v * b, "tile summaries": 3 * chunk * tiles * 4, **common},
+        "slab loop": {"logits slab [M, S]": m * slab * b, "tile summaries": 3 * m * (slab // tile) * 4, **common},
+        "backward (scatter)": {"dW": w, "dX [M, H]": m * h * b, "dX [N, H]": n * h * b},
+    }
+    return Algorithm("fused_wce_lean", f"{chunks} chunks of {chunk}, then {slabs} vocabulary slabs of {slab}", m,
                      tuple(phases), live)
 
 
@@ -356,6 +398,7 @@ def _cce(p: Problem, exact: bool) -> Algorithm:
 
 PROVIDERS = {
     "fused_wce": _fused_wce,
+    "fused_wce_lean": _fused_wce_lean,
     "fused_wce[torch]": _fused_wce_torch,
     "torch_eager": _torch_eager,
     "torch_compile": _torch_compile,
