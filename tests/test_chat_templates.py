@@ -353,3 +353,38 @@ def test_template_that_cannot_render_the_conversation(tokenizers):
         tokenize_with_weights(tokenizers("gemma", "gemma"), conversation(tools=False), WEIGHTING)
     with pytest.raises(ChatTemplateError, match="cannot render this conversation"):
         tokenize_with_weights(tokenizers("mistral_small_3_1", "mistral"), conversation(tools=False), WEIGHTING)
+
+
+# ----------------------------------------------------------------------- trainer: TRL's training-template swap
+def test_trainer_uses_trls_training_template_like_stock_sft(tokenizers, tmp_path):
+    """assistant_only_loss=True on Qwen2.5's template: TRL swaps in qwen2_5_training.jinja; with weighting=None
+    WeightedSFTTrainer labels exactly the tokens stock SFTTrainer labels."""
+    import warnings
+
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from fused_wce.trl_integration import WeightedSFTTrainer
+    from trl_helpers import sft_config, tiny_model
+
+    tokenizer = tokenizers("qwen2_5", "qwen")
+    rows = [{"messages": conversation(tools=False)},
+            {"messages": conversation(system=False, tools=False)[:2]},
+            {"messages": [{"role": "user", "content": U2}, {"role": "assistant", "content": A3},
+                          {"role": "user", "content": U3}, {"role": "assistant", "content": A4}]}]
+    dataset = Dataset.from_list(rows)
+    labels = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, trainer_class in (("stock", SFTTrainer), ("weighted", WeightedSFTTrainer)):
+            trainer = trainer_class(tiny_model("qwen2", tokenizer), args=sft_config(tmp_path / name,
+                                    assistant_only_loss=True), train_dataset=dataset, processing_class=tokenizer)
+            assert trainer.chat_template == read_template("qwen2_5_training")
+            columns = trainer.train_dataset.column_names
+            assert "labels" in columns, columns
+            labels[name] = (trainer.train_dataset["input_ids"], trainer.train_dataset["labels"])
+    assert labels["weighted"] == labels["stock"]
+    # The swap matters: on the original template the assistant turns start one token later (the "\n").
+    original = tokenize_with_weights(tokenizer, rows[0]["messages"], TurnWeighting(message_weight_key=None))
+    assert [t if w > 0 else -100 for t, w in zip(original["input_ids"], original["token_weights"])] != \
+        labels["stock"][1][0]

@@ -19,22 +19,30 @@ them after it)::
 the default (assistant only) this is exactly "the assistant turn k positions from the end gets decay**k".
 ``weight_fn`` receives the same role-relative index and count as ``last_n``/``decay``.
 
-Token alignment. A message's *weighted span* is its content and its end-of-turn marker (the text right after the
-content up to the next whitespace, ``<|im_end|>`` in ChatML): those tokens get the message's weight, its role code
-and its turn position. Everything else the template renders (role headers, the newline after ``<|im_end|>``, a
-tools block, a generation prompt) is *scaffolding*: weight 0, role -1, position -1, or, with
-``full_sequence=True``, weight 1 (role and position stay -1). Stock TRL ignores per-message weights, so its two
-selections are, token for token: ``TurnWeighting(full_sequence=True, message_weight_key=None)`` (its default
-full-sequence loss: every token 1) and ``TurnWeighting(message_weight_key=None)`` (its ``assistant_only_loss``,
-on templates with ``{% generation %}`` blocks: weight 1 exactly where ``assistant_masks`` is 1).
+Token alignment. Every token gets the weight, role code and turn position of the message it belongs to, or is
+*scaffolding* (role headers, separators, a tools preamble, a default system prompt): weight 0, role -1, position
+-1, or, with ``full_sequence=True``, weight 1 (role and position stay -1). What belongs to a message:
 
-A token that straddles a span boundary (e.g. a BPE token fusing a header newline with the content's first
-character) belongs to the message. Spans are found by rendering the template on growing prefixes of the
-conversation (prefix ``k+1`` must extend prefix ``k``) and locating each message's content in its rendered piece;
-characters map to tokens through the fast tokenizer's offsets. When the template has ``{% generation %}`` blocks,
-they define the assistant tokens (as in TRL) and are checked against the spans: each block must lie inside the
-rendered piece of one assistant message and cover its content. A template that is not prefix-stable still works
-through its generation blocks when only assistant messages carry weight (other messages then keep role -1).
+* an **assistant** message: everything the model generates after the template's generation prompt: its
+  reasoning (``reasoning_content`` / ``<think>`` blocks as rendered), content, tool calls (the call JSON) and its
+  end-of-turn token(s) (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, the closing ``eos`` of Phi-3);
+* any other message: its content through its end-of-turn marker (up to the first special token after it);
+* a message the template folds into another turn (Gemma-3's and Mistral's system prompt): its text only.
+
+Spans come from differential rendering, without assuming the template is prefix-stable: each message's fields
+are traced (wrapped in private-use markers) in the full conversation, so templates that rewrite earlier turns
+(Qwen3 drops earlier ``<think>`` blocks, Phi-3 closes with ``eos``, Mistral moves the system prompt) are handled;
+a message's end-of-turn marker is what follows its fields when it ends a rendered prefix; the generation prompt
+is ``messages[:i]`` rendered with ``add_generation_prompt=True`` minus ``messages[:i]``. When the template has
+``{% generation %}`` blocks (TRL's training templates), they define the assistant tokens, exactly as TRL's
+``assistant_masks`` (e.g. the ``\n`` after ``<|im_start|>assistant`` on Qwen2.5, ``<｜Assistant｜>`` on
+DeepSeek), after a check that each block lies over one assistant message and covers its fields. Stock TRL
+ignores per-message weights, so its two selections are, token for token:
+``TurnWeighting(full_sequence=True, message_weight_key=None)`` (its default full-sequence loss) and
+``TurnWeighting(message_weight_key=None)`` on the training template (its ``assistant_only_loss``). A token
+straddling two spans belongs to the first. A template that cannot be segmented (messages rendered out of order,
+fields it branches on, a dropped message that has weight) raises :class:`ChatTemplateError` naming what is wrong;
+when it has generation blocks and only assistant messages carry weight, those blocks are used instead.
 
 Bad data raises :class:`ValueError` naming the message index and key: an unknown role, content that is not a
 string, a negative, non-finite or non-numeric ``weight``. A conversation whose weights are all 0 is returned as is
