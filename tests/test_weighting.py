@@ -331,36 +331,57 @@ def _with_template(template):
     return tokenizer
 
 
-# Renders a message count up front: every prefix renders differently, so pieces cannot be diffed.
+# Renders a message count up front: every prefix renders differently from the full conversation.
 COUNTING = "{{ messages | length }}\n" + CHATML_TEMPLATE
 COUNTING_NO_GENERATION = "{{ messages | length }}\n" + CHATML_TEMPLATE_NO_GENERATION
+# Renders the length of the whole conversation's JSON up front: tracing any message changes it, so no message can
+# be located (the template branches on every field).
+JSON_LENGTH = "{{ messages | tojson | length }}\n" + CHATML_TEMPLATE
+JSON_LENGTH_NO_GENERATION = "{{ messages | tojson | length }}\n" + CHATML_TEMPLATE_NO_GENERATION
 
 
-def test_not_prefix_stable_without_generation_is_a_clear_error():
-    with pytest.raises(ChatTemplateError, match=r"not prefix-stable.*no \{% generation %\}"):
-        tokenize_with_weights(_with_template(COUNTING_NO_GENERATION), CHAT, TurnWeighting())
+@pytest.mark.parametrize("template", [COUNTING, COUNTING_NO_GENERATION])
+def test_template_that_is_not_prefix_stable_is_segmented(tokenizer, template):
+    """Differential rendering in the full conversation: the same spans as plain ChatML, behind the count."""
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5, "tool": 0.25}, decay=0.5)
+    out = tokenize_with_weights(_with_template(template), CONVERSATION, weighting)
+    reference = tokenize_with_weights(tokenizer, CONVERSATION, weighting)
+    shift = len(out["input_ids"]) - len(reference["input_ids"])
+    assert shift > 0 and out["input_ids"][shift:] == reference["input_ids"]
+    for key in ("token_weights", "token_roles", "token_turn_positions", "token_turn_index"):
+        assert out[key][shift:] == reference[key] and set(out[key][:shift]) <= {0.0, -1}
 
 
-def test_not_prefix_stable_falls_back_on_generation_for_assistant_only(tokenizer):
-    counting = _with_template(COUNTING)
-    out = tokenize_with_weights(counting, CONVERSATION, TurnWeighting(decay=0.5))
-    mask = counting.apply_chat_template(CONVERSATION, return_dict=True, return_assistant_tokens_mask=True)
+def test_untraceable_template_without_generation_is_a_clear_error():
+    with pytest.raises(ChatTemplateError, match=r"cannot locate message 0.*no \{% generation %\}"):
+        tokenize_with_weights(_with_template(JSON_LENGTH_NO_GENERATION), CHAT, TurnWeighting())
+
+
+def test_untraceable_template_falls_back_on_generation_for_assistant_only(tokenizer):
+    untraceable = _with_template(JSON_LENGTH)
+    out = tokenize_with_weights(untraceable, CONVERSATION, TurnWeighting(decay=0.5))
+    mask = untraceable.apply_chat_template(CONVERSATION, return_dict=True, return_assistant_tokens_mask=True)
     assert out["input_ids"] == mask["input_ids"]
-    # Same weights as the prefix-stable template, behind the extra count tokens.
     reference = tokenize_with_weights(tokenizer, CONVERSATION, TurnWeighting(decay=0.5))
     shift = len(out["input_ids"]) - len(reference["input_ids"])
     assert shift > 0 and out["token_weights"][shift:] == reference["token_weights"]
     assert {r for r in out["token_roles"]} == {-1, ROLE_CODES["assistant"]}
-    with pytest.raises(ChatTemplateError, match="not prefix-stable"):
-        tokenize_with_weights(counting, CONVERSATION, TurnWeighting(role_weights={"assistant": 1, "user": 0.5}))
+    with pytest.raises(ChatTemplateError, match="cannot locate"):
+        tokenize_with_weights(untraceable, CONVERSATION, TurnWeighting(role_weights={"assistant": 1, "user": 0.5}))
 
 
-def test_template_that_transforms_content_is_a_clear_error():
+def test_template_that_transforms_content_is_traced(tokenizer):
+    """Content the template transforms (here: upper-cased) is still located by tracing it."""
     upper = _with_template(CHATML_TEMPLATE_NO_GENERATION.replace(
         "message['content'] if message['content'] is not none else ''",
         "(message['content'] if message['content'] is not none else '') | upper"))
-    with pytest.raises(ChatTemplateError, match="verbatim"):
-        tokenize_with_weights(upper, CHAT, TurnWeighting())
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5})
+    out = tokenize_with_weights(upper, CHAT, weighting)
+    for index, message in enumerate(CHAT):
+        tokens = [t for t, r, k in zip(out["input_ids"], out["token_roles"], out["token_turn_index"])
+                  if r == ROLE_CODES[message["role"]] and k == sum(m["role"] == message["role"] for m in CHAT[:index])]
+        if weighting.message_weights(CHAT)[index] > 0:
+            assert upper.decode(tokens) == message["content"].upper() + "<|im_end|>"
 
 
 def test_generation_block_that_misses_content_is_a_clear_error():
@@ -371,9 +392,12 @@ def test_generation_block_that_misses_content_is_a_clear_error():
         tokenize_with_weights(broken, CHAT, TurnWeighting())
 
 
-def test_template_refusing_prefixes_is_a_clear_error():
+def test_template_refusing_prefixes(tokenizer):
+    """A template that renders only conversations ending with the assistant: a refused prefix is replaced by the
+    next renderable one, the message's trailer stopping where the next message starts."""
     strict = _with_template("{% if messages[-1]['role'] != 'assistant' %}{{ raise_exception('must end with "
                             "assistant') }}{% endif %}" + CHATML_TEMPLATE_NO_GENERATION)
-    with pytest.raises(ChatTemplateError, match="prefix"):
-        tokenize_with_weights(strict, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
-                              TurnWeighting())
+    messages = [m for m in CHAT if m["role"] != "tool"]
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5, "system": 0.25})
+    out = tokenize_with_weights(strict, messages, weighting)
+    assert out == tokenize_with_weights(_with_template(CHATML_TEMPLATE_NO_GENERATION), messages, weighting)

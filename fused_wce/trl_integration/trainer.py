@@ -287,9 +287,12 @@ class WeightedSFTTrainer(SFTTrainer):
                 if "messages" not in columns:
                     dataset = dataset.map(maybe_convert_to_chatml, remove_columns="conversations",
                                           **described("Converting to ChatML"))
+                # With assistant_only_loss, SFTTrainer.__init__ swapped in TRL's training template (with
+                # {% generation %} blocks) as self.chat_template: tokenize with it, as stock TRL does.
                 dataset = dataset.map(
                     _tokenize_example,
-                    fn_kwargs={"tokenizer": self._tokenizer, "weighting": weighting},
+                    fn_kwargs={"tokenizer": self._tokenizer, "weighting": weighting,
+                               "chat_template": getattr(self, "chat_template", None)},
                     **described("Tokenizing (with turn weights)"))
             columns = get_dataset_column_names(dataset)
             if "labels" not in columns:
@@ -467,13 +470,15 @@ class WeightedSFTTrainer(SFTTrainer):
 
 
 # ------------------------------------------------------------------------------ dataset.map functions (picklable)
-def _tokenize_example(example, tokenizer, weighting):
+def _tokenize_example(example, tokenizer, weighting, chat_template=None):
     tools = example.get("tools")
     if isinstance(tools, str):
         import json
 
         tools = json.loads(tools)
-    encoded = tokenize_with_weights(tokenizer, example["messages"], weighting, tools=tools)
+    encoded = tokenize_with_weights(tokenizer, example["messages"], weighting, tools=tools,
+                                    chat_template=chat_template,
+                                    template_kwargs=example.get("chat_template_kwargs") or None)
     return {
         "input_ids": encoded["input_ids"],
         TOKEN_WEIGHTS: [float(w) for w in encoded["token_weights"]],

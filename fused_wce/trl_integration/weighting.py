@@ -19,22 +19,30 @@ them after it)::
 the default (assistant only) this is exactly "the assistant turn k positions from the end gets decay**k".
 ``weight_fn`` receives the same role-relative index and count as ``last_n``/``decay``.
 
-Token alignment. A message's *weighted span* is its content and its end-of-turn marker (the text right after the
-content up to the next whitespace, ``<|im_end|>`` in ChatML): those tokens get the message's weight, its role code
-and its turn position. Everything else the template renders (role headers, the newline after ``<|im_end|>``, a
-tools block, a generation prompt) is *scaffolding*: weight 0, role -1, position -1, or, with
-``full_sequence=True``, weight 1 (role and position stay -1). Stock TRL ignores per-message weights, so its two
-selections are, token for token: ``TurnWeighting(full_sequence=True, message_weight_key=None)`` (its default
-full-sequence loss: every token 1) and ``TurnWeighting(message_weight_key=None)`` (its ``assistant_only_loss``,
-on templates with ``{% generation %}`` blocks: weight 1 exactly where ``assistant_masks`` is 1).
+Token alignment. Every token gets the weight, role code and turn position of the message it belongs to, or is
+*scaffolding* (role headers, separators, a tools preamble, a default system prompt): weight 0, role -1, position
+-1, or, with ``full_sequence=True``, weight 1 (role and position stay -1). What belongs to a message:
 
-A token that straddles a span boundary (e.g. a BPE token fusing a header newline with the content's first
-character) belongs to the message. Spans are found by rendering the template on growing prefixes of the
-conversation (prefix ``k+1`` must extend prefix ``k``) and locating each message's content in its rendered piece;
-characters map to tokens through the fast tokenizer's offsets. When the template has ``{% generation %}`` blocks,
-they define the assistant tokens (as in TRL) and are checked against the spans: each block must lie inside the
-rendered piece of one assistant message and cover its content. A template that is not prefix-stable still works
-through its generation blocks when only assistant messages carry weight (other messages then keep role -1).
+* an **assistant** message: everything the model generates after the template's generation prompt: its
+  reasoning (``reasoning_content`` / ``<think>`` blocks as rendered), content, tool calls (the call JSON) and its
+  end-of-turn token(s) (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, the closing ``eos`` of Phi-3);
+* any other message: its content through its end-of-turn marker (up to the first special token after it);
+* a message the template folds into another turn (Gemma-3's and Mistral's system prompt): its text only.
+
+Spans come from differential rendering, without assuming the template is prefix-stable: each message's fields
+are traced (wrapped in private-use markers) in the full conversation, so templates that rewrite earlier turns
+(Qwen3 drops earlier ``<think>`` blocks, Phi-3 closes with ``eos``, Mistral moves the system prompt) are handled;
+a message's end-of-turn marker is what follows its fields when it ends a rendered prefix; the generation prompt
+is ``messages[:i]`` rendered with ``add_generation_prompt=True`` minus ``messages[:i]``. When the template has
+``{% generation %}`` blocks (TRL's training templates), they define the assistant tokens, exactly as TRL's
+``assistant_masks`` (e.g. the ``\n`` after ``<|im_start|>assistant`` on Qwen2.5, ``<｜Assistant｜>`` on
+DeepSeek), after a check that each block lies over one assistant message and covers its fields. Stock TRL
+ignores per-message weights, so its two selections are, token for token:
+``TurnWeighting(full_sequence=True, message_weight_key=None)`` (its default full-sequence loss) and
+``TurnWeighting(message_weight_key=None)`` on the training template (its ``assistant_only_loss``). A token
+straddling two spans belongs to the first. A template that cannot be segmented (messages rendered out of order,
+fields it branches on, a dropped message that has weight) raises :class:`ChatTemplateError` naming what is wrong;
+when it has generation blocks and only assistant messages carry weight, those blocks are used instead.
 
 Bad data raises :class:`ValueError` naming the message index and key: an unknown role, content that is not a
 string, a negative, non-finite or non-numeric ``weight``. A conversation whose weights are all 0 is returned as is
@@ -44,6 +52,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -53,7 +62,6 @@ TURN_POSITIONS: tuple[str, ...] = ("first", "middle", "last", "only")  # among m
 SCAFFOLDING = -1
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-_SENTINEL = "\u2063fused_wce_content_sentinel\u2063"
 
 
 def _check_weight(value: Any, what: str) -> float:
@@ -203,65 +211,239 @@ class ChatTemplateError(ValueError):
     """The chat template cannot give the per-message token spans needed (names the missing template feature)."""
 
 
-def _render(tokenizer, messages, tools, **kwargs) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
+# Private-use characters wrapped around a message's fields to trace where the template renders them.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+_ABSENT, _UNCLEAR = "absent", "unclear"  # a traced message that changes nothing / that changes more than its fields
 
 
-def _message_spans(tokenizer, messages: list[dict], tools, full_text: str) -> list[tuple[int, int, int, int]]:
-    """Per message: (piece_start, weighted_start, weighted_end, piece_end) character offsets in ``full_text``.
+class _Template:
+    """Renders conversations with one chat template (and tools / template kwargs) and compares renderings.
 
-    ``piece`` is what the message adds to the rendering of the messages before it; ``weighted`` is its content
-    plus the end-of-turn marker. Raises ChatTemplateError when rendering is not prefix-stable or the content is
-    not rendered verbatim.
+    Comparisons never end inside an added token (``<|im_end|>`` and ``<|im_start|>`` share ``<|``): a common
+    prefix that would split one is shortened to the token's start.
     """
-    try:
-        previous = _render(tokenizer, [], tools)
-    except Exception:  # noqa: BLE001 - some templates index messages[0]; their preamble then joins message 0
-        previous = ""
-    spans = []
-    for index, message in enumerate(messages):
-        prefix = list(messages[: index + 1])
+
+    def __init__(self, tokenizer, tools, chat_template, template_kwargs):
+        self.tokenizer, self.tools, self.chat_template = tokenizer, tools, chat_template
+        self.kwargs = dict(template_kwargs or {})
+        added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+        self.atomic = sorted({token.content for token in added if len(token.content) > 1}, key=len, reverse=True)
+        special = {token.content for token in added if token.special} | set(tokenizer.all_special_tokens)
+        special = sorted((token for token in special if token), key=len, reverse=True)
+        self.special = re.compile("|".join(map(re.escape, special))) if special else None
+
+    def render(self, messages, add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tools=self.tools, chat_template=self.chat_template, tokenize=False,
+            add_generation_prompt=add_generation_prompt, **self.kwargs)
+
+    def _snap(self, text: str, k: int) -> int:
+        """The largest position <= k of ``text`` that does not lie strictly inside an added token."""
+        moved = True
+        while moved and k > 0:
+            moved = False
+            for token in self.atomic:
+                at = text.find(token, max(0, k - len(token) + 1), k + len(token) - 1)
+                if 0 <= at < k:
+                    k, moved = at, True
+                    break
+        return k
+
+    def common_prefix(self, a: str, b: str) -> int:
+        """Length of the common prefix of ``a`` and ``b``, cut back to the start of any added token it splits."""
+        k = len(os.path.commonprefix([a, b]))
+        while True:
+            snapped = self._snap(b, self._snap(a, k))
+            if snapped == k:
+                return k
+            k = snapped
+
+    def through_first_special(self, text: str) -> int:
+        """Length of ``text`` up to and including its first special token (all of it, less trailing whitespace,
+        when it has none): the end-of-turn part of a non-assistant message's trailer."""
+        match = self.special.search(text) if self.special is not None else None
+        return match.end() if match else len(text.rstrip())
+
+
+def _traced(message: dict) -> dict | None:
+    """A copy of ``message`` with :data:`_OPEN`/:data:`_CLOSE` around each string field the template may render
+    (content, reasoning, tool-call names and string arguments); ``None`` when it has none."""
+    def wrap(text):
+        return _OPEN + text + _CLOSE
+
+    traced, changed = dict(message), False
+    for key in _REASONING_KEYS:
+        if isinstance(message.get(key), str) and message[key]:
+            traced[key], changed = wrap(message[key]), True
+    calls = message.get("tool_calls")
+    if isinstance(calls, (list, tuple)):
+        traced_calls = []
+        for call in calls:
+            call = dict(call) if isinstance(call, dict) else call
+            if isinstance(call, dict):
+                inner = call.get("function") if isinstance(call.get("function"), dict) else call
+                inner = dict(inner)
+                for key in ("name", "arguments"):
+                    if isinstance(inner.get(key), str) and inner[key]:
+                        inner[key], changed = wrap(inner[key]), True
+                if isinstance(call.get("function"), dict):
+                    call["function"] = inner
+                else:
+                    call = inner
+            traced_calls.append(call)
+        traced["tool_calls"] = traced_calls
+    content = message.get("content")
+    # Empty content is traced only when nothing else is: wrapping it would flip `if content` tests in templates.
+    if isinstance(content, str) and (content or not changed):
+        traced["content"], changed = wrap(content), True
+    return traced if changed else None
+
+
+def _locate(base: str, traced: str):
+    """Where the traced fields lie in ``base``: ``(start, end)``, :data:`_ABSENT` when the template does not render
+    them, :data:`_UNCLEAR` when tracing changed more than the fields (the template branches on them)."""
+    if base == traced:
+        return _ABSENT
+    if _OPEN in base or _CLOSE in base:
+        return _UNCLEAR
+    p = len(os.path.commonprefix([base, traced]))
+    s = len(os.path.commonprefix([base[p:][::-1], traced[p:][::-1]]))
+    region, traced_region = base[p:len(base) - s], traced[p:len(traced) - s]
+    if traced_region.replace(_OPEN, "").replace(_CLOSE, "").strip() != region.strip():
+        return _UNCLEAR
+    return p, len(base) - s
+
+
+@dataclass
+class _MessageSpan:
+    """Character offsets in the full rendering: ``weighted`` is what carries the message's weight, ``body`` where
+    its own fields (content, reasoning, tool calls) lie, ``piece_end`` where the text it brings ends."""
+
+    weighted: tuple[int, int]
+    body: tuple[int, int] | None
+    piece_end: int | None
+
+
+def _message_spans(template: _Template, messages: list[dict], full_text: str) -> list[_MessageSpan]:
+    """Segment ``full_text`` (the rendering of ``messages``) into per-message spans by differential rendering.
+
+    For message ``i``: its *body* is found by rendering the conversation with its fields traced (in the full
+    conversation, so templates that render a turn differently once later turns follow are handled); its
+    *trailer* (end-of-turn marker, separators) is what follows its body when it is the last message of
+    ``messages[:i+1]``, as far as the full rendering agrees. An assistant message carries weight from the end
+    of the template's generation prompt (``messages[:i]`` rendered with ``add_generation_prompt=True``, less
+    ``messages[:i]``) through its trailer: its reasoning, content, tool calls and end-of-turn token, what the
+    model generates. Other messages carry weight from their content through their end-of-turn marker (the
+    trailer up to its first special token). A message the template folds into another turn (a system prompt
+    merged into a user turn) carries weight on its content only.
+
+    Raises ChatTemplateError when the template refuses a prefix of the conversation, renders messages out of
+    order, or renders a message in a way that cannot be traced.
+    """
+    n = len(messages)
+
+    def render_or_none(conversation, **kwargs):
         try:
-            current = full_text if index == len(messages) - 1 else _render(tokenizer, prefix, tools)
-            marked = dict(message, content=_SENTINEL)
-            with_sentinel = _render(tokenizer, prefix[:-1] + [marked], tools)
-        except Exception as error:  # noqa: BLE001 - a template may refuse a prefix (e.g. "must end with user")
-            raise ChatTemplateError(
-                f"the chat template cannot render the first {index + 1} messages on their own ({error}); per-message "
-                "spans need a template that renders every prefix of a conversation (prefix-stable rendering)") from error
-        if not current.startswith(previous) or not with_sentinel.startswith(previous):
-            raise ChatTemplateError(
-                f"the chat template is not prefix-stable: rendering messages[:{index + 1}] does not extend the "
-                f"rendering of messages[:{index}] (the template changes earlier turns when later ones are added), so "
-                "message spans cannot be found by diffing; a template with {% generation %} blocks still works when "
-                "only assistant messages carry weight")
-        start = len(previous)
-        header = with_sentinel.find(_SENTINEL, start)
-        content = message.get("content") or ""
-        if header < 0:
-            raise ChatTemplateError(f"the chat template does not render the content of message {index} "
-                                    f"(role {message['role']!r}) verbatim (it drops or transforms it), so its "
-                                    "tokens cannot be located")
-        content_start = header
-        if current.startswith(content, content_start):
-            content_end = content_start + len(content)
-        elif current.startswith(content.strip(), content_start):  # templates that strip content
-            content_end = content_start + len(content.strip())
+            return template.render(conversation, **kwargs)
+        except Exception:  # noqa: BLE001 - a template may refuse a prefix ("must end with the assistant", "tools
+            return None    # need a user message") or a traced field; such renderings are not used
+
+    # prefixes[k]: messages[:k] rendered on their own (None where the template refuses them).
+    prefixes: list[str | None] = [render_or_none(messages[:k]) for k in range(n)] + [full_text]
+
+    spans: list[_MessageSpan] = []
+    cursor: int | None = None  # end of the previous in-order message's piece
+    for i, message in enumerate(messages):
+        is_assistant = message["role"] == "assistant"
+        # The shortest renderable prefix that ends with this message (or, where the template refuses that, with
+        # the fewest messages after it: its trailer then stops where the next message's fields start).
+        j = next(k for k in range(i + 1, n + 1) if prefixes[k] is not None)
+        prefix, trailer_limit = prefixes[j], None
+        traced = _traced(message)
+        body_in_prefix = body = _UNCLEAR
+        if j > i + 1:
+            following = _traced(messages[i + 1])
+            located = None if following is None else render_or_none(messages[:i + 1] + [following] + messages[i + 2:j])
+            located = _UNCLEAR if located is None else _locate(prefix, located)
+            if not isinstance(located, tuple):
+                raise ChatTemplateError(
+                    f"the chat template cannot render the first {i + 1} messages on their own, and message {i + 1} "
+                    "cannot be traced in a longer prefix; per-message spans are found by rendering prefixes of the "
+                    "conversation")
+            trailer_limit = located[0]
+        if traced is not None:
+            traced_prefix = render_or_none(messages[:i] + [traced] + messages[i + 1:j])
+            body_in_prefix = _UNCLEAR if traced_prefix is None else _locate(prefix, traced_prefix)
+            if j == n or (isinstance(body_in_prefix, tuple) and full_text.startswith(prefix)):
+                body = body_in_prefix
+            else:
+                traced_full = render_or_none(messages[:i] + [traced] + messages[i + 1:])
+                body = _UNCLEAR if traced_full is None else _locate(full_text, traced_full)
+
+        if body == _ABSENT:  # the template drops this message (e.g. a tool turn, an unsupported system prompt)
+            spans.append(_MessageSpan((cursor or 0, cursor or 0), None, None))
+            continue
+        if isinstance(body, tuple) and body_in_prefix == _ABSENT:  # folded into another turn
+            spans.append(_MessageSpan(body, body, None))
+            continue
+
+        if isinstance(body, tuple) and isinstance(body_in_prefix, tuple):
+            if cursor is not None and body[0] < cursor:
+                raise ChatTemplateError(
+                    f"the chat template renders message {i} (role {message['role']!r}) before the end of the message "
+                    "before it; messages must be rendered in order for their tokens to be told apart")
+            trailer = template.common_prefix(prefix[body_in_prefix[1]:trailer_limit], full_text[body[1]:])
+            piece_end = body[1] + trailer
+            after_body = full_text[body[1]:piece_end]
+        else:  # untraceable fields: only a prefix-stable rendering (up to a closing trailer) locates the message
+            piece_end = _prefix_end(template, prefix, full_text, cursor) if j == i + 1 else None
+            if piece_end is None or not is_assistant:
+                raise ChatTemplateError(
+                    f"cannot locate message {i} (role {message['role']!r}) in the rendered conversation: the chat "
+                    "template renders it differently depending on the turns around it, and its fields cannot be "
+                    "traced (it branches on their values)")
+            body, after_body = None, ""
+
+        if is_assistant:
+            start = _generation_start(template, messages, prefixes, i, full_text, cursor, body, piece_end)
+            end = (body[1] + len(after_body.rstrip())) if body is not None else \
+                start + len(full_text[start:piece_end].rstrip())
         else:
-            raise ChatTemplateError(f"the chat template does not render the content of message {index} verbatim "
-                                    "(it transforms it), so its tokens cannot be located")
-        trailer = current[content_end:]
-        eot = trailer.lstrip()
-        eot_start = content_end + (len(trailer) - len(eot))
-        eot_word = re.match(r"\S*", eot).group(0)
-        # The end-of-turn marker joins the span only when it directly follows the content (or its whitespace).
-        weighted_end = eot_start + len(eot_word) if eot_word else content_end
-        spans.append((start, content_start, weighted_end, len(current)))
-        previous = current
-    if previous != full_text:
-        raise ChatTemplateError("the chat template is not prefix-stable: the full conversation does not render as "
-                                "the concatenation of its per-message pieces")
+            start, end = body[0], body[1] + template.through_first_special(after_body)
+        spans.append(_MessageSpan((start, max(start, end)), body, piece_end))
+        cursor = piece_end
     return spans
+
+
+def _prefix_end(template: _Template, prefix: str, full_text: str, cursor: int | None) -> int | None:
+    """Where ``prefix`` (a rendering of the first messages) ends in ``full_text``, when ``full_text`` extends it,
+    possibly less a closing trailer that both end with (Phi-3 closes every rendering with ``eos``)."""
+    if full_text.startswith(prefix):
+        return len(prefix)
+    common = template.common_prefix(prefix, full_text)
+    trailer = prefix[common:]
+    if trailer and full_text.endswith(trailer) and (cursor is None or common >= cursor):
+        return common
+    return None
+
+
+def _generation_start(template, messages, prefixes, i, full_text, cursor, body, piece_end) -> int:
+    """Where assistant message ``i``'s generated text starts in ``full_text``: after the part of the template's
+    generation prompt that the rendering repeats, never after the message's own fields."""
+    prompt = ""
+    try:
+        with_prompt = template.render(messages[:i], add_generation_prompt=True)
+    except Exception:  # noqa: BLE001
+        with_prompt = None
+    if with_prompt is not None and prefixes[i] is not None:
+        prompt = with_prompt[template.common_prefix(with_prompt, prefixes[i]):]
+    limit = body[0] if body is not None else piece_end
+    start = cursor
+    if start is None:  # the first message of the conversation: find the generation prompt before its fields
+        found = full_text.rfind(prompt, 0, limit + len(prompt)) if prompt else -1
+        start = found if found >= 0 else limit
+    return min(start + template.common_prefix(prompt, full_text[start:]), limit)
 
 
 def _token_range(offsets: list[tuple[int, int]], start: int, end: int) -> range:
@@ -297,25 +479,30 @@ def has_generation_blocks(tokenizer, chat_template: str | None = None) -> bool:
 
 
 def tokenize_with_weights(tokenizer, messages: list[dict], weighting: TurnWeighting, *,
-                          tools: list | None = None) -> dict[str, list]:
+                          tools: list | None = None, chat_template: str | None = None,
+                          template_kwargs: dict | None = None) -> dict[str, list]:
     """Tokenize ``messages`` with the chat template and give every token a weight, role and turn position.
 
     Args:
         tokenizer: a fast (Rust-backed) tokenizer with a chat template.
-        messages: ``[{"role": "system"|"user"|"assistant"|"tool", "content": str, ["weight": float]}, ...]``.
+        messages: ``[{"role": "system"|"user"|"assistant"|"tool", "content": str, ["weight": float],
+            ["reasoning_content": str], ["tool_calls": [...]]}, ...]``.
         weighting: the :class:`TurnWeighting`.
         tools: passed to the chat template.
+        chat_template: a template to use instead of the tokenizer's (as ``apply_chat_template(chat_template=)``,
+            e.g. TRL's training template with ``{% generation %}`` blocks).
+        template_kwargs: extra template variables (e.g. ``{"enable_thinking": False}``).
 
     Returns:
         Equal-length lists: ``input_ids`` (int; exactly ``tokenizer.apply_chat_template(messages, tools=tools,
-        tokenize=True)["input_ids"]``), ``token_weights`` (float >= 0, the weight of predicting that token),
-        ``token_roles`` (:data:`ROLE_CODES`, -1 for scaffolding), ``token_turn_positions`` (index into
-        :data:`TURN_POSITIONS`, -1 for scaffolding), ``token_turn_index`` (0-based index of the message among the
-        messages of its role, -1 for scaffolding).
+        chat_template=chat_template, tokenize=True, **template_kwargs)["input_ids"]``), ``token_weights``
+        (float >= 0, the weight of predicting that token), ``token_roles`` (:data:`ROLE_CODES`, -1 for
+        scaffolding), ``token_turn_positions`` (index into :data:`TURN_POSITIONS`, -1 for scaffolding),
+        ``token_turn_index`` (0-based index of the message among the messages of its role, -1 for scaffolding).
 
     Raises:
         ValueError: bad messages (see :func:`validate_messages`) or a slow tokenizer.
-        ChatTemplateError (a ValueError): the template cannot give the spans needed, naming the missing feature.
+        ChatTemplateError (a ValueError): the template cannot give the spans needed, naming what is wrong.
     """
     if not isinstance(weighting, TurnWeighting):
         raise TypeError(f"weighting must be a TurnWeighting, got {type(weighting).__name__}")
@@ -323,19 +510,27 @@ def tokenize_with_weights(tokenizer, messages: list[dict], weighting: TurnWeight
     messages = list(messages)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("tokenize_with_weights needs a fast tokenizer (character offsets map text spans to tokens)")
-    generation = has_generation_blocks(tokenizer)
-    encoded = tokenizer.apply_chat_template(
-        messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=generation,
-        tokenizer_kwargs={"return_offsets_mapping": True})
+    if template_kwargs is not None and not isinstance(template_kwargs, dict):
+        raise TypeError(f"template_kwargs must be a dict or None, got {type(template_kwargs).__name__}")
+    template = _Template(tokenizer, tools, chat_template, template_kwargs)
+    generation = has_generation_blocks(tokenizer, chat_template)
+    try:
+        full_text = template.render(messages)
+        encoded = tokenizer.apply_chat_template(
+            messages, tools=tools, chat_template=chat_template, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=generation, tokenizer_kwargs={"return_offsets_mapping": True},
+            **template.kwargs)
+    except Exception as error:  # noqa: BLE001 - the template rejects the conversation itself
+        raise ChatTemplateError(f"the chat template cannot render this conversation: {error}") from error
     input_ids = list(encoded["input_ids"])
     offsets = [tuple(pair) for pair in encoded["offset_mapping"]]
-    full_text = _render(tokenizer, messages, tools)
     n_tokens = len(input_ids)
     scaffold_weight = 1.0 if weighting.full_sequence else 0.0
     weights = [scaffold_weight] * n_tokens
     roles = [SCAFFOLDING] * n_tokens
     positions = [SCAFFOLDING] * n_tokens
     turn_index = [SCAFFOLDING] * n_tokens
+    owner = [SCAFFOLDING] * n_tokens  # message index of each token
     role_indices = _role_indices(messages)
     assistant_ids = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
 
@@ -346,14 +541,20 @@ def tokenize_with_weights(tokenizer, messages: list[dict], weighting: TurnWeight
             roles[t] = ROLE_CODES[messages[message_index]["role"]]
             positions[t] = turn_position_code(in_role, count)
             turn_index[t] = in_role
+            owner[t] = message_index
+
+    def clear(tokens):
+        for t in tokens:
+            weights[t], roles[t], positions[t], turn_index[t], owner[t] = (
+                scaffold_weight, SCAFFOLDING, SCAFFOLDING, SCAFFOLDING, SCAFFOLDING)
 
     try:
-        spans = _message_spans(tokenizer, messages, tools, full_text)
+        spans = _message_spans(template, messages, full_text)
     except ChatTemplateError as error:
         needs_other_roles = weighting.full_sequence or any(
             w > 0 for w, m in zip(message_weights, messages) if m["role"] != "assistant")
         if not generation or needs_other_roles:
-            missing = ("" if generation else " and it has no {% generation %} blocks to fall back on")
+            missing = ("" if generation else " (and it has no {% generation %} blocks to fall back on)")
             raise ChatTemplateError(f"{error}{missing}") from None
         runs = _runs(encoded["assistant_masks"])
         if len(runs) != len(assistant_ids):
@@ -364,36 +565,53 @@ def tokenize_with_weights(tokenizer, messages: list[dict], weighting: TurnWeight
             assign(tokens, message_index)
         return _result(input_ids, weights, roles, positions, turn_index)
 
-    for message_index, (_, start, end, _) in enumerate(spans):
-        assign(_token_range(offsets, start, end), message_index)
+    # Regions are assigned in text order; a token straddling two regions stays with the first.
+    ranges = [_token_range(offsets, *span.weighted) for span in spans]
+    for message_index in sorted(range(len(spans)), key=lambda i: spans[i].weighted):
+        assign([t for t in ranges[message_index] if owner[t] == SCAFFOLDING], message_index)
+    ordered = sorted((span.weighted, i) for i, span in enumerate(spans) if span.weighted[1] > span.weighted[0])
+    for (first, a), (second, b) in zip(ordered, ordered[1:]):
+        if second[0] < first[1]:
+            raise ChatTemplateError(f"messages {a} and {b} overlap in the rendered conversation; the chat template "
+                                    "cannot be segmented into per-message spans")
+    body_tokens = [set(_token_range(offsets, *span.body)) if span.body else set() for span in spans]
 
     if generation:  # the generation blocks define the assistant tokens (as TRL uses them); check they fit
-        runs = _runs(encoded["assistant_masks"])
-        for run in runs:
-            owners = [i for i in assistant_ids
-                      if set(run) <= set(_token_range(offsets, spans[i][0], spans[i][3]))]
+        owned = set()
+        for run in _runs(encoded["assistant_masks"]):
+            owners = sorted({owner[t] for t in run if owner[t] in assistant_ids})
             if len(owners) != 1:
                 raise ChatTemplateError(
-                    f"a {{% generation %}} block (tokens {run.start}..{run.stop - 1}) does not lie inside the rendering "
-                    "of a single assistant message; the template's generation blocks must wrap assistant turns only")
-            owner = owners[0]
-            content_tokens = set(_token_range(offsets, spans[owner][1], spans[owner][2]))
-            content_only = _token_range(offsets, spans[owner][1],
-                                        spans[owner][1] + len(messages[owner].get("content") or ""))
-            if not set(content_only) <= set(run):
+                    f"a {{% generation %}} block (tokens {run.start}..{run.stop - 1}) does not lie over exactly one "
+                    f"assistant message (it overlaps messages {owners}); the template's generation blocks must wrap "
+                    "each assistant turn on its own")
+            message_index = owners[0]
+            intruders = [j for j in range(len(messages)) if j != message_index and body_tokens[j] & set(run)]
+            if intruders:
                 raise ChatTemplateError(
-                    f"the {{% generation %}} block of message {owner} does not cover its content; wrap the assistant "
-                    "content (and its end-of-turn token) in {% generation %}...{% endgeneration %}")
-            for t in content_tokens - set(run):  # the block is authoritative for assistant tokens
-                weights[t], roles[t], positions[t], turn_index[t] = (
-                    scaffold_weight, SCAFFOLDING, SCAFFOLDING, SCAFFOLDING)
-            assign(run, owner)
-        covered = {i for run in runs for i in assistant_ids
-                   if set(run) <= set(_token_range(offsets, spans[i][0], spans[i][3]))}
-        missing = [i for i in assistant_ids if i not in covered and _token_range(offsets, spans[i][1], spans[i][2])]
-        if missing:
-            raise ChatTemplateError(f"assistant message {missing[0]} has no {{% generation %}} block around it; the "
-                                    "template must wrap every assistant turn in {% generation %}")
+                    f"the {{% generation %}} block of assistant message {message_index} covers the content of "
+                    f"message {intruders[0]} (role {messages[intruders[0]]['role']!r})")
+            owned |= set(run)
+            assign(run, message_index)
+        for message_index in assistant_ids:
+            mine = {t for t in range(n_tokens) if owner[t] == message_index}
+            if not mine:
+                continue
+            if not mine & owned:
+                raise ChatTemplateError(
+                    f"assistant message {message_index} has no {{% generation %}} block around it; the template "
+                    "must wrap every assistant turn in {% generation %}...{% endgeneration %}")
+            if not body_tokens[message_index] <= owned:
+                raise ChatTemplateError(
+                    f"the {{% generation %}} block of message {message_index} does not cover its content; wrap the "
+                    "assistant content (and its end-of-turn token) in {% generation %}...{% endgeneration %}")
+            clear(mine - owned)  # the blocks are authoritative for assistant tokens
+
+    for message_index, (message, span) in enumerate(zip(messages, spans)):
+        if message_weights[message_index] > 0 and not any(o == message_index for o in owner):
+            raise ChatTemplateError(
+                f"message {message_index} (role {message['role']!r}) has weight {message_weights[message_index]:g} "
+                "but the chat template renders none of it (it drops the message); remove it or give it weight 0")
     return _result(input_ids, weights, roles, positions, turn_index)
 
 
