@@ -133,19 +133,23 @@ def _gives_model(argv) -> bool:
     return any(arg.split("=")[0] in ("--model_name_or_path", "--model-name-or-path") for arg in argv)
 
 
-def parse_args(argv: list[str], prog: str = "fused-wce sft", first=WeightingArguments, extra_defaults=None):
+def parse_args(argv: list[str], prog: str = "fused-wce sft", first=WeightingArguments, extra_defaults=None,
+               demo_defaults=None):
     """Parse ``argv`` (after ``sft``) into (script, training, model, dataset, weighting) arguments.
 
     Two passes: the first finds out whether a model was given; without one, the demo defaults are set before the
     second. Defaults are parser defaults, so YAML (``--config``) and command-line values override them. ``--help``
     shows the defaults a bare run uses (or, with ``--model_name_or_path`` on the line, those a model run uses).
+    ``first`` is the dataclass of the command's own flags (returned last); ``extra_defaults`` apply to every run,
+    ``demo_defaults`` on top of :data:`DEMO_DEFAULTS` to bare runs (``fused-wce compare`` uses both).
     """
+    demo = {**DEMO_DEFAULTS, **(extra_defaults or {}), **(demo_defaults or {})}
     import warnings
 
     parser = make_parser(prog, first)
-    parser.set_defaults(**_platform_defaults(), **(extra_defaults or {}))
+    parser.set_defaults(**{**_platform_defaults(), **(extra_defaults or {})})
     if _wants_help(argv) and not _gives_model(argv):
-        parser.set_defaults(**DEMO_DEFAULTS, **(extra_defaults or {}))  # argparse prints help and exits here
+        parser.set_defaults(**demo)  # argparse prints help and exits here
     with warnings.catch_warnings():
         # Our CPU/demo default sets `gradient_checkpointing` (the name `trl sft` users pass); transformers calls it a
         # deprecated alias. Setting `activation_checkpointing` instead would silently override a user's
@@ -153,7 +157,7 @@ def parse_args(argv: list[str], prog: str = "fused-wce sft", first=WeightingArgu
         warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
         parsed = parser.parse_args_and_config(list(argv))
         if parsed[3].model_name_or_path is None:
-            parser.set_defaults(**DEMO_DEFAULTS, **(extra_defaults or {}))
+            parser.set_defaults(**demo)
             parsed = parser.parse_args_and_config(list(argv))
     project, script, training, model, dataset = parsed
     return script, training, model, dataset, project
@@ -492,4 +496,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # `python -m ...cli` runs this file as __main__; go through the package module so that the classes the
+    # subcommands raise (UsageError) are the ones main() catches.
+    from fused_wce.trl_integration.cli import main as package_main
+
+    raise SystemExit(package_main())
