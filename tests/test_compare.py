@@ -13,6 +13,13 @@ from fused_wce.trl_integration import cli, compare
 from fused_wce.trl_integration.chat_data import build_tokenizer
 
 
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()  # the demo model runs on one CPU thread; leave the session as it was
+    yield
+    torch.set_num_threads(threads)
+
+
 def _mean_loss(model, tokenizer, messages, ordinal):
     """Mean CE of the ``ordinal``-th assistant message's tokens given ``messages``, from the full logits."""
     from fused_wce.trl_integration.weighting import TurnWeighting, tokenize_with_weights
@@ -27,7 +34,8 @@ def _mean_loss(model, tokenizer, messages, ordinal):
     return float(losses.mean()), len(positions)
 
 
-def test_measure_by_hand():
+def test_measure_by_hand(restore_threads):
+    torch.set_num_threads(1)  # a tiny model: one thread is faster on a busy machine
     tokenizer = build_tokenizer()
     model = tiny_model("llama", tokenizer)
     conversation = [
@@ -80,13 +88,6 @@ def test_bad_flags_fail_in_one_line(capsys):
     assert cli.main(["compare", "--schemes", "assistant,nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fused-wce compare: error: --schemes") and "\n" not in err
-
-
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()  # the demo model runs on one CPU thread; leave the session as it was
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_end_to_end(tmp_path, restore_threads):
