@@ -105,11 +105,16 @@ def test_load_jsonl_dataset(tmp_path, conversations):
 
 
 @pytest.mark.parametrize("text, match", [
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n{"text": "hello"}\n', r"line 2 has no 'messages' key"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n', r"line 2 is not valid JSON"),
-    ('[1, 2]\n', r"line 1 is a list"),
-    ('{"messages": "hello"}\n', r"line 1: 'messages' must be a list"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n{"text": "hello"}\n', r"bad.jsonl:2: no 'messages' key"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n', r"bad.jsonl:2: not valid JSON"),
+    ('[1, 2]\n', r"bad.jsonl:1: the row is a list"),
+    ('{"messages": "hello"}\n', r"bad.jsonl:1: 'messages' must be a list"),
     ('\n', "no rows"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n\n{"messages": [{"role": "bot", "content": "x"}]}\n',
+     r"bad.jsonl:3: message 0: unknown 'role' 'bot'"),
+    ('{"messages": [{"role": "assistant", "content": "x", "weight": -1}]}\n', r"bad.jsonl:1: message 0 key 'weight'"),
+    ('{"messages": [{"role": "assistant", "content": "x", "weight": "high"}]}\n', r"bad.jsonl:1: message 0 key"),
+    ('{"messages": [{"role": "assistant", "content": 5}]}\n', r"bad.jsonl:1: message 0: 'content' must be a string"),
 ])
 def test_load_jsonl_dataset_errors(tmp_path, text, match):
     path = tmp_path / "bad.jsonl"

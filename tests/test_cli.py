@@ -64,8 +64,67 @@ def test_every_trl_sft_flag_is_accepted():
 
 
 def test_help_and_unknown_command(capsys):
-    assert cli.main([]) == 0 and "sft" in capsys.readouterr().out
+    assert cli.main([]) == 0 and {"sft", "compare"} <= set(capsys.readouterr().out.split())
     assert cli.main(["dpo"]) == 2
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _default_shown(text, flag):
+    block = text[text.index(f"  {flag} "):]
+    start = block.index("(default:") + 9
+    return "".join(block[start:block.index(")", start)].split())  # argparse wraps long values at hyphens
+
+
+def test_help_lists_project_flags_first_with_the_defaults_that_run(capsys):
+    text = _help(["sft", "--help"], capsys)
+    options = [line.split()[0] for line in text[text.index("options:"):].splitlines()[1:]
+               if line.startswith("  --")]
+    assert options[:5] == ["--role_weights", "--full_sequence", "--last_n", "--decay", "--adaptive"]
+    assert "--curves" in options[:15] and options.index("--curves") < options.index("--dataset_name")
+    # A bare run trains the demo model with DEMO_DEFAULTS: that is what --help shows.
+    _, training, _, _, _ = cli.parse_args([])
+    assert _default_shown(text, "--learning_rate") == str(training.learning_rate) == "0.003"
+    assert _default_shown(text, "--output_dir") == training.output_dir
+    with_model = _help(["sft", "--help", "--model_name_or_path", "x"], capsys)
+    assert _default_shown(with_model, "--learning_rate") == "2e-05"
+    compare_help = _help(["compare", "--help"], capsys)
+    assert _default_shown(compare_help, "--max_steps") == "60"
+    assert compare_help.index("--schemes") < compare_help.index("--dataset_name")
+
+
+def test_adaptive_flags_build_the_weighting():
+    *_, flags = cli.parse_args(["--adaptive", "role", "--adaptive_power", "2", "--adaptive_warmup_steps", "3"])
+    weighting = flags.turn_weighting()
+    assert (weighting.adaptive.groups, weighting.adaptive.power, weighting.adaptive.warmup_steps) == ("role", 2.0, 3)
+    *_, flags = cli.parse_args([])
+    assert flags.turn_weighting().adaptive is None and flags.curves
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}', "message 1: unknown 'role'"),
+    ('{"text": "no messages here"}', "no 'messages' key"),
+    ('{"messages": [{"role": "assistant", "content": "x", "weight": -0.5}]}', "message 0 key 'weight'"),
+    ('{"messages": [{"role": "assistant", "content": "x", "weight": "high"}]}', "message 0 key 'weight'"),
+    ('{"messages": [{"role": "user", "content": "hi"}', "not valid JSON"),
+])
+def test_bad_data_fails_before_the_model_in_one_line(tmp_path, capsys, monkeypatch, line, match):
+    data = tmp_path / "chats.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    data.write_text(f"{good}\n\n{line}\n{good}\n")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(cli, "build_tiny_model", no_model)
+    assert cli.main(["sft", "--dataset_name", str(data), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fused-wce sft: error: {data}:3: ") and match in err[0], err
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -75,7 +134,8 @@ def test_default_run_trains_prints_stages_and_compares(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     step_lines = [line for line in out.splitlines() if line.startswith("[fused-wce] step")]
-    assert len(step_lines) == 2 and all("assistant" in line and "turn_last" in line for line in step_lines)
+    assert len(step_lines) == 2 and all("assistant" in line and "turn_last" in line and " turn_2 " in line
+                                        for line in step_lines)
     table = out[out.index("loss on held-out conversations"):].splitlines()
     rows = {line.split("  ")[0]: [float(v) for v in line.split()[-3:]] for line in table[2:5]}
     objective = "weighted objective (assistant=1; x message 'weight')"  # the shipped data has OpenAI weight keys
@@ -86,6 +146,12 @@ def test_default_run_trains_prints_stages_and_compares(tmp_path):
     assert after < before  # 8 steps at the demo learning rate already teach something
     assert rows[objective][1] < rows[objective][0]
     assert (tmp_path / "out" / "config.json").exists()
+    with open(tmp_path / "out" / "loss_curves.csv") as handle:
+        curves = handle.read().splitlines()
+    assert curves[0].startswith("step,epoch,split,loss,") and "loss/turn_2" in curves[0]
+    assert [line.split(",")[:3] for line in curves[1:]] == [["4", curves[1].split(",")[1], "train"],
+                                                           ["8", curves[2].split(",")[1], "train"]]
+    assert (tmp_path / "out" / "loss_curves.png").stat().st_size > 10_000
 
 
 def test_jsonl_dataset_local_model_and_yaml(tmp_path):
@@ -114,5 +180,8 @@ def test_jsonl_without_messages_fails_clearly(tmp_path):
     data.write_text('{"text": "hello"}\n{"text": "world"}\n')
     result = run_cli("sft", "--dataset_name", str(data), "--max_steps", "1", "--holdout_size", "0",
                      "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
-    assert result.returncode != 0
-    assert "messages" in result.stderr[-2000:]
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"fused-wce sft: error: {data}:1: no 'messages' key (keys: ['text']); each row must be "
+        '{"messages": [{"role": ..., "content": ...}, ...]}')
+    assert "tiny Llama" not in result.stdout  # failed before any model was built

@@ -224,7 +224,7 @@ def _segments(row):
     start = 0
     for length in row["seq_lengths"]:
         yield {key: row[key][start:start + length] for key in ("input_ids", "token_weights", "token_roles",
-                                                                "token_turn_positions")}
+                                                                "token_turn_positions", "token_turn_index")}
         start += length
 
 
@@ -237,7 +237,8 @@ def test_packing_keeps_weights_roles_and_turns_aligned(tokenizer, conversations,
     originals = [tokenize_with_weights(tokenizer, m, weighting) for m in conversations["messages"]]
     stream = {key: [v for o in originals for v in o[key]] for key in originals[0]}
     packed = trainer.train_dataset
-    assert {"token_weights", "token_roles", "token_turn_positions", "labels"} <= set(packed.column_names)
+    assert {"token_weights", "token_roles", "token_turn_positions", "token_turn_index", "labels"} <= set(
+        packed.column_names)
     if strategy == "wrapped":  # one stream cut into rows: the concatenation is the original stream, in some order
         rows = sorted((row for row in packed), key=lambda r: r["input_ids"])
         assert sum(len(r["input_ids"]) for r in rows) == len(stream["input_ids"])
@@ -257,7 +258,7 @@ def test_packing_keeps_weights_roles_and_turns_aligned(tokenizer, conversations,
 
     # The collator pads (wrapped) or flattens (bfd: padding-free) the per-token columns like the input ids.
     batch = trainer.data_collator([packed[0], packed[1]])
-    for key in ("token_weights", "token_roles", "token_turn_positions"):
+    for key in ("token_weights", "token_roles", "token_turn_positions", "token_turn_index"):
         assert batch[key].shape == batch["input_ids"].shape
     if strategy == "bfd":
         assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
@@ -280,7 +281,7 @@ def test_truncation_keeps_columns_aligned_and_drops_unweighted(tokenizer, tmp_pa
                                      processing_class=tokenizer, args=sft_config(tmp_path, max_length=max_length))
     (row,) = list(trainer.train_dataset)
     original = encoded[1]
-    for key in ("input_ids", "token_weights", "token_roles", "token_turn_positions"):
+    for key in ("input_ids", "token_weights", "token_roles", "token_turn_positions", "token_turn_index"):
         assert row[key] == original[key][:max_length]
 
 

@@ -2,6 +2,7 @@
 
 Never imports triton (the loss backend is chosen inside :mod:`fused_wce`).
 """
+from .adaptive import AdaptiveTurnWeights
 from .chat_data import (
     CHATML_TEMPLATE,
     CHATML_TEMPLATE_NO_GENERATION,
@@ -19,6 +20,7 @@ from .weighting import (
 )
 
 __all__ = [
+    "AdaptiveTurnWeights",
     "CHATML_TEMPLATE",
     "CHATML_TEMPLATE_NO_GENERATION",
     "ROLE_CODES",
@@ -33,7 +35,8 @@ __all__ = [
 ]
 
 # Trainer and collator: imported on first use, so the weighting helpers load without importing trl.
-_LAZY = {"WeightedDataCollator": "collator", "WeightedSFTTrainer": "trainer", "add_weighted_lm_head": "trainer"}
+_LAZY = {"WeightedDataCollator": "collator", "WeightedSFTTrainer": "trainer", "add_weighted_lm_head": "trainer",
+         "LossCurvesCallback": "curves"}
 __all__ += list(_LAZY)
 
 

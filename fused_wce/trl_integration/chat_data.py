@@ -193,46 +193,62 @@ def load_default_dataset():
     return Dataset.from_list(rows, features=_messages_features())
 
 
-def load_jsonl_dataset(path):
+def load_jsonl_dataset(path, weight_key: str | None = "weight"):
     """A local ``.jsonl`` (or ``.json`` list) of ``{"messages": [{"role", "content", ...}, ...], ...}`` rows.
+
+    Every row is checked before a dataset is built, so bad data fails here (before any model is loaded) with one
+    line naming the place: ``chats.jsonl:3: message 1: unknown 'role' 'bot'; expected one of [...]`` (``.json``
+    lists name the 1-based row, ``chats.json:row 3: ...``). Checked: valid JSON, an object per row, a ``messages``
+    list of objects with a known ``role``, ``content`` a string (or null), and the per-message ``weight_key``
+    (OpenAI chat fine-tuning format; ``None`` skips it) absent, null or a finite number >= 0.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: a line is not JSON, a row is not an object, or a row has no ``messages`` list of
-            ``{"role": ...}`` dicts; the message names the line (1-based) and the key.
+        ValueError: the first bad row, as above.
     """
     from datasets import Dataset
+
+    from .weighting import _check_weight, validate_messages
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no dataset file at {str(path)!r}")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
-        numbered = list(enumerate(rows, start=1))
-        unit = "row"
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        numbered = [(f"row {number}", row) for number, row in enumerate(rows, start=1)]
     else:
         numbered = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                numbered.append((number, json.loads(line)))
+                numbered.append((str(number), json.loads(line)))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-        unit = "line"
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
     if not numbered:
         raise ValueError(f"{path}: no rows")
-    for number, row in numbered:
+    for where, row in numbered:
         if not isinstance(row, dict):
-            raise ValueError(f"{path}: {unit} {number} is a {type(row).__name__}, expected an object with a "
+            raise ValueError(f"{path}:{where}: the row is a {type(row).__name__}, expected an object with a "
                              "'messages' key")
         if "messages" not in row:
-            raise ValueError(f"{path}: {unit} {number} has no 'messages' key (keys: {sorted(row)}); each row must "
-                             "be {\"messages\": [{\"role\": ..., \"content\": ...}, ...]}")
+            raise ValueError(f"{path}:{where}: no 'messages' key (keys: {sorted(row)}); each row "
+                             "must be {\"messages\": [{\"role\": ..., \"content\": ...}, ...]}")
         messages = row["messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise ValueError(f"{path}: {unit} {number}: 'messages' must be a list of objects with a 'role' key")
+            raise ValueError(f"{path}:{where}: 'messages' must be a list of objects with a 'role' key")
+        try:
+            validate_messages(messages)
+            if weight_key is not None:
+                for index, message in enumerate(messages):
+                    if message.get(weight_key) is not None:
+                        _check_weight(message[weight_key], f"message {index} key {weight_key!r}")
+        except ValueError as error:
+            raise ValueError(f"{path}:{where}: {error}") from None
     return Dataset.from_list([row for _, row in numbered])
 
 

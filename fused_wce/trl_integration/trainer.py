@@ -4,7 +4,7 @@ Used exactly as :class:`trl.SFTTrainer`, plus ``weighting=TurnWeighting(...)``. 
 
 * **Dataset preparation.** A conversational dataset (a ``messages`` column) is tokenized with
   :func:`~fused_wce.trl_integration.weighting.tokenize_with_weights`, which adds per-token ``token_weights``,
-  ``token_roles`` and ``token_turn_positions`` columns; ``labels`` are the token ids where the weight is > 0 and
+  ``token_roles``, ``token_turn_positions`` and ``token_turn_index`` columns; ``labels`` are the token ids where the weight is > 0 and
   -100 elsewhere. Truncation (``max_length``), packing and padding-free batching keep those columns aligned with
   ``input_ids`` (TRL itself truncates and packs only ``input_ids``/``labels``). Datasets without ``messages``
   (plain text, prompt-completion, pre-tokenized) fall back to TRL's own preparation with weight 1 on the tokens
@@ -13,9 +13,14 @@ Used exactly as :class:`trl.SFTTrainer`, plus ``weighting=TurnWeighting(...)``. 
   ``sum(w_i * CE_i) / normalizer`` from the final hidden states and ``lm_head.weight`` without building the logits.
   The normalizer is the sum of the (shifted) weights over the whole gradient-accumulation batch and over all
   data-parallel ranks, so ``bs=1 x GA=4`` equals ``bs=4`` and 2 ranks equal 1 rank with twice the batch.
-* **Logs.** TRL's ``loss``, ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` are kept; ``loss/<role>`` and
-  ``loss/turn_<position>`` (mean unweighted cross-entropy of the counted target tokens of each role / turn
-  position over the logging window) are added, so each stage's curve shows in TensorBoard or W&B.
+* **Logs.** TRL's ``loss``, ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` are kept; ``loss/<role>``,
+  ``loss/turn_<position>`` (first/middle/last/only) and ``loss/turn_<k>`` (``turn_1``, ``turn_2``, ...,
+  ``turn_5+``: the k-th message of its role) are added: the mean unweighted cross-entropy of the counted target
+  tokens of each group over the logging window, so each stage's curve shows in TensorBoard or W&B.
+* **Adaptive turn weights.** With ``TurnWeighting(adaptive=AdaptiveTurnWeights(...))`` each counted token's weight
+  is multiplied, during training, by its turn's (or role's) multiplier, which follows the running per-group loss
+  (:mod:`~fused_wce.trl_integration.adaptive`); the normaliser uses the same factors, and ``weight/<group>``
+  logs the multipliers each step used.
 
 With weight 1 on exactly the tokens TRL labels (``weighting=None`` derives that from ``assistant_only_loss``),
 the losses equal stock ``SFTTrainer``'s, also for Gemma-2's logit softcapping, logit scales, ``loss_type="dft"``,
@@ -42,7 +47,9 @@ from trl.trainer.utils import global_then_local_main_first, maybe_gather_lm_head
 
 import fused_wce
 
-from .collator import PER_TOKEN_COLUMNS, TOKEN_ROLES, TOKEN_TURN_POSITIONS, TOKEN_WEIGHTS, WeightedDataCollator
+from .adaptive import DEFAULT_MAX_TURN_INDEX, turn_index_names
+from .collator import (PER_TOKEN_COLUMNS, TOKEN_ROLES, TOKEN_TURN_INDEX, TOKEN_TURN_POSITIONS, TOKEN_WEIGHTS,
+                       WeightedDataCollator)
 from .weighting import ROLE_CODES, TURN_POSITIONS, TurnWeighting, tokenize_with_weights
 
 try:  # FSDP2 exposes sharded parameters as DTensors
@@ -55,6 +62,8 @@ logger = get_logger(__name__)
 # Per-group loss logging: index 0 of each block is "no role / no turn" (code -1), then the codes 0, 1, ...
 _ROLE_NAMES = ("scaffolding",) + tuple(sorted(ROLE_CODES, key=ROLE_CODES.get))
 _TURN_NAMES = tuple(f"turn_{position}" for position in TURN_POSITIONS)
+# Turn index k (1-based, the k-th message of its role); the last bucket holds turn DEFAULT_MAX_TURN_INDEX and later.
+_TURN_INDEX_NAMES = turn_index_names(DEFAULT_MAX_TURN_INDEX)
 _FORWARD_FLAG = "fused_wce_target"
 
 
@@ -344,11 +353,44 @@ class WeightedSFTTrainer(SFTTrainer):
             return labelled.to(torch.float32)
         return weights[..., 1:].to(torch.float32) * labelled
 
+    def _adaptive_state(self):
+        """The running :class:`~fused_wce.trl_integration.adaptive.AdaptiveWeightState` (None without adaptive)."""
+        if not hasattr(self, "_adaptive"):
+            config = getattr(self.weighting, "adaptive", None)
+            self._adaptive = config.new_state() if config is not None else None
+            self._adaptive_pending = None  # [loss sums, token counts] of the optimizer step in progress
+        return self._adaptive
+
+    def _effective_weights(self, batch: dict[str, Any], training: bool) -> torch.Tensor:
+        """:meth:`_shifted_weights` times each token's adaptive multiplier (training with adaptive weights only).
+
+        The loss and its normaliser both come from here, so the training loss stays ``sum(w m l) / sum(w m)``.
+        """
+        weight = self._shifted_weights(batch)
+        adaptive = self._adaptive_state() if training else None
+        if adaptive is None:
+            return weight
+        shape = batch["labels"].shape
+        roles, turns = batch.get(TOKEN_ROLES), batch.get(TOKEN_TURN_INDEX)
+        roles = torch.full(shape, -1) if roles is None else roles
+        turns = torch.full(shape, -1) if turns is None else turns
+        codes = adaptive.group_codes(roles[..., 1:], turns[..., 1:]).to(weight.device)
+        return weight * adaptive.factor_table(weight.device)[codes]
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
-        """The sum of target weights over the accumulated micro-batches, summed over data-parallel ranks."""
+        """The sum of target weights over the accumulated micro-batches, summed over data-parallel ranks.
+
+        Called once per optimizer step before its micro-batches run: the adaptive multipliers move here (from the
+        previous step's per-group losses), so every micro-batch of the step and the normaliser use the same ones.
+        """
         if not batch_samples or "labels" not in batch_samples[0]:
             return super()._get_num_items_in_batch(batch_samples, device)
-        total = sum(self._shifted_weights(batch).sum(dtype=torch.float32) for batch in batch_samples)
+        training = self.model.training
+        adaptive = self._adaptive_state() if training else None
+        if adaptive is not None and self._adaptive_pending is not None:
+            adaptive.update(*self._adaptive_pending)
+            self._adaptive_pending = None
+        total = sum(self._effective_weights(batch, training).sum(dtype=torch.float32) for batch in batch_samples)
         total = torch.as_tensor(total, dtype=torch.float32).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             total = self.accelerator.gather(total.reshape(1)).sum()
@@ -364,12 +406,14 @@ class WeightedSFTTrainer(SFTTrainer):
         token_weights = inputs.pop(TOKEN_WEIGHTS, None)
         roles = inputs.pop(TOKEN_ROLES, None)
         turn_positions = inputs.pop(TOKEN_TURN_POSITIONS, None)
+        turn_index = inputs.pop(TOKEN_TURN_INDEX, None)
         if "labels" not in inputs:
             raise ValueError("WeightedSFTTrainer needs `labels` in every batch (-100 where a token is not a target); "
                              f"the collator returned {sorted(inputs)}")
         labels = inputs.pop("labels")
         target = labels[:, 1:]
-        weight = self._shifted_weights({"labels": labels, TOKEN_WEIGHTS: token_weights})
+        weight = self._effective_weights({"labels": labels, TOKEN_WEIGHTS: token_weights, TOKEN_ROLES: roles,
+                                          TOKEN_TURN_INDEX: turn_index}, training=mode == "train")
 
         if num_items_in_batch is None:  # evaluation, or a caller outside the training loop: this batch alone
             normalizer, ranks = weight.sum(), 1
@@ -394,7 +438,7 @@ class WeightedSFTTrainer(SFTTrainer):
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather(outputs.aux_loss.detach().reshape(1)).mean().item())
 
-        self._record_metrics(mode, inputs, outputs, roles, turn_positions)
+        self._record_metrics(mode, inputs, outputs, roles, turn_positions, turn_index)
 
         if return_outputs:
             warnings.warn("`return_outputs=True` recomputes the full logits with an extra forward pass",
@@ -403,23 +447,30 @@ class WeightedSFTTrainer(SFTTrainer):
                 outputs = model(**inputs)
         return (loss, outputs) if return_outputs else loss
 
-    def _record_metrics(self, mode, inputs, outputs, roles, turn_positions) -> None:
+    def _record_metrics(self, mode, inputs, outputs, roles, turn_positions, turn_index=None) -> None:
         """TRL's entropy / mean_token_accuracy / num_tokens, and the per-role and per-turn loss sums.
 
         One gather of a small vector per micro-batch (TRL does three): ``[num_counted, entropy_sum, num_correct,
-        role loss sums, role counts, turn loss sums, turn counts]``, summed over ranks.
+        role loss sums, role counts, turn-position loss sums, counts, turn-index loss sums, counts]``, summed over
+        ranks. In training with adaptive weights, the per-group sums also feed the next multiplier update.
         """
         counted = outputs.counted
         token_loss = outputs.token_loss.detach().float()
         device = token_loss.device
-        n_roles, n_turns = len(_ROLE_NAMES), len(_TURN_NAMES) + 1
+        adaptive = self._adaptive_state() if mode == "train" else None
+        # Turn-index buckets 1..cap (the last one holds later turns too); cap covers the logged and adaptive ones.
+        cap = max(len(_TURN_INDEX_NAMES), len(adaptive.names) if adaptive is not None else 0)
+        n_roles, n_turns, n_indices = len(_ROLE_NAMES), len(_TURN_NAMES) + 1, cap + 1
         shape = counted.shape
         roles = (torch.full(shape, -1, device=device) if roles is None else roles[:, 1:].to(device)) + 1
         turns = (torch.full(shape, -1, device=device) if turn_positions is None
                  else turn_positions[:, 1:].to(device)) + 1
+        indices = torch.full(shape, -1, device=device) if turn_index is None else turn_index[:, 1:].to(device)
         # Codes outside the known range (a dataset built with another code table) count as "none".
         roles = roles.masked_fill((roles < 0) | (roles >= n_roles), 0)[counted]
         turns = turns.masked_fill((turns < 0) | (turns >= n_turns), 0)[counted]
+        # 0-based turn index k goes to bucket min(k, cap - 1) + 1; -1 (none) to bucket 0.
+        indices = torch.where(indices >= 0, indices.clamp_max(n_indices - 2) + 1, torch.zeros_like(indices))[counted]
         losses = token_loss[counted]
         stats = torch.cat([
             torch.stack([counted.sum().float(), outputs.entropy.detach().float().sum(),
@@ -428,12 +479,32 @@ class WeightedSFTTrainer(SFTTrainer):
             torch.bincount(roles, minlength=n_roles).float(),
             torch.bincount(turns, weights=losses, minlength=n_turns).float(),
             torch.bincount(turns, minlength=n_turns).float(),
+            torch.bincount(indices, weights=losses, minlength=n_indices).float(),
+            torch.bincount(indices, minlength=n_indices).float(),
         ])
         stats = self.accelerator.gather(stats).reshape(-1, stats.numel()).sum(0).tolist()
         num_counted, entropy_sum, num_correct = stats[:3]
         role_sums, role_counts = stats[3:3 + n_roles], stats[3 + n_roles:3 + 2 * n_roles]
-        turn_block = stats[3 + 2 * n_roles:]
+        turn_block = stats[3 + 2 * n_roles:3 + 2 * n_roles + 2 * n_turns]
         turn_sums, turn_counts = turn_block[:n_turns], turn_block[n_turns:]
+        index_block = stats[3 + 2 * n_roles + 2 * n_turns:]
+        index_sums, index_counts = index_block[:n_indices], index_block[n_indices:]
+
+        def folded(values, k):  # buckets 1..k, the k-th holding every later turn too
+            return values[1:k] + [sum(values[k:])]
+
+        if adaptive is not None:  # same gathered values on every rank: the multipliers stay identical
+            if adaptive.config.groups == "role":
+                group_sums, group_counts = role_sums[1:], role_counts[1:]
+            else:
+                k = len(adaptive.names)
+                group_sums, group_counts = folded(index_sums, k), folded(index_counts, k)
+            if self._adaptive_pending is None:
+                self._adaptive_pending = [list(group_sums), list(group_counts)]
+            else:
+                for g, (total, count) in enumerate(zip(group_sums, group_counts)):
+                    self._adaptive_pending[0][g] += total
+                    self._adaptive_pending[1][g] += count
 
         metrics = self._metrics[mode]
         metrics["entropy"].append(entropy_sum / num_counted if num_counted > 0 else 0.0)
@@ -443,10 +514,13 @@ class WeightedSFTTrainer(SFTTrainer):
             if count > 0:
                 groups[name][0] += total
                 groups[name][1] += count
-        for name, total, count in zip(_TURN_NAMES, turn_sums[1:], turn_counts[1:]):
-            if count > 0:
-                groups[name][0] += total
-                groups[name][1] += count
+        for names, sums, counts in ((_TURN_NAMES, turn_sums, turn_counts),
+                                    (_TURN_INDEX_NAMES, [0.0] + folded(index_sums, len(_TURN_INDEX_NAMES)),
+                                     [0.0] + folded(index_counts, len(_TURN_INDEX_NAMES)))):
+            for name, total, count in zip(names, sums[1:], counts[1:]):
+                if count > 0:
+                    groups[name][0] += total
+                    groups[name][1] += count
 
         if mode == "train":  # tokens seen, counted like TRL (padding excluded)
             if "attention_mask" in inputs:
@@ -462,10 +536,14 @@ class WeightedSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
         groups = self._group_losses[mode]
-        for name in _ROLE_NAMES + _TURN_NAMES:  # a fixed order, so printed logs line up
+        for name in _ROLE_NAMES + _TURN_NAMES + _TURN_INDEX_NAMES:  # a fixed order, so printed logs line up
             if name in groups and groups[name][1] > 0:
                 logs[f"{prefix}loss/{name}"] = groups[name][0] / groups[name][1]
         groups.clear()
+        adaptive = self._adaptive_state() if mode == "train" else None
+        if adaptive is not None and "loss" in logs:  # the multipliers the last optimizer step used
+            for name, multiplier in zip(adaptive.names, adaptive.multipliers):
+                logs[f"weight/{name}"] = multiplier
         super().log(logs, start_time)
 
 
@@ -484,6 +562,7 @@ def _tokenize_example(example, tokenizer, weighting, chat_template=None):
         TOKEN_WEIGHTS: [float(w) for w in encoded["token_weights"]],
         TOKEN_ROLES: encoded["token_roles"],
         TOKEN_TURN_POSITIONS: encoded["token_turn_positions"],
+        TOKEN_TURN_INDEX: encoded["token_turn_index"],
     }
 
 

@@ -125,6 +125,9 @@ class TurnWeighting:
         message_weight_key: the per-message weight key (OpenAI format: ``"weight"``, 0 or 1; any finite float
             >= 0 here), multiplied in; absent or ``None`` values mean 1. ``None`` ignores per-message weights
             (as stock TRL does).
+        adaptive: an :class:`~fused_wce.trl_integration.adaptive.AdaptiveTurnWeights`: per-turn (or per-role) loss
+            multipliers that follow the running per-group loss during training (applied by the trainer at loss
+            time; tokenization ignores it). ``None``: fixed weights.
     """
 
     role_weights: dict[str, float] = field(default_factory=lambda: {"assistant": 1.0})
@@ -133,8 +136,14 @@ class TurnWeighting:
     decay: float | None = None
     weight_fn: Callable[[int, int, str, dict], float] | None = None
     message_weight_key: str | None = "weight"
+    adaptive: Any = None
 
     def __post_init__(self):
+        if self.adaptive is not None:
+            from .adaptive import AdaptiveTurnWeights
+
+            if not isinstance(self.adaptive, AdaptiveTurnWeights):
+                raise TypeError(f"adaptive must be an AdaptiveTurnWeights or None, got {type(self.adaptive).__name__}")
         if not isinstance(self.role_weights, dict):
             raise TypeError(f"role_weights must be a dict {{role: weight}}, got {type(self.role_weights).__name__}")
         checked = {}
