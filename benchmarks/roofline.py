@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -172,6 +171,21 @@ def _gemm(name: str, rows: int, p: Problem, extra_bytes: float, rate: str = "gem
 
 
 # --- providers -----------------------------------------------------------------------------------------------------
+def _fused_wce_chunk_phases(p: Problem, chunks: int, prefix: str = "") -> list[Phase]:
+    """The Triton path's chunk loop up to dX (gather, logits + online lse, combine, softmax_grad, dX GEMM)."""
+    b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
+    tiles = _cdiv(v, FUSED_WCE_VOCAB_TILE)
+    summaries = 3 * m * tiles * 4
+    w, logits = v * h * b, m * v * b
+    return [
+        Phase("gather counted rows", 0, n * h * b + m * h * b),
+        _gemm(f"{prefix}vocab_partials (logits + online lse)", m, p, chunks * w + m * h * b + logits + summaries),
+        Phase(f"{prefix}combine", 0, summaries),
+        Phase(f"{prefix}softmax_grad (in place)", 0, 2 * logits + m * tiles * 4),
+        _gemm(f"{prefix}dX = dlogits @ W", m, p, logits + chunks * w + m * h * b),
+    ]
+
+
 def _fused_wce(p: Problem) -> Algorithm:
     """Gradients in forward (reduced loss): per chunk of C counted rows, vocab_partials stores tile-relative logits,
     combine, softmax_grad in place, dX and dW GEMMs; backward scatters dX and casts dW (docs/design.md)."""
@@ -181,15 +195,8 @@ def _fused_wce(p: Problem) -> Algorithm:
     chunk = min(chunk, max(m, 1))
     chunks = _cdiv(m, chunk) if m else 0
     tiles = _cdiv(v, FUSED_WCE_VOCAB_TILE)
-    summaries = 3 * m * tiles * 4
-    w, logits = v * h * b, m * v * b
-    phases = [
-        Phase("gather counted rows", 0, n * h * b + m * h * b),
-        _gemm("vocab_partials (logits + online lse)", m, p, chunks * w + m * h * b + logits + summaries),
-        Phase("combine", 0, summaries),
-        Phase("softmax_grad (in place)", 0, 2 * logits + m * tiles * 4),
-        _gemm("dX = dlogits @ W", m, p, logits + chunks * w + m * h * b),
-    ]
+    logits = m * v * b
+    phases = _fused_wce_chunk_phases(p, chunks)
     if not p.frozen_head:  # cuBLAS, fp32 output: the first chunk writes dW, later chunks read and write it
         phases.append(_gemm("dW += dlogits^T @ X (fp32)", m, p,
                             logits + m * h * b + v * h * 4 * max(2 * chunks - 1, 0)))
@@ -225,12 +232,7 @@ def _fused_wce_lean(p: Problem) -> Algorithm:
     tiles = _cdiv(v, tile)
     w, logits = v * h * b, m * v * b
     summaries = 3 * m * tiles * 4
-    phases = [
-        Phase("gather counted rows", 0, n * h * b + m * h * b),
-        _gemm("chunks: vocab_partials (logits + online lse)", m, p, chunks * w + m * h * b + logits + summaries),
-        Phase("chunks: combine", 0, summaries),
-        Phase("chunks: softmax_grad (in place)", 0, 2 * logits + m * tiles * 4),
-        _gemm("chunks: dX = dlogits @ W", m, p, logits + chunks * w + m * h * b),
+    phases = _fused_wce_chunk_phases(p, chunks, prefix="chunks: ") + [
         _gemm("slabs: vocab_partials (recompute logits)", m, p, w + slabs * m * h * b + logits + summaries),
         Phase("slabs: softmax_grad (in place)", 0, 2 * logits + m * tiles * 4),
         _gemm("slabs: dW[slab] = dlogits^T @ X", m, p, logits + slabs * m * h * b + w),

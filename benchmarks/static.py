@@ -29,7 +29,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 # --- hardware limits per target ----------------------------------------------------------------------------------
 

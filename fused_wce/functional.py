@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _torch_backend
-from ._passes import PassRequest, PassResult, allocate_gradients, weight_grad_dtype
+from ._passes import PassRequest, PassResult, allocate_gradients
 from ._validation import FLOAT_DTYPES, check_arguments, count_tokens
 from .loss_math import LossVariant, TokenStats
 from .types import LossOptions, LossOutput

@@ -7,7 +7,6 @@ grad_bias is a torch sum. So there is no ``deterministic=`` option; docs/robustn
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest

@@ -12,7 +12,6 @@ are never read, and a -inf logit (a banned vocabulary entry) is a valid input wi
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
