@@ -55,11 +55,14 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=32000)
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        # Before triton is first imported (torch's custom-op machinery may import it during the first call):
+        # the interpreter mode is read at import time.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if torch.cuda.is_available():
         _check("triton", args.tokens, args.hidden, args.vocab, torch.bfloat16, "cuda", "triton")
     _check("cpu path", args.tokens, args.hidden, args.vocab, torch.float32, "cpu", "torch")
     if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined (imported lazily)
         if os.environ["TRITON_INTERPRET"] == "1":
             _check("triton (CPU interpreter)", 64, 96, 1000, torch.float32, "cpu", "triton")
 

@@ -39,7 +39,7 @@ TESTS_S="${GPU_CHECK_TESTS_S:-150}"
 BENCH_S="${GPU_CHECK_BENCH_S:-300}"
 BENCH_BUDGET_S="${GPU_CHECK_BENCH_BUDGET_S:-170}"
 TOTAL_S="${GPU_CHECK_TOTAL_S:-540}"
-TEST_FILES="tests/test_linear_cross_entropy.py tests/test_loss_variants.py tests/test_memory_bound.py tests/test_determinism.py"
+TEST_FILES="tests/test_linear_cross_entropy.py tests/test_loss_variants.py tests/test_mixed_precision_and_lean.py tests/test_custom_op.py tests/test_memory_bound.py tests/test_determinism.py"
 # Not on the H200 image (/work/.library/device/KINDS.md): TRL and what it imports, and two peers. All pure Python.
 WHEELS="trl==1.16.0 datasets dill multiprocess liger-kernel cut-cross-entropy"
 
