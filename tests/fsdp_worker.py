@@ -11,6 +11,8 @@ global loss, "seen": what reached fused_wce.linear_cross_entropy on rank 0, "str
 
 - ``fsdp2``: ``fully_shard`` on each decoder layer, on ``lm_head`` separately, then on the root (fp32);
 - ``fsdp2_bf16``: the same with ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``;
+- ``fsdp2_head_in_root``: ``fully_shard`` on each decoder layer and the root only (the head's parameters are
+  the root's, unsharded during the root's forward: accelerate's transformer-layer policy);
 - ``fsdp1``: ``FullyShardedDataParallel`` with ``size_based_auto_wrap_policy`` (the head is its own unit),
   ``use_orig_params=True``; the model is patched after wrapping;
 - ``fsdp1_bf16``: the same with ``MixedPrecision(param_dtype=bfloat16, reduce_dtype=float32,
@@ -93,14 +95,15 @@ class _Spy:
         return self.function(hidden, weight, target, token_weight, **kwargs)
 
 
-def _shard_fsdp2(model, mesh, mixed: bool):
+def _shard_fsdp2(model, mesh, mixed: bool, head_unit: bool = True):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed
               else MixedPrecisionPolicy())
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model.lm_head, mesh=mesh, mp_policy=policy)
+    if head_unit:
+        fully_shard(model.lm_head, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
@@ -143,9 +146,9 @@ def run_scenario(scenario: str, rank: int, mesh) -> dict:
     spy = _Spy(fused_wce.linear_cross_entropy)
     fused_wce.linear_cross_entropy = spy
     try:
-        if scenario in ("fsdp2", "fsdp2_bf16"):
+        if scenario in ("fsdp2", "fsdp2_bf16", "fsdp2_head_in_root"):
             add_weighted_lm_head(model)  # as the trainer does: patched before sharding
-            runner = _shard_fsdp2(model, mesh, scenario == "fsdp2_bf16")
+            runner = _shard_fsdp2(model, mesh, scenario == "fsdp2_bf16", head_unit=scenario != "fsdp2_head_in_root")
         elif scenario in ("fsdp1", "fsdp1_bf16"):
             runner = _wrap_fsdp1(model, scenario == "fsdp1_bf16")
             add_weighted_lm_head(model)  # patched after wrapping: the head is found through its FSDP wrapper

@@ -7,7 +7,9 @@ under mixed precision the per-token weights and the normalizer must still reach 
 """
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -25,7 +27,7 @@ from fused_wce.trl_integration.chat_data import build_tokenizer
 from fused_wce.trl_integration.trainer import WeightedLossInputs, add_weighted_lm_head
 
 TESTS = Path(__file__).parent
-SCENARIOS = ("fsdp2", "fsdp2_bf16", "fsdp1", "fsdp1_bf16", "tp_head")
+SCENARIOS = ("fsdp2", "fsdp2_bf16", "fsdp2_head_in_root", "fsdp1", "fsdp1_bf16", "tp_head")
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +67,12 @@ def _relative_errors(grads, reference_grads) -> dict[str, float]:
     return {name: ((grads[name].double() - ref).norm() / ref.norm()).item() for name, ref in reference_grads.items()}
 
 
-@pytest.mark.parametrize("scenario", ["fsdp2", "fsdp1"])
+@pytest.mark.parametrize("scenario", ["fsdp2", "fsdp1", "fsdp2_head_in_root"])
 def test_head_as_its_own_unit_gets_the_reduced_gradient(results, reference, scenario):
     """FSDP2 (``fully_shard`` per decoder layer, on lm_head, on the root) and FSDP1 (size-based auto wrap that
     makes lm_head its own unit; the model patched after wrapping): every parameter's gradient, gathered from its
-    shards, equals the float64 reference over both ranks' data (so the head's was reduce-scattered)."""
+    shards, equals the float64 reference over both ranks' data (so the head's was reduce-scattered). Also FSDP2
+    with the head in the root's unit."""
     result = results[scenario]
     reference_loss, reference_grads = reference
     assert result["loss"] == pytest.approx(reference_loss, rel=1e-6)
@@ -125,15 +128,22 @@ def _loss_inputs(model, rows=2, length=10, seed=0):
     return input_ids, WeightedLossInputs(target, weight, weight.sum())
 
 
-def test_head_keeps_its_plain_forward(tokenizer):
-    """Patched, the head still computes logits when called without the loss keyword (generation, evaluation)."""
+def test_head_keeps_its_plain_forward_and_still_pickles(tokenizer):
+    """Patched, the head still computes logits when called without the loss keyword (generation, evaluation);
+    it pickles, and a deep copy of the model computes its loss with (and into the gradient of) its own head."""
     model = tiny_model("qwen2", tokenizer)
-    input_ids, _ = _loss_inputs(model)
+    input_ids, loss_inputs = _loss_inputs(model)
     expected = model(input_ids=input_ids).logits
     add_weighted_lm_head(model)
     hidden = torch.randn(3, model.config.hidden_size)
     torch.testing.assert_close(model.lm_head(hidden), F.linear(hidden, model.lm_head.weight), rtol=0, atol=0)
     torch.testing.assert_close(model(input_ids=input_ids).logits, expected, rtol=0, atol=0)
+
+    head = pickle.loads(pickle.dumps(model.lm_head))
+    torch.testing.assert_close(head(hidden), model.lm_head(hidden), rtol=0, atol=0)
+    twin = copy.deepcopy(model)
+    twin(input_ids=input_ids, fused_wce_loss=loss_inputs).loss.backward()
+    assert twin.lm_head.weight.grad is not None and model.lm_head.weight.grad is None
 
 
 def test_loss_inputs_are_not_entered_by_mixed_precision_casting():

@@ -161,9 +161,9 @@ def _innermost_head(head: torch.nn.Module) -> torch.nn.Module:
 
 
 def _head_forward(self, input, *args, fused_wce_loss: _HeadLossCall | None = None, **kwargs):
-    """The LM head's forward once :func:`_install_head_forward` ran (bound to the head as an instance method).
+    """The LM head's forward once :func:`_install_head_forward` ran (``functools.partial(_head_forward, head)``).
 
-    Without ``fused_wce_loss`` the head's own forward runs (``F.linear``: generation, evaluation with logits).
+    Without ``fused_wce_loss`` the head's class forward runs (``F.linear``: generation, evaluation with logits).
     With it, ``input`` is the hidden states ``[B, T-1, H]`` and the fused loss runs here, *inside* the head's call,
     so the distributed wrappers treat it as the head's computation: FSDP2's pre/post-forward hooks and FSDP1's
     wrapper forward unshard the head's parameters before and reduce-scatter its gradient after, ZeRO-3 gathers
@@ -171,7 +171,7 @@ def _head_forward(self, input, *args, fused_wce_loss: _HeadLossCall | None = Non
     enters (to hook the loss for the pre-backward unshard).
     """
     if fused_wce_loss is None:
-        return self._fused_wce_plain_forward(input, *args, **kwargs)
+        return type(self).forward(self, input, *args, **kwargs)
     if args or kwargs:
         raise TypeError(f"the fused loss call of the LM head takes only the hidden states, got extra arguments "
                         f"{len(args)} positional, {sorted(kwargs)} keyword")
@@ -184,18 +184,21 @@ def _head_forward(self, input, *args, fused_wce_loss: _HeadLossCall | None = Non
 def _install_head_forward(head: torch.nn.Module) -> bool:
     """Give the (innermost) LM head :func:`_head_forward` as an instance-level forward; idempotent.
 
-    Returns False for heads that are not an ``nn.Linear`` (a PEFT adapter wrapper, say): the loss then reads their
-    weight directly. An accelerate hook (``device_map``/offload) keeps its wrapper as ``forward`` and calls
-    ``_old_forward``: the dispatch goes there, so the hook still moves the inputs and loads offloaded weights.
+    Returns False for heads that are not an ``nn.Linear`` running its class's forward (a PEFT adapter wrapper, a
+    forward replaced by someone else): the loss then reads their weight directly. An accelerate hook
+    (``device_map``/offload) keeps its wrapper as ``forward`` and calls ``_old_forward``: the dispatch goes there,
+    so the hook still moves the inputs and loads offloaded weights. A ``functools.partial`` of a module-level
+    function, not a bound method, so the head still pickles and deep-copies (the copy dispatches to itself).
     """
     if not isinstance(head, torch.nn.Linear):
         return False
     slot = "_old_forward" if hasattr(head, "_hf_hook") and hasattr(head, "_old_forward") else "forward"
     current = getattr(head, slot)
-    if getattr(current, "__func__", None) is _head_forward:
+    if isinstance(current, functools.partial) and current.func is _head_forward:
         return True
-    head._fused_wce_plain_forward = current
-    setattr(head, slot, types.MethodType(_head_forward, head))
+    if getattr(current, "__func__", None) is not type(head).forward:
+        return False
+    setattr(head, slot, functools.partial(_head_forward, head))
     return True
 
 
