@@ -64,12 +64,11 @@ _ROLE_NAMES = ("scaffolding",) + tuple(sorted(ROLE_CODES, key=ROLE_CODES.get))
 _TURN_NAMES = tuple(f"turn_{position}" for position in TURN_POSITIONS)
 # Turn index k (1-based, the k-th message of its role); the last bucket holds turn DEFAULT_MAX_TURN_INDEX and later.
 _TURN_INDEX_NAMES = turn_index_names(DEFAULT_MAX_TURN_INDEX)
-_FORWARD_FLAG = "fused_wce_target"
 
 
 @dataclass
 class WeightedLMOutput(ModelOutput):
-    """What the patched forward returns when given ``fused_wce_target``.
+    """What the patched forward (:func:`add_weighted_lm_head`) returns when given the loss inputs.
 
     ``loss``: 0-d float32, ``sum(w_i l_i) / normalizer``. Per target position (shaped like the shifted targets,
     ``[B, T-1]``, detached): ``token_loss`` (float32, unweighted CE), ``entropy`` (float32), ``is_top1`` (bool),
@@ -104,28 +103,184 @@ def check_model_supported(model) -> None:
         raise NotImplementedError(f"{type(model).__name__} has no output embeddings (LM head) to fuse the loss with")
 
 
-def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = False) -> None:
-    """Patch ``model.forward``: with ``fused_wce_target=...`` it runs the backbone and returns the fused weighted loss.
+class WeightedLossInputs:
+    """One batch's inputs of the fused loss: ``target``, per-token ``weight`` and ``normalizer``.
 
-    ``model(**inputs, fused_wce_target=target, fused_wce_weight=weight, fused_wce_normalizer=normalizer)``, with
-    ``target`` int64 ``[B, T-1]`` (``labels[:, 1:]``), ``weight`` float32 ``[B, T-1]`` and ``normalizer`` a 0-d
-    tensor > 0, returns a :class:`WeightedLMOutput`. The LM head never runs over all tokens: the last hidden states
-    ``[B, T-1, H]`` go to :func:`fused_wce.linear_cross_entropy` with ``lm_head.weight`` (and bias). Without
-    ``fused_wce_target`` the previous forward runs unchanged (generation, TRL's fused head). The forward is called
-    through the (DDP/FSDP/PEFT) wrappers, so their hooks run as usual. Apply to the unwrapped ``PreTrainedModel``.
+    Args:
+        target: int64 (or int32) ``[B, T-1]``: the shifted labels (``labels[:, 1:]``), -100 where not a target.
+        weight: floating ``[B, T-1]`` (float32 in the trainer), >= 0: each target's weight.
+        normalizer: 0-d tensor or float > 0 (the loss is ``sum(w_i l_i) / normalizer``), or None for ``sum(w_i)``.
+
+    Passed as ``model(**inputs, fused_wce_loss=WeightedLossInputs(...))``. A plain class with ``__slots__`` on
+    purpose, not a dict, tuple, dataclass or namedtuple: FSDP1's ``MixedPrecision`` (``cast_root_forward_inputs``,
+    ``cast_forward_inputs``) and FSDP2's ``MixedPrecisionPolicy(cast_forward_inputs=True)`` cast every floating
+    tensor they find in a module's args and kwargs to the parameter dtype, and they walk exactly those containers.
+    They do not enter other objects, so the weights and the normalizer reach the loss in float32 (bf16 keeps 8
+    significant bits: a normalizer of 1234.5 would become 1232).
+    """
+
+    __slots__ = ("target", "weight", "normalizer")
+
+    def __init__(self, target: torch.Tensor, weight: torch.Tensor, normalizer: float | torch.Tensor | None):
+        if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex():
+            raise TypeError(f"target must be an integer tensor, got {_describe(target)}")
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating tensor, got {_describe(weight)}")
+        if weight.shape != target.shape:
+            raise ValueError(f"weight must have target's shape {tuple(target.shape)}, got {tuple(weight.shape)}")
+        if normalizer is not None and not isinstance(normalizer, (float, int, torch.Tensor)):
+            raise TypeError(f"normalizer must be a float, a 0-d tensor or None, got {_describe(normalizer)}")
+        self.target, self.weight, self.normalizer = target, weight, normalizer
+
+    def __repr__(self) -> str:
+        return (f"WeightedLossInputs(target={_describe(self.target)}, weight={_describe(self.weight)}, "
+                f"normalizer={_describe(self.normalizer)})")
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{type(value).__name__}(shape={tuple(value.shape)}, dtype={value.dtype})"
+    return type(value).__name__
+
+
+class _HeadLossCall:
+    """What the model's forward hands to the LM head's forward: the batch's inputs and the model's loss options.
+
+    A plain ``__slots__`` class for the reason given in :class:`WeightedLossInputs` (no mixed-precision cast).
+    """
+
+    __slots__ = ("inputs", "logit_scale", "softcap", "label_smoothing", "dft", "lean_memory")
+
+    def __init__(self, inputs: WeightedLossInputs, logit_scale: float, softcap: float | None,
+                 label_smoothing: float, dft: bool, lean_memory: bool = False):
+        self.inputs, self.logit_scale, self.softcap = inputs, logit_scale, softcap
+        self.label_smoothing, self.dft, self.lean_memory = label_smoothing, dft, lean_memory
+
+
+def _innermost_head(head: torch.nn.Module) -> torch.nn.Module:
+    """The module under FSDP1's ``FullyShardedDataParallel`` and activation-checkpoint wrappers (their forward
+    calls it with the same args and kwargs)."""
+    while True:
+        inner = getattr(head, "_fsdp_wrapped_module", None)
+        if inner is None:
+            inner = getattr(head, "_checkpoint_wrapped_module", None)
+        if inner is None:
+            return head
+        head = inner
+
+
+def _head_forward(self, input, *args, fused_wce_loss: _HeadLossCall | None = None, **kwargs):
+    """The LM head's forward once :func:`_install_head_forward` ran (``functools.partial(_head_forward, head)``).
+
+    Without ``fused_wce_loss`` the head's class forward runs (``F.linear``: generation, evaluation with logits).
+    With it, ``input`` is the hidden states ``[B, T-1, H]`` and the fused loss runs here, *inside* the head's call,
+    so the distributed wrappers treat it as the head's computation: FSDP2's pre/post-forward hooks and FSDP1's
+    wrapper forward unshard the head's parameters before and reduce-scatter its gradient after, ZeRO-3 gathers
+    them. Returns ``(loss, token_loss, entropy, is_top1)``: a tuple, which every wrapper's output traversal
+    enters (to hook the loss for the pre-backward unshard).
+    """
+    if fused_wce_loss is None:
+        return type(self).forward(self, input, *args, **kwargs)
+    if args or kwargs:
+        raise TypeError(f"the fused loss call of the LM head takes only the hidden states, got extra arguments "
+                        f"{len(args)} positional, {sorted(kwargs)} keyword")
+    if not isinstance(fused_wce_loss, _HeadLossCall):
+        raise TypeError(f"fused_wce_loss must be a _HeadLossCall, got {type(fused_wce_loss).__name__}")
+    out = _fused_head_loss(self, input, fused_wce_loss)
+    return out.loss, out.token_loss, out.entropy, out.is_top1
+
+
+def _install_head_forward(head: torch.nn.Module) -> bool:
+    """Give the (innermost) LM head :func:`_head_forward` as an instance-level forward; idempotent.
+
+    Returns False for heads that are not an ``nn.Linear`` running its class's forward (a PEFT adapter wrapper, a
+    forward replaced by someone else): the loss then reads their weight directly. An accelerate hook
+    (``device_map``/offload) keeps its wrapper as ``forward`` and calls ``_old_forward``: the dispatch goes there,
+    so the hook still moves the inputs and loads offloaded weights. A ``functools.partial`` of a module-level
+    function, not a bound method, so the head still pickles and deep-copies (the copy dispatches to itself).
+    """
+    if not isinstance(head, torch.nn.Linear):
+        return False
+    slot = "_old_forward" if hasattr(head, "_hf_hook") and hasattr(head, "_old_forward") else "forward"
+    current = getattr(head, slot)
+    if isinstance(current, functools.partial) and current.func is _head_forward:
+        return True
+    if getattr(current, "__func__", None) is not type(head).forward:
+        return False
+    setattr(head, slot, functools.partial(_head_forward, head))
+    return True
+
+
+def _fused_head_loss(head: torch.nn.Module, hidden_states: torch.Tensor, call: _HeadLossCall):
+    """``fused_wce.linear_cross_entropy`` of ``hidden_states`` with ``head.weight`` (and bias) -> ``LossOutput``.
+
+    Runs in the head's forward (see :func:`_head_forward`) or, for heads that cannot be called that way, directly.
+    """
+    # ZeRO-3 shards the head to numel 0 outside its own forward: gather it (no-op when the hooks already did).
+    with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if isinstance(weight, DTensor) or isinstance(bias, DTensor):
+            # full_tensor() would run, but its gradient is not reduce-scattered the way FSDP's post-backward
+            # reduces a parameter's: silently wrong head gradients. Inside FSDP's own forward of the head the
+            # parameters are plain unsharded tensors; a DTensor here means a layout this loss cannot use.
+            sharded = weight if isinstance(weight, DTensor) else bias
+            raise RuntimeError(
+                f"the LM head's parameters are DTensors (placements {sharded.placements}) where the fused loss "
+                f"reads them: the head ({type(head).__name__}) was not unsharded. Shard the head "
+                "with FSDP (fully_shard / FullyShardedDataParallel, as its own unit or inside its parent's) and let "
+                "the loss run through the head's forward; tensor-parallel (vocab-sharded) heads are not supported")
+        if getattr(head, "lora_A", None):  # a PEFT LoRA layer on the head itself: its weight is the base weight
+            raise NotImplementedError(
+                "LoRA adapters on the LM head are not supported by the fused loss, which reads the head's weight "
+                "directly (the adapter's update would be ignored): keep lm_head out of `target_modules`")
+        device = weight.device  # with `device_map` the backbone can end on another device than the head
+        inputs = call.inputs
+        hidden_states = hidden_states.to(device)
+        target = inputs.target.to(device)
+        token_weight = inputs.weight.to(device=device, dtype=torch.float32)
+
+        # The head computes in the dtype nn.Linear would under the active autocast (e.g. bf16 under AMP, like
+        # the stock head), otherwise in the weight's dtype. The cast happens inside the loss, so fp32 master
+        # weights receive their fp32 gradient with no extra [V, H] copy.
+        compute_dtype = weight.dtype
+        if torch.is_autocast_enabled(device.type):
+            compute_dtype = torch.get_autocast_dtype(device.type)
+        return fused_wce.linear_cross_entropy(
+            hidden_states, weight, target, token_weight, bias=bias,
+            normalizer=inputs.normalizer, return_stats=True, logit_scale=call.logit_scale, softcap=call.softcap,
+            label_smoothing=call.label_smoothing, dft=call.dft, compute_dtype=compute_dtype,
+            lean_memory=call.lean_memory,
+        )
+
+
+def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = False,
+                         lean_memory: bool = False) -> None:
+    """Patch ``model.forward``: with ``fused_wce_loss=...`` it runs the backbone and returns the fused weighted loss.
+
+    ``model(**inputs, fused_wce_loss=WeightedLossInputs(target, weight, normalizer))`` (see
+    :class:`WeightedLossInputs`) returns a :class:`WeightedLMOutput`. The LM head never runs over all tokens: the
+    last hidden states ``[B, T-1, H]`` go to :func:`fused_wce.linear_cross_entropy` with ``lm_head.weight`` (and
+    bias), inside a call of the head module (its forward dispatches on a ``fused_wce_loss`` keyword), so FSDP1,
+    FSDP2 and ZeRO-3 unshard/gather the head's parameters and reduce its gradient as for any forward of the head,
+    also when the head is its own FSDP unit. Without ``fused_wce_loss`` the previous forwards run unchanged
+    (generation, TRL's fused head). Apply to the unwrapped ``PreTrainedModel``, before or after FSDP wraps it.
     The model's own logit transforms are reproduced inside the loss: a constant logit scale (Cohere, Granite...)
     and ``final_logit_softcapping`` (Gemma-2); ``label_smoothing`` and ``dft`` (TRL's ``loss_type="dft"``) too.
+    ``lean_memory``: see :func:`fused_wce.linear_cross_entropy` (bf16 heads: no fp32 ``[V, H]`` accumulator).
     """
     check_model_supported(model)
     previous_forward = model.forward
     text_config = model.config.get_text_config()
     logit_scale = _logit_scale(text_config)
     softcap = getattr(text_config, "final_logit_softcapping", None)
+    _install_head_forward(_innermost_head(model.get_output_embeddings()))
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, fused_wce_target=None, fused_wce_weight=None, fused_wce_normalizer=None, **kwargs):
-        if fused_wce_target is None:
+    def forward(self, *args, fused_wce_loss=None, **kwargs):
+        if fused_wce_loss is None:
             return previous_forward(*args, **kwargs)
+        if not isinstance(fused_wce_loss, WeightedLossInputs):
+            raise TypeError(f"fused_wce_loss must be a WeightedLossInputs, got {type(fused_wce_loss).__name__}")
         for unused in ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep"):
             kwargs.pop(unused, None)
         kwargs["use_cache"] = False
@@ -146,37 +301,19 @@ def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = Fal
             aux_loss = load_balancing_loss_func(backbone_outputs.router_logits, num_experts,
                                                 text_config.num_experts_per_tok, kwargs.get("attention_mask"))
 
+        # The head as it is now: FSDP1 may have wrapped it (the call goes through the wrapper, the dispatching
+        # forward sits on the module inside).
         lm_head = self.get_output_embeddings()
-        # ZeRO-3 shards the head to numel 0 outside its own forward: gather it before reading the weight.
-        with maybe_gather_lm_head_ctx(lm_head.weight, getattr(lm_head, "bias", None)):
-            weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-            if isinstance(weight, DTensor):
-                weight = weight.full_tensor()
-                bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
-            device = weight.device  # with `device_map` the backbone can end on another device than the head
-            hidden_states = hidden_states.to(device)
-            target = fused_wce_target.to(device)
-            token_weight = fused_wce_weight.to(device=device, dtype=torch.float32)
-
-            # The head computes in the dtype nn.Linear would under the active autocast (e.g. bf16 under AMP, like
-            # the stock head), otherwise in the weight's dtype; autocast is then off so the loss is exactly that.
-            compute_dtype = weight.dtype
-            if torch.is_autocast_enabled(device.type):
-                compute_dtype = torch.get_autocast_dtype(device.type)
-            hidden_states = hidden_states.to(compute_dtype)
-            weight = weight.to(compute_dtype)
-            if bias is not None:
-                bias = bias.to(compute_dtype)
-
-            with torch.autocast(device.type, enabled=False):
-                out = fused_wce.linear_cross_entropy(
-                    hidden_states, weight, target, token_weight, bias=bias,
-                    normalizer=fused_wce_normalizer, return_stats=True, logit_scale=logit_scale, softcap=softcap,
-                    label_smoothing=label_smoothing, dft=dft,
-                )
+        call = _HeadLossCall(fused_wce_loss, logit_scale, softcap, label_smoothing, dft, lean_memory)
+        if _install_head_forward(_innermost_head(lm_head)):
+            loss, token_loss, entropy, is_top1 = lm_head(hidden_states, fused_wce_loss=call)
+        else:
+            out = _fused_head_loss(lm_head, hidden_states, call)
+            loss, token_loss, entropy, is_top1 = out.loss, out.token_loss, out.entropy, out.is_top1
+        target, token_weight = fused_wce_loss.target.to(loss.device), fused_wce_loss.weight.to(loss.device)
         counted = (target != -100) & (token_weight > 0)
-        return WeightedLMOutput(loss=out.loss, token_loss=out.token_loss, entropy=out.entropy,
-                                is_top1=out.is_top1, counted=counted, aux_loss=aux_loss)
+        return WeightedLMOutput(loss=loss, token_loss=token_loss, entropy=entropy, is_top1=is_top1,
+                                counted=counted, aux_loss=aux_loss)
 
     model.forward = types.MethodType(forward, model)
 
@@ -197,6 +334,9 @@ class WeightedSFTTrainer(SFTTrainer):
         weighting: :class:`~fused_wce.trl_integration.weighting.TurnWeighting` that turns each conversation's
             messages into per-token weights. ``None`` gives stock TRL's selection: the assistant turns when
             ``args.assistant_only_loss`` else the whole sequence, each token with weight 1.
+        lean_memory: compute the head's weight gradient in vocabulary slabs, written in the weight's dtype (see
+            :func:`fused_wce.linear_cross_entropy`): for bf16 models, ~2 GiB less at Llama-3-8B's head, for a
+            third more head FLOPs. No effect on fp32 (master) weights.
 
     The data collator defaults to :class:`WeightedDataCollator` (also in padding-free mode, where TRL rejects
     custom collators). A custom collator is used as is; batches without ``token_weights`` get weight 1 where
@@ -211,7 +351,8 @@ class WeightedSFTTrainer(SFTTrainer):
     _tag_names = ["trl", "sft", "fused-wce"]
 
     def __init__(self, model, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, *posargs, weighting: TurnWeighting | None = None, **kwargs):
+                 processing_class=None, *posargs, weighting: TurnWeighting | None = None,
+                 lean_memory: bool = False, **kwargs):
         if weighting is not None and not isinstance(weighting, TurnWeighting):
             raise TypeError(f"weighting must be a TurnWeighting or None, got {type(weighting).__name__}")
         if kwargs.get("compute_loss_func") is not None:
@@ -254,7 +395,8 @@ class WeightedSFTTrainer(SFTTrainer):
         # Label smoothing is computed in the fused loss: stop Trainer from building its full-logits LabelSmoother.
         label_smoothing, self.label_smoother = self.args.label_smoothing_factor, None
         add_weighted_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model,
-                             label_smoothing=label_smoothing, dft=self.args.loss_type == "dft")
+                             label_smoothing=label_smoothing, dft=self.args.loss_type == "dft",
+                             lean_memory=lean_memory)
         # compute_loss normalises by the whole accumulated (and cross-rank) batch: Trainer must not divide by GA.
         self.loss_is_scaled_for_ga = True
 
@@ -428,7 +570,7 @@ class WeightedSFTTrainer(SFTTrainer):
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
-        outputs = model(**inputs, fused_wce_target=target, fused_wce_weight=weight, fused_wce_normalizer=normalizer)
+        outputs = model(**inputs, fused_wce_loss=WeightedLossInputs(target, weight, normalizer))
         loss = outputs.loss * ranks if ranks != 1 else outputs.loss
         if self.aux_loss_enabled and outputs.aux_loss is not None:
             # A per-micro-batch mean that DDP averages over ranks; with the accumulated normaliser the Trainer
