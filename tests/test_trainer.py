@@ -305,6 +305,38 @@ def test_lora_with_frozen_head_trains_adapters_only(tokenizer, conversations, tm
     assert changed  # the adapters were trained
 
 
+def test_lora_on_the_head_itself_is_a_clear_error(tokenizer):
+    """A LoRA adapter on lm_head would be ignored by a loss that reads the head's weight: refuse it loudly (TRL's
+    SFTTrainer already refuses it at init; add_weighted_lm_head is public and must refuse it too)."""
+    from peft import LoraConfig, get_peft_model
+
+    from fused_wce.trl_integration.trainer import WeightedLossInputs, add_weighted_lm_head
+
+    model = get_peft_model(tiny_model("qwen2", tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]))
+    add_weighted_lm_head(model.get_base_model())
+    input_ids = torch.randint(3, 100, (2, 12))
+    target = input_ids[:, 1:]
+    loss_inputs = WeightedLossInputs(target, torch.ones(target.shape), torch.tensor(22.0))
+    with pytest.raises(NotImplementedError, match="LoRA adapters on the LM head"):
+        model(input_ids=input_ids, fused_wce_loss=loss_inputs)
+
+
+def test_lean_memory_trains_like_the_default(tokenizer, conversations, tmp_path):
+    """bf16 head, lean_memory=True: the loss and the trained head match the default plan up to bf16 rounding."""
+    trainers = []
+    for lean in (False, True):
+        model = tiny_model("qwen2", tokenizer).to(torch.bfloat16)
+        trainer = WeightedSFTTrainer(model, args=sft_config(tmp_path / str(lean), max_steps=2), lean_memory=lean,
+                                     train_dataset=conversations, processing_class=tokenizer)
+        trainer.train()
+        trainers.append(trainer)
+    default, lean = trainers
+    assert logged(lean, "loss") == pytest.approx(logged(default, "loss"), rel=1e-2)
+    head_default = default.model.get_output_embeddings().weight.float()
+    head_lean = lean.model.get_output_embeddings().weight.float()
+    torch.testing.assert_close(head_lean, head_default, rtol=2e-2, atol=2e-3)
+
+
 # ------------------------------------------------------------------------------------------------ bad data
 def test_conversation_without_weighted_token_is_dropped_with_a_warning(tokenizer, conversations, tmp_path):
     no_assistant = [{"role": "system", "content": "you are helpful"}, {"role": "user", "content": "hello"}]
