@@ -11,11 +11,14 @@ Compared, on the same model, batch and optimizer:
   inside its patched forward, but importing the trainer is not needed to time the loss it computes).
 
 A step is forward + backward + ``AdamW.step()`` + ``zero_grad``. Peak memory is above the model, its optimizer
-state (created by a warm-up step) and the batch. GPU: a Qwen2.5-0.5B-sized config in bf16; CPU: a small config.
+state (created by a warm-up step) and the batch: CUDA ``max_memory_allocated``; CPU the exact peak RSS of the step
+(``benchmarks.measure.rss_peak_above``: free pages returned, the kernel's high-water mark reset, ``VmHWM`` read
+after the step). GPU: a Qwen2.5-0.5B-sized config in bf16; CPU: a small config.
 """
 from __future__ import annotations
 
 import copy
+import gc
 import time
 
 IGNORE_INDEX = -100
@@ -69,7 +72,7 @@ def run_e2e_task(task: dict, emit) -> None:
             emit({**common, "provider": name, "status": "skipped", "reason": "time budget of the profile spent"})
             continue
         row = {**common, "provider": name}
-        model = None
+        model = optimizer = loss_fn = step = None
         try:
             model = copy.deepcopy(base_model)  # every provider starts from the same weights
             model.train()
@@ -91,7 +94,15 @@ def run_e2e_task(task: dict, emit) -> None:
                 row["peak_memory_bytes"] = measure.cuda_peak_above(step)
                 times = measure.cuda_times(step, task["reps"])
             else:
-                row["peak_memory_bytes"], _ = measure.rss_peak_above(step) if task.get("measure_rss") else (None, 0)
+                # Exact peak RSS of one step above the RSS before it (model, optimizer state, batch): the
+                # allocator's free pages are returned first, so nothing the warm-up or an earlier provider freed
+                # can absorb this step's allocations (benchmarks.measure.rss_peak_above).
+                if measure.rss_high_water_supported():
+                    row["peak_memory_bytes"], row["rss_baseline_bytes"], row["memory_method"] = \
+                        measure.rss_peak_above(step)
+                else:  # after the warm-up step, sampled RSS would see only what the allocator did not keep
+                    row["peak_memory_bytes"] = None
+                    row["memory_method"] = "not measured: this OS cannot reset the peak RSS (/proc/self/clear_refs)"
                 times = measure.wall_times(step, task["reps"])
             row.update(measure.summarize(times))
             row["loss"] = step.loss.float().item()
@@ -102,7 +113,8 @@ def run_e2e_task(task: dict, emit) -> None:
             row.update(status="oom" if "out of memory" in str(error).lower() else "error",
                        reason=f"{type(error).__name__}: {str(error)[:300]}", traceback=traceback.format_exc()[-2000:])
         emit(row)
-        del model
+        del model, optimizer, loss_fn, step
+        gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
 
