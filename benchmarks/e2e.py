@@ -11,9 +11,8 @@ Compared, on the same model, batch and optimizer:
   inside its patched forward, but importing the trainer is not needed to time the loss it computes).
 
 A step is forward + backward + ``AdamW.step()`` + ``zero_grad``. Peak memory is above the model, its optimizer
-state (created by a warm-up step) and the batch: CUDA ``max_memory_allocated``; CPU the exact peak RSS of the step
-(``benchmarks.measure.rss_peak_above``: free pages returned, the kernel's high-water mark reset, ``VmHWM`` read
-after the step). GPU: a Qwen2.5-0.5B-sized config in bf16; CPU: a small config.
+state (created by a warm-up step) and the batch: CUDA ``max_memory_allocated``; CPU the peak of torch's
+allocations during the step, and beside it the step's exact peak RSS (``benchmarks.measure.cpu_peak_above``). GPU: a Qwen2.5-0.5B-sized config in bf16; CPU: a small config.
 """
 from __future__ import annotations
 
@@ -94,15 +93,13 @@ def run_e2e_task(task: dict, emit) -> None:
                 row["peak_memory_bytes"] = measure.cuda_peak_above(step)
                 times = measure.cuda_times(step, task["reps"])
             else:
-                # Exact peak RSS of one step above the RSS before it (model, optimizer state, batch): the
-                # allocator's free pages are returned first, so nothing the warm-up or an earlier provider freed
-                # can absorb this step's allocations (benchmarks.measure.rss_peak_above).
-                if measure.rss_high_water_supported():
-                    row["peak_memory_bytes"], row["rss_baseline_bytes"], row["memory_method"] = \
-                        measure.rss_peak_above(step)
-                else:  # after the warm-up step, sampled RSS would see only what the allocator did not keep
-                    row["peak_memory_bytes"] = None
-                    row["memory_method"] = "not measured: this OS cannot reset the peak RSS (/proc/self/clear_refs)"
+                # Peak of torch's allocations during one step above what was allocated before it (model, optimizer
+                # state, batch), and the step's exact peak RSS above the RSS before it: the allocator's free pages
+                # are returned first, so nothing the warm-up or an earlier provider freed can absorb this step's
+                # allocations (benchmarks.measure.cpu_peak_above).
+                row.update(measure.cpu_peak_above(step))
+                if not measure.rss_high_water_supported():  # sampled RSS after a warm-up sees only what is new
+                    row["peak_rss_bytes"] = None
                 times = measure.wall_times(step, task["reps"])
             row.update(measure.summarize(times))
             row["loss"] = step.loss.float().item()

@@ -192,3 +192,45 @@ def rss_peak_above(step: Callable[[], None]) -> tuple[int, int, str]:
     if lifetime_after > lifetime_before:
         peak = max(peak, lifetime_after)
     return peak - baseline, baseline, RSS_METHOD_SAMPLED
+
+
+# --- peak of torch's CPU allocations during one step (the CPU counterpart of cuda_peak_above) -----------------
+ALLOCATED_METHOD = "torch CPU allocator events (torch.profiler, profile_memory=True)"
+
+
+def cpu_allocated_peak_above(step: Callable[[], None]) -> int | None:
+    """Bytes of torch CPU tensors alive at the peak of ``step()`` above those alive before it, or None where the
+    profiler does not report allocations.
+
+    Every CPU tensor allocation and free is an event of ``torch.profiler`` with ``profile_memory=True`` (the
+    records ``torch.autograd.profiler`` itself turns into ``cpu_memory_usage``); their running sum in time order is
+    the bytes allocated since the start, its maximum the peak. Deterministic, and the same quantity as CUDA's
+    ``max_memory_allocated`` above the inputs; what the C allocator keeps or fragments on top is in the RSS.
+    """
+    from torch.autograd.profiler import MEMORY_EVENT_NAME
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None:
+        return None
+    events = sorted((event.start_ns(), event.nbytes()) for event in results.events()
+                    if event.name() == MEMORY_EVENT_NAME and event.device_type() == torch.autograd.DeviceType.CPU)
+    if not events:
+        return None
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def cpu_peak_above(step: Callable[[], None]) -> dict:
+    """Both CPU peaks of one ``step()``: ``peak_memory_bytes`` (torch's allocations, :func:`cpu_allocated_peak_above`)
+    and ``peak_rss_bytes`` (the process's RSS, :func:`rss_peak_above`), measured on the same call."""
+    box = {}
+    peak_rss, baseline, rss_method = rss_peak_above(lambda: box.update(allocated=cpu_allocated_peak_above(step)))
+    return {"peak_memory_bytes": box["allocated"], "peak_rss_bytes": peak_rss, "rss_baseline_bytes": baseline,
+            "memory_method": f"allocated: {ALLOCATED_METHOD}; RSS: {rss_method}"}

@@ -8,7 +8,7 @@ Task kinds:
 
 - ``"loss"``: time, peak memory and accuracy of providers on workloads (``device`` "cuda" or "cpu"). On CPU the
   workloads of one task share their inputs (a problem and its loss variants); the float64 reference is computed
-  in the task, every row's peak RSS is measured exactly (:func:`benchmarks.measure.rss_peak_above`), and the
+  in the task, every row's peak memory is measured on its own call (:func:`benchmarks.measure.cpu_peak_above`), and the
   timed repeats go round the rows in turn, so that a burst of load from other processes hits every row alike.
 - ``"interpreter"``: fused_wce's Triton path under ``TRITON_INTERPRET=1`` against the reference (checked only).
 - ``"gemm"``: the device's GEMM rate with ``torch.mm``.
@@ -256,8 +256,9 @@ def run_cpu_loss_task(task: dict) -> None:
     """CPU rows of workloads that share one set of inputs (a problem and its loss variants), in one process.
 
     1. Per row, a call on the last ``SMALL_WARMUP_ROWS`` tokens (lazy initialisation: thread pool, BLAS buffers,
-       kept for the process's life, so no row is charged for them), then the memory run: peak RSS above the RSS
-       before it (exact, see :func:`benchmarks.measure.rss_peak_above`), whose loss and gradients are compared
+       kept for the process's life, so no row is charged for them), then the memory run: the peak of torch's
+       allocations and the peak RSS above what was there before it (:func:`benchmarks.measure.cpu_peak_above`;
+       the RSS one exact where the OS can reset its high-water mark), whose loss and gradients are compared
        with the float64 reference of the row's workload (computed here, once per workload and weight kind).
     2. The timed repeats, round-robin over the rows: repeat r of every row, then repeat r + 1; a burst of load
        from other processes then slows every row of the round, not one provider's every repeat.
@@ -306,8 +307,7 @@ def run_cpu_loss_task(task: dict) -> None:
                 tokens = row.workload.tokens
                 row.call(0, rows=slice(max(0, tokens - SMALL_WARMUP_ROWS), tokens))
             kept = {}
-            peak, baseline, method = measure.rss_peak_above(lambda: kept.update(row.call(0, keep=True)))
-            row.result.update(peak_memory_bytes=peak, rss_baseline_bytes=baseline, memory_method=method)
+            row.result.update(measure.cpu_peak_above(lambda: kept.update(row.call(0, keep=True))))
             key = (row.workload.name, row.weights_kind)
             if key not in references:
                 references[key] = _cpu_reference(row.workload, inputs, row.token_weight)

@@ -69,6 +69,7 @@ def test_help_and_unknown_command(capsys):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_default_run_trains_prints_stages_and_compares(tmp_path):
     result = run_cli("sft", "--max_steps", "8", "--logging_steps", "4", "--holdout_size", "8",
                      "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
