@@ -206,6 +206,8 @@ def cpu_allocated_peak_above(step: Callable[[], None]) -> int | None:
     records ``torch.autograd.profiler`` itself turns into ``cpu_memory_usage``); their running sum in time order is
     the bytes allocated since the start, its maximum the peak. Deterministic, and the same quantity as CUDA's
     ``max_memory_allocated`` above the inputs; what the C allocator keeps or fragments on top is in the RSS.
+    A block allocated before the step and freed during it has no event (torch warns "Memory block of unknown
+    size"), so the figure can only over-state the peak, by such blocks (a previous step's detached loss).
     """
     from torch.autograd.profiler import MEMORY_EVENT_NAME
     from torch.profiler import ProfilerActivity, profile
