@@ -71,7 +71,7 @@ def run_e2e_task(task: dict, emit) -> None:
             emit({**common, "provider": name, "status": "skipped", "reason": "time budget of the profile spent"})
             continue
         row = {**common, "provider": name}
-        model = optimizer = loss_fn = step = None
+        model = optimizer = loss_fn = None
         try:
             model = copy.deepcopy(base_model)  # every provider starts from the same weights
             model.train()
@@ -110,7 +110,7 @@ def run_e2e_task(task: dict, emit) -> None:
             row.update(status="oom" if "out of memory" in str(error).lower() else "error",
                        reason=f"{type(error).__name__}: {str(error)[:300]}", traceback=traceback.format_exc()[-2000:])
         emit(row)
-        del model, optimizer, loss_fn, step
+        model = optimizer = loss_fn = step = None  # this provider's model and state go before the next one's
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

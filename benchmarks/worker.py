@@ -312,7 +312,7 @@ def run_cpu_loss_task(task: dict) -> None:
             if key not in references:
                 references[key] = _cpu_reference(row.workload, inputs, row.token_weight)
             row.result.update(_accuracy(kept, references[key], row.backward, row.need_grad_weight, relative_error))
-            del kept
+            kept.clear()
             measured.append(row)
         except Exception as error:  # recorded, not fatal: the other rows still run
             row.result.update(status="error", reason=f"{type(error).__name__}: {str(error)[:300]}",
