@@ -25,8 +25,8 @@ def make_parser() -> argparse.ArgumentParser:
             f"  {name:<9} {line}" for name, (_, line) in SUBCOMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="GPU: the profile that finishes in under 8 minutes on one H200 (on CPU the default "
-                             "profile is already CI-sized)")
+                        help="GPU: the profile that finishes in under 8 minutes on one H200; CPU: the subset "
+                             "that finishes in under 3 minutes on 2 cores")
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, one repeat (the test suite's run)")
     parser.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",

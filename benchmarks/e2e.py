@@ -11,11 +11,13 @@ Compared, on the same model, batch and optimizer:
   inside its patched forward, but importing the trainer is not needed to time the loss it computes).
 
 A step is forward + backward + ``AdamW.step()`` + ``zero_grad``. Peak memory is above the model, its optimizer
-state (created by a warm-up step) and the batch. GPU: a Qwen2.5-0.5B-sized config in bf16; CPU: a small config.
+state (created by a warm-up step) and the batch: CUDA ``max_memory_allocated``; CPU the peak of torch's
+allocations during the step, and beside it the step's exact peak RSS (``benchmarks.measure.cpu_peak_above``). GPU: a Qwen2.5-0.5B-sized config in bf16; CPU: a small config.
 """
 from __future__ import annotations
 
 import copy
+import gc
 import time
 
 IGNORE_INDEX = -100
@@ -69,7 +71,7 @@ def run_e2e_task(task: dict, emit) -> None:
             emit({**common, "provider": name, "status": "skipped", "reason": "time budget of the profile spent"})
             continue
         row = {**common, "provider": name}
-        model = None
+        model = optimizer = loss_fn = None
         try:
             model = copy.deepcopy(base_model)  # every provider starts from the same weights
             model.train()
@@ -91,7 +93,13 @@ def run_e2e_task(task: dict, emit) -> None:
                 row["peak_memory_bytes"] = measure.cuda_peak_above(step)
                 times = measure.cuda_times(step, task["reps"])
             else:
-                row["peak_memory_bytes"], _ = measure.rss_peak_above(step) if task.get("measure_rss") else (None, 0)
+                # Peak of torch's allocations during one step above what was allocated before it (model, optimizer
+                # state, batch), and the step's exact peak RSS above the RSS before it: the allocator's free pages
+                # are returned first, so nothing the warm-up or an earlier provider freed can absorb this step's
+                # allocations (benchmarks.measure.cpu_peak_above).
+                row.update(measure.cpu_peak_above(step))
+                if not measure.rss_high_water_supported():  # sampled RSS after a warm-up sees only what is new
+                    row["peak_rss_bytes"] = None
                 times = measure.wall_times(step, task["reps"])
             row.update(measure.summarize(times))
             row["loss"] = step.loss.float().item()
@@ -102,7 +110,8 @@ def run_e2e_task(task: dict, emit) -> None:
             row.update(status="oom" if "out of memory" in str(error).lower() else "error",
                        reason=f"{type(error).__name__}: {str(error)[:300]}", traceback=traceback.format_exc()[-2000:])
         emit(row)
-        del model
+        model = optimizer = loss_fn = step = None  # this provider's model and state go before the next one's
+        gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
 

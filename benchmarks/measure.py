@@ -42,12 +42,18 @@ def cuda_times(step: Callable[[int], None], reps: int) -> list[float]:
 
 def wall_times(step: Callable[[int], None], reps: int) -> list[float]:
     """Milliseconds of ``step(i)`` by ``time.perf_counter`` (CPU tensors: every op is synchronous)."""
-    times = []
-    for i in range(reps):
-        start = time.perf_counter()
-        step(i)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+    return [timed_call(lambda: step(i))[0] for i in range(reps)]
+
+
+def timed_call(call: Callable[[], None]) -> tuple[float, float]:
+    """(wall ms, this process's CPU ms over all its threads) of one ``call()``.
+
+    On a CPU shared with other work the wall time grows while the CPU time barely does: their ratio (the
+    threads kept busy on average) is how a result shows that it was measured on a loaded machine.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    call()
+    return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
 
 
 def cuda_peak_above(step: Callable[[], None]) -> int:
@@ -72,10 +78,62 @@ def max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# --- peak RSS of one step, exact, in a process that has run other steps before (Linux) ------------------------
+_CLEAR_REFS = "/proc/self/clear_refs"
+_STATUS = "/proc/self/status"
+
+
+def _status_bytes(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc/self/status, in bytes."""
+    with open(_STATUS) as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in {_STATUS}")
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def _release_free_memory() -> None:
+    """Hand the C allocator's free pages back to the OS (glibc ``malloc_trim(0)``: every arena, every free page
+    inside the heaps), so that RSS is what is live and the next step's allocations fault in fresh pages."""
+    gc.collect()
+    _libc().malloc_trim(0)
+
+
+def _reset_high_water() -> None:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS: ``echo 5 > /proc/self/clear_refs``."""
+    with open(_CLEAR_REFS, "w") as handle:
+        handle.write("5")
+
+
+_HIGH_WATER_SUPPORTED = None
+
+
+def rss_high_water_supported() -> bool:
+    """Whether :func:`rss_peak_above` can measure exactly in any process (Linux >= 4.0 with glibc): the peak-RSS
+    reset works and ``malloc_trim`` exists. Without it the fallback is only truthful in a fresh process."""
+    global _HIGH_WATER_SUPPORTED
+    if _HIGH_WATER_SUPPORTED is None:
+        try:
+            _libc().malloc_trim
+            _release_free_memory()
+            _reset_high_water()
+            _HIGH_WATER_SUPPORTED = _status_bytes("VmHWM") <= _status_bytes("VmRSS") + (1 << 20)
+        except (OSError, AttributeError):
+            _HIGH_WATER_SUPPORTED = False
+    return _HIGH_WATER_SUPPORTED
+
+
 class RssSampler:
     """Samples this process's RSS every ``interval_s`` in a thread (torch ops release the GIL), keeping the max.
 
-    Combined with ``ru_maxrss`` (exact, but a lifetime maximum) by :func:`rss_peak_above`.
+    The fallback of :func:`rss_peak_above` where the peak RSS cannot be reset (combined with ``ru_maxrss``).
     """
 
     def __init__(self, interval_s: float = 0.0005):
@@ -101,13 +159,29 @@ class RssSampler:
         self._thread.join()
 
 
-def rss_peak_above(step: Callable[[], None]) -> tuple[int, int]:
-    """(peak RSS during ``step()`` above the RSS before it, the RSS before it), in bytes.
+RSS_METHOD_HIGH_WATER = "VmHWM after malloc_trim + clear_refs reset"
+RSS_METHOD_SAMPLED = "sampled RSS + ru_maxrss, fresh process"
 
-    Run it first thing in a fresh process after building the inputs: freed memory that the allocator keeps
-    would otherwise count as the baseline and hide the step's own peak. The peak is the larger of the sampled
-    maximum and ``ru_maxrss`` when ``ru_maxrss`` grew during the step (then it is exactly the step's peak).
+
+def rss_peak_above(step: Callable[[], None]) -> tuple[int, int, str]:
+    """(peak RSS during ``step()`` above the RSS before it, the RSS before it, the method), in bytes.
+
+    Exact where :func:`rss_high_water_supported`: the C allocator's free pages go back to the OS
+    (``malloc_trim``), the kernel's peak-RSS counter is reset to the current RSS, and after the step ``VmHWM``
+    is the highest RSS the step reached, every page it touched counted, whatever ran before in this process. Then
+    a process may measure many steps in turn (torch's CPU allocator caches nothing; glibc's free lists are what
+    would otherwise hide a later step's allocations).
+
+    Fallback: the larger of an RSS sampled every 0.5 ms and ``ru_maxrss`` when that grew during the step; only
+    truthful as the first big step of a fresh process (memory freed earlier and kept by the allocator would be
+    reused unseen), so the runner then starts one process per measurement.
     """
+    if rss_high_water_supported():
+        _release_free_memory()
+        _reset_high_water()
+        baseline = _status_bytes("VmRSS")
+        step()
+        return max(0, _status_bytes("VmHWM") - baseline), baseline, RSS_METHOD_HIGH_WATER
     gc.collect()
     baseline = current_rss()
     lifetime_before = max_rss()
@@ -117,4 +191,48 @@ def rss_peak_above(step: Callable[[], None]) -> tuple[int, int]:
     peak = max(sampler.peak, current_rss())
     if lifetime_after > lifetime_before:
         peak = max(peak, lifetime_after)
-    return peak - baseline, baseline
+    return peak - baseline, baseline, RSS_METHOD_SAMPLED
+
+
+# --- peak of torch's CPU allocations during one step (the CPU counterpart of cuda_peak_above) -----------------
+ALLOCATED_METHOD = "torch CPU allocator events (torch.profiler, profile_memory=True)"
+
+
+def cpu_allocated_peak_above(step: Callable[[], None]) -> int | None:
+    """Bytes of torch CPU tensors alive at the peak of ``step()`` above those alive before it, or None where the
+    profiler does not report allocations.
+
+    Every CPU tensor allocation and free is an event of ``torch.profiler`` with ``profile_memory=True`` (the
+    records ``torch.autograd.profiler`` itself turns into ``cpu_memory_usage``); their running sum in time order is
+    the bytes allocated since the start, its maximum the peak. Deterministic, and the same quantity as CUDA's
+    ``max_memory_allocated`` above the inputs; what the C allocator keeps or fragments on top is in the RSS.
+    A block allocated before the step and freed during it has no event (torch warns "Memory block of unknown
+    size"), so the figure can only over-state the peak, by such blocks (a previous step's detached loss).
+    """
+    from torch.autograd.profiler import MEMORY_EVENT_NAME
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None:
+        return None
+    events = sorted((event.start_ns(), event.nbytes()) for event in results.events()
+                    if event.name() == MEMORY_EVENT_NAME and event.device_type() == torch.autograd.DeviceType.CPU)
+    if not events:
+        return None
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def cpu_peak_above(step: Callable[[], None]) -> dict:
+    """Both CPU peaks of one ``step()``: ``peak_memory_bytes`` (torch's allocations, :func:`cpu_allocated_peak_above`)
+    and ``peak_rss_bytes`` (the process's RSS, :func:`rss_peak_above`), measured on the same call."""
+    box = {}
+    peak_rss, baseline, rss_method = rss_peak_above(lambda: box.update(allocated=cpu_allocated_peak_above(step)))
+    return {"peak_memory_bytes": box["allocated"], "peak_rss_bytes": peak_rss, "rss_baseline_bytes": baseline,
+            "memory_method": f"allocated: {ALLOCATED_METHOD}; RSS: {rss_method}"}

@@ -1,19 +1,20 @@
 """Plans a profile into worker tasks, runs them one process at a time, and writes the results."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import subprocess
+import shutil
 import sys
-import tempfile
 import time
 
-from . import report
+from . import measure, report
 from .providers import PEER_DISTRIBUTIONS, PROVIDERS_BY_NAME, version_of
 from .worker import ROW_PREFIX
-from .workloads import CPU_DEFAULT, CPU_SMOKE, GPU_FULL, GPU_QUICK, INTERPRETER_CHECK, MODES
+from .workloads import CPU_DEFAULT, CPU_QUICK, CPU_SMOKE, GPU_FULL, GPU_QUICK, INTERPRETER_CHECK, MODES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Peers first and fused_wce last in each GPU worker: a kernel fault poisons the CUDA context, and the peers'
@@ -41,21 +42,26 @@ PROFILES = {
         providers=GPU_PROVIDERS, gemm=dict(dtype="bfloat16", size=8192, warmup=10, reps=50),
         e2e=dict(config="gpu", dtype="bfloat16", batch_size=8, seq_len=2048, counted_fraction=0.5, warmup=2, reps=5),
     ),
-    # CPU: CI-sized (under 5 minutes on 2 cores); one process per (workload, provider, mode) so RSS is honest.
+    # CPU (no GPU): every problem's rows share one process (exact per-row peak RSS, see
+    # benchmarks.measure.rss_peak_above), the timed repeats round-robin over them. Full: under 4 minutes on 2
+    # idle cores; quick: under 3 (measured in benchmarks/NOTES.md).
     "cpu": dict(
         device="cpu", workloads=CPU_DEFAULT, warmup=0, reps=3, rotations=2, budget_s=None,
         providers=CPU_TIMED_PROVIDERS, variant_providers=CPU_VARIANT_PROVIDERS,
         interpreter=INTERPRETER_CHECK, gemm=dict(dtype="float32", size=1024, warmup=2, reps=5),
-        e2e=dict(config="cpu", dtype="float32", batch_size=2, seq_len=1024, counted_fraction=0.5, warmup=1, reps=2,
-                 measure_rss=True),
+        e2e=dict(config="cpu", dtype="float32", batch_size=2, seq_len=1024, counted_fraction=0.5, warmup=1, reps=2),
     ),
-    # The test suite's run: one process per workload (RSS is then not per provider; the numbers are only sane).
+    "cpu-quick": dict(
+        device="cpu", workloads=CPU_QUICK, warmup=0, reps=3, rotations=2, budget_s=None,
+        providers=CPU_TIMED_PROVIDERS, variant_providers=CPU_VARIANT_PROVIDERS,
+        interpreter=INTERPRETER_CHECK, gemm=dict(dtype="float32", size=1024, warmup=2, reps=5),
+        e2e=dict(config="cpu", dtype="float32", batch_size=2, seq_len=1024, counted_fraction=0.5, warmup=1, reps=2),
+    ),
+    # The test suite's run: tiny shapes, one repeat (the numbers are only sane, not meaningful).
     "cpu-smoke": dict(
         device="cpu", workloads=CPU_SMOKE, warmup=0, reps=1, rotations=1, budget_s=None, providers=CPU_PROVIDERS,
-        process_per_workload=True,
         interpreter=None, gemm=dict(dtype="float32", size=256, warmup=1, reps=2),
-        e2e=dict(config="smoke", dtype="float32", batch_size=1, seq_len=128, counted_fraction=0.5, warmup=1, reps=1,
-                 measure_rss=False),
+        e2e=dict(config="smoke", dtype="float32", batch_size=1, seq_len=128, counted_fraction=0.5, warmup=1, reps=1),
     ),
 }
 
@@ -65,7 +71,9 @@ def choose_profile(device: str, quick: bool, smoke: bool) -> str:
         if smoke:
             raise ValueError("--smoke is the CPU test-suite profile; on a GPU use --quick")
         return "gpu-quick" if quick else "gpu-full"
-    return "cpu-smoke" if smoke else "cpu"
+    if smoke:
+        return "cpu-smoke"
+    return "cpu-quick" if quick else "cpu"
 
 
 def environment(profile: str, device: str) -> dict:
@@ -99,6 +107,14 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (runnable processes; above the core count, jobs wait for a CPU)."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -109,13 +125,21 @@ def _nvidia_driver() -> str | None:
 
 
 class Runner:
-    """Runs worker processes and collects their rows (with a tqdm progress bar over expected rows)."""
+    """Runs worker processes and collects their rows (with a tqdm progress bar over expected rows).
 
-    def __init__(self, work_dir: str, total_rows: int, verbose: bool = False):
+    A task goes to its worker on stdin; the worker writes no file. Each worker's stderr (warnings, tracebacks) is
+    kept in ``<out>/worker_logs/NNN-kind.log`` when not empty.
+    """
+
+    def __init__(self, out_dir: str, total_rows: int, verbose: bool = False):
         from tqdm import tqdm
 
-        self.work_dir = work_dir
-        self.rows_path = os.path.join(os.path.dirname(work_dir), "rows_raw.jsonl")
+
+        self.log_dir = os.path.join(out_dir, "worker_logs")
+        if os.path.isdir(self.log_dir):  # the logs of an earlier run in the same directory
+            shutil.rmtree(self.log_dir)
+        os.makedirs(self.log_dir)
+        self.rows_path = os.path.join(out_dir, "rows_raw.jsonl")
         open(self.rows_path, "w").close()
         self.bar = tqdm(total=total_rows, desc="benchmarks", unit="row", dynamic_ncols=True)
         self.verbose = verbose
@@ -124,20 +148,19 @@ class Runner:
     def run(self, task: dict, timeout_s: float | None, expected: int) -> tuple[list[dict], str | None]:
         """Rows of one worker, and an error description if it exited badly (crash, timeout)."""
         self.count += 1
-        path = os.path.join(self.work_dir, f"task-{self.count:03d}-{task['kind']}.json")
-        with open(path, "w") as handle:
-            json.dump(task, handle)
+        log_path = os.path.join(self.log_dir, f"{self.count:03d}-{task['kind']}.log")
         env = dict(os.environ)
         env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.pop("TRITON_INTERPRET", None)  # only the interpreter task sets it, inside its own process
-        stderr_path = path + ".stderr"
         rows, error = [], None
         start = time.time()
-        with open(stderr_path, "w") as stderr:
-            process = subprocess.Popen([sys.executable, "-m", "benchmarks.worker", path], cwd=REPO_ROOT, env=env,
-                                       stdout=subprocess.PIPE, stderr=stderr, text=True)
+        with open(log_path, "w") as stderr:
+            process = subprocess.Popen([sys.executable, "-m", "benchmarks.worker", "-"], cwd=REPO_ROOT, env=env,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+            process.stdin.write(json.dumps(task))
+            process.stdin.close()
             try:
                 for line in process.stdout:
                     if line.startswith(ROW_PREFIX):
@@ -159,10 +182,14 @@ class Runner:
                 process.kill()
                 process.wait()
                 error = f"killed after {timeout_s:.0f} s"
+            finally:
+                process.stdout.close()
         if error is None and process.returncode != 0:
-            with open(stderr_path) as handle:
+            with open(log_path) as handle:
                 tail = handle.read()[-1500:]
             error = f"worker exited with {process.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"
+        if os.path.getsize(log_path) == 0:
+            os.remove(log_path)
         missing = expected - len(rows)
         if missing > 0:
             self.bar.update(missing)
@@ -170,20 +197,56 @@ class Runner:
 
     def close(self):
         self.bar.close()
+        if not os.listdir(self.log_dir):
+            os.rmdir(self.log_dir)
+
+
+def _problem_of(workload):
+    """The workload without its loss variant and headline flag: workloads with the same problem draw the same
+    inputs."""
+    import dataclasses
+
+    return dataclasses.replace(workload, variant="plain", headline=False)
 
 
 def _same_inputs(a, b) -> bool:
     """Whether two workloads draw the same inputs (they differ at most in loss variant and headline flag)."""
-    import dataclasses
+    return _problem_of(a) == _problem_of(b)
 
-    return dataclasses.replace(a, variant="plain", headline=False) == dataclasses.replace(b, variant="plain",
-                                                                                          headline=False)
+
+@contextlib.contextmanager
+def library_caches_in_scratch():
+    """Point torch's compile cache at a scratch directory for the duration, then remove it.
+
+    Importing ``torch._dynamo`` (transformers and TRL do) creates ``$TMPDIR/torchinductor_$USER`` and
+    ``torch.compile`` fills it; the run and its workers (which inherit the environment) write there instead, and
+    the directory goes when the run ends, however it ends. A ``TORCHINDUCTOR_CACHE_DIR`` set by the user is kept.
+    """
+    import tempfile
+
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    scratch = tempfile.mkdtemp(prefix="fused_wce_bench_")
+    if previous is None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(scratch, "inductor")
+    try:
+        yield scratch
+    finally:
+        if previous is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = None, e2e: bool = True,
                 verbose: bool = False, budget_s: float | None = None) -> dict:
     """Run a whole profile; returns the output paths and the targets. ``budget_s`` replaces the profile's time
-    guard (seconds after which no new measurement starts; the skipped rows say so)."""
+    guard (seconds after which no new measurement starts; the skipped rows say so). Leaves no file outside
+    ``out_dir`` (see :func:`library_caches_in_scratch`)."""
+    with library_caches_in_scratch():
+        return _run_profile(profile_name, out_dir, providers, e2e, verbose, budget_s)
+
+
+def _run_profile(profile_name: str, out_dir: str, providers: list[str] | None, e2e: bool, verbose: bool,
+                 budget_s: float | None) -> dict:
     profile = dict(PROFILES[profile_name])
     if budget_s is not None:
         if budget_s <= 0:
@@ -233,11 +296,15 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
     plan = [(workload, providers_for(workload)) for workload in workloads]
     total = 1 + sum(len(names) * len(workload.modes) for workload, names in plan) + (3 if e2e else 0)
     if device == "cpu":
-        total += sum(1 for _, names in plan if names)  # reference tasks
         total += 1 if profile.get("interpreter") else 0
     os.makedirs(out_dir, exist_ok=True)
-    work_dir = tempfile.mkdtemp(prefix="work-", dir=out_dir)
-    runner = Runner(work_dir, total, verbose)
+    runner = Runner(out_dir, total, verbose)
+    # CPU: where the peak RSS can be reset (Linux), the rows of one problem share a process; else one process
+    # per row keeps the sampled peak truthful (it must be the first big step of its process).
+    exact_rss = device == "cpu" and measure.rss_high_water_supported()
+    env["cpu_memory_method"] = None if device != "cpu" else (
+        measure.RSS_METHOD_HIGH_WATER if exact_rss else measure.RSS_METHOD_SAMPLED)
+    env["load_average_start"] = _load_average()
 
     def task_base(**extra):
         return {"device": device, "seed": 0, "deadline": deadline, **extra}
@@ -259,16 +326,18 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
             return
         from .e2e import E2E_PROVIDERS
 
-        task = task_base(kind="e2e", providers=list(E2E_PROVIDERS), **profile["e2e"])
-        got, error = runner.run(task, timeout_for(600), len(E2E_PROVIDERS))
-        e2e_rows.extend(got)
-        if error:
-            failures.append(f"e2e: {error}")
-            done = {r["provider"] for r in got}
-            e2e_rows.extend({"kind": "e2e", "provider": p, "status": "error", "reason": error}
-                            for p in E2E_PROVIDERS if p not in done)
+        groups = [list(E2E_PROVIDERS)] if device == "cuda" or exact_rss else [[p] for p in E2E_PROVIDERS]
+        for names in groups:
+            task = task_base(kind="e2e", providers=names, **profile["e2e"])
+            got, error = runner.run(task, timeout_for(600), len(names))
+            e2e_rows.extend(got)
+            if error:
+                failures.append(f"e2e: {error}")
+                done = {r["provider"] for r in got}
+                e2e_rows.extend({"kind": "e2e", "provider": p, "status": "error", "reason": error}
+                                for p in names if p not in done)
 
-    def record_loss_rows(got, error, batch, names):
+    def record_loss_rows(got, error, batch, names, modes=MODES):
         rows.extend(got)
         for workload in batch:
             rows.extend(skipped_rows.pop(workload.name, []))
@@ -277,7 +346,7 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
             done = {(r["workload_params"]["workload"], r["provider"], r["mode"]) for r in got}
             for workload in batch:
                 for name in names[workload.name]:
-                    for mode in workload.modes:
+                    for mode in [m for m in workload.modes if m in modes]:
                         if (workload.name, name, mode) in done:
                             continue
                         rows.append({"workload_params": workload.params(), "provider": name, "mode": mode,
@@ -313,38 +382,31 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
             if index == 0:
                 run_e2e()
     else:
-        # 2. CPU: the float64 reference of each workload, then one process per (workload, provider, mode).
-        for index, (workload, names) in enumerate(plan):
+        # 2. CPU: one worker per problem, its loss variants included (they share its inputs, and their "vs plain"
+        # ratio is then timed round-robin with the plain row); the worker computes the float64 references.
+        batches = {}  # the problem (plain, not headline) -> (its workloads, their providers), first seen first
+        for workload, names in plan:
             rows.extend(skipped_rows.pop(workload.name, []))
             if not names:
                 continue
-            kinds = {"uniform" if PROVIDERS_BY_NAME[n].weights_support == "uniform" else "weighted" for n in names}
-            paths = {kind: os.path.join(work_dir, f"reference-{index}-{kind}.pt") for kind in sorted(kinds)}
-            got, error = runner.run(task_base(kind="reference", workload=workload.to_dict(), reference_paths=paths),
-                                    timeout_for(600), 1)
-            if error:
-                failures.append(f"reference {workload.name}: {error}")
-            if profile.get("process_per_workload"):
-                task = task_base(kind="loss", workloads=[workload.to_dict()], providers=names,
-                                 modes=list(workload.modes), warmup=profile["warmup"], reps=profile["reps"],
-                                 rotations=profile["rotations"], reference_paths=paths)
-                got, error = runner.run(task, timeout_for(900), len(names) * len(workload.modes))
-                record_loss_rows(got, error, [workload], {workload.name: names})
-                continue
-            for name in names:
-                for mode in workload.modes:
-                    task = task_base(kind="loss", workloads=[workload.to_dict()], providers=[name], modes=[mode],
-                                     warmup=profile["warmup"], reps=profile["reps"], rotations=profile["rotations"],
-                                     reference_paths=paths)
-                    got, error = runner.run(task, timeout_for(900), 1)
-                    rows.extend(got)
-                    if error:
-                        failures.append(f"{workload.name} {name} {mode}: {error}")
-                        if not got:
-                            rows.append({"workload_params": workload.params(), "provider": name, "mode": mode,
-                                         "device": device, "status": "crashed", "reason": error,
-                                         "weights_support": PROVIDERS_BY_NAME[name].weights_support,
-                                         "exact": PROVIDERS_BY_NAME[name].exact})
+            batch = batches.setdefault(_problem_of(workload), ([], {}))
+            batch[0].append(workload)
+            batch[1][workload.name] = names
+        for batch, names in batches.values():
+            if exact_rss:  # every row of the problem in one process
+                tasks = [(batch, names)]
+            else:  # one process per (workload, provider, mode)
+                tasks = [([w], {w.name: [n]}, mode) for w in batch for n in names[w.name] for mode in w.modes]
+            for item in tasks:
+                sub_batch, sub_names = item[0], item[1]
+                modes = [item[2]] if len(item) == 3 else list(MODES)
+                task = task_base(kind="loss", workloads=[w.to_dict() for w in sub_batch],
+                                 workload_providers=[sub_names[w.name] for w in sub_batch],
+                                 providers=sorted({n for w in sub_batch for n in sub_names[w.name]}), modes=modes,
+                                 warmup=profile["warmup"], reps=profile["reps"], rotations=profile["rotations"])
+                expected = sum(len(sub_names[w.name]) * len([m for m in w.modes if m in modes]) for w in sub_batch)
+                got, error = runner.run(task, timeout_for(900), expected)
+                record_loss_rows(got, error, sub_batch, sub_names, modes)
         if profile.get("interpreter") is not None:
             got, error = runner.run(task_base(kind="interpreter", workload=profile["interpreter"].to_dict()),
                                     timeout_for(600), 1)
@@ -364,6 +426,7 @@ def run_profile(profile_name: str, out_dir: str, providers: list[str] | None = N
         check.update({k: v for k, v in (check.get("workload_params") or {}).items() if k == "workload"})
     checks = [{k: v for k, v in c.items() if k not in ("workload_params", "traceback")} for c in checks]
     targets = report.evaluate_targets(flat, device, headline.name)
+    env["load_average_end"] = _load_average()
     env["wall_s"] = round(time.time() - started, 1)
     env["failures"] = failures
     paths = report.write_outputs(out_dir, env, flat, e2e_rows, checks, targets, skipped)

@@ -1,13 +1,15 @@
-"""One benchmark task in its own process: ``python -m benchmarks.worker TASK.json``.
+"""One benchmark task in its own process: ``python -m benchmarks.worker TASK.json`` (``-``: the task on stdin).
 
 The parent (:mod:`benchmarks.runner`) starts one worker per task so that a crash (an illegal memory access
-poisons a CUDA context) loses one task only, and so that process RSS on CPU is honest. The worker prints one
-``@@ROW {json}`` line per finished measurement; the parent collects them.
+poisons a CUDA context) loses one task only. The worker prints one ``@@ROW {json}`` line per finished
+measurement; the parent collects them. It writes no file.
 
 Task kinds:
 
-- ``"loss"``: time, peak memory and accuracy of providers on workloads (``device`` "cuda" or "cpu").
-- ``"reference"``: the float64 reference of one CPU workload, saved for the CPU loss workers to compare against.
+- ``"loss"``: time, peak memory and accuracy of providers on workloads (``device`` "cuda" or "cpu"). On CPU the
+  workloads of one task share their inputs (a problem and its loss variants); the float64 reference is computed
+  in the task, every row's peak memory is measured on its own call (:func:`benchmarks.measure.cpu_peak_above`), and the
+  timed repeats go round the rows in turn, so that a burst of load from other processes hits every row alike.
 - ``"interpreter"``: fused_wce's Triton path under ``TRITON_INTERPRET=1`` against the reference (checked only).
 - ``"gemm"``: the device's GEMM rate with ``torch.mm``.
 - ``"e2e"``: one SFT training step of a small model, stock TRL loss vs fused_wce (:mod:`benchmarks.e2e`).
@@ -18,6 +20,7 @@ import dataclasses
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -30,8 +33,11 @@ def emit(row: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    with open(argv[0]) as handle:
-        task = json.load(handle)
+    if argv[0] == "-":
+        task = json.load(sys.stdin)
+    else:
+        with open(argv[0]) as handle:
+            task = json.load(handle)
     if task["kind"] == "interpreter":
         # Before triton is imported anywhere: @triton.jit reads it when a kernel is defined.
         os.environ["TRITON_INTERPRET"] = "1"
@@ -43,8 +49,6 @@ def main(argv: list[str]) -> int:
     kind = task["kind"]
     if kind == "loss":
         run_loss_task(task)
-    elif kind == "reference":
-        run_reference_task(task)
     elif kind == "interpreter":
         run_interpreter_task(task)
     elif kind == "gemm":
@@ -60,6 +64,9 @@ def main(argv: list[str]) -> int:
 
 # --- loss tasks -----------------------------------------------------------------------------------------------
 def run_loss_task(task: dict) -> None:
+    if task["device"] == "cpu":
+        run_cpu_loss_task(task)
+        return
     import torch
 
     from .providers import PROVIDERS_BY_NAME, Unavailable
@@ -80,7 +87,7 @@ def run_loss_task(task: dict) -> None:
             gc.collect()
             inputs = make_inputs(workload, device, seed=task.get("seed", 0), rotations=task.get("rotations", 1))
             inputs_key = key
-        references = {}  # "weighted" / "uniform" -> Reference (GPU: computed here; CPU: loaded after measuring)
+        references = {}  # "weighted" / "uniform" -> Reference, computed on the GPU
         for name in provider_names:
             provider = PROVIDERS_BY_NAME[name]
             base = {"workload_params": workload.params(), "provider": name, "device": device,
@@ -119,13 +126,13 @@ def run_loss_task(task: dict) -> None:
 
 
 def measure_provider(task, workload, inputs, provider, loss_fn, mode, references) -> dict:
+    """One CUDA row: time, peak memory above the inputs and accuracy of ``provider`` on ``workload``."""
     import torch
 
     from . import measure
     from .providers import uniform_weights
     from .reference import fp32_reference, relative_error
 
-    device = task["device"]
     backward = mode == "forward_backward"
     need_grad_weight = backward and not workload.frozen_head
     weights_kind = "uniform" if provider.weights_support == "uniform" else "weighted"
@@ -165,38 +172,24 @@ def measure_provider(task, workload, inputs, provider, loss_fn, mode, references
         weight.grad = None
 
     result = {"weights_used": weights_kind}
-    if device == "cuda":
-        # GPU: the reference first (on rotation 0), then warm-up (compilation, autotuning), the memory and
-        # accuracy run, then the timed repeats.
-        if weights_kind not in references:
-            references[weights_kind] = fp32_reference(inputs.hidden.detach(), weight.detach(), target, token_weight,
-                                                      need_grad_weight=not workload.frozen_head,
-                                                      **workload.loss_keywords)
-        start = time.perf_counter()
-        for i in range(task["warmup"]):
-            step(i)
-            clear_grads()
-        torch.cuda.synchronize()
-        result["warmup_s"] = time.perf_counter() - start
-        result["peak_memory_bytes"] = measure.cuda_peak_above(lambda: step(0, keep=True))
-        accuracy = _accuracy(captured, references[weights_kind], backward, need_grad_weight, relative_error)
-        captured.clear()
+    # GPU: the reference first (on rotation 0), then warm-up (compilation, autotuning), the memory and accuracy
+    # run, then the timed repeats.
+    if weights_kind not in references:
+        references[weights_kind] = fp32_reference(inputs.hidden.detach(), weight.detach(), target, token_weight,
+                                                  need_grad_weight=not workload.frozen_head,
+                                                  **workload.loss_keywords)
+    start = time.perf_counter()
+    for i in range(task["warmup"]):
+        step(i)
         clear_grads()
-        times = measure.cuda_times(step, task["reps"])
-        clear_grads()
-    else:
-        # CPU: the memory run comes first in this fresh process (see measure.rss_peak_above), then the repeats.
-        peak, baseline = measure.rss_peak_above(lambda: step(0, keep=True))
-        result["peak_memory_bytes"] = peak
-        result["rss_baseline_bytes"] = baseline
-        kept = dict(captured)
-        captured.clear()
-        for i in range(task["warmup"]):
-            step(i + 1)
-        times = measure.wall_times(lambda i: step(i + 1), task["reps"])
-        clear_grads()
-        reference = _load_reference(task, weights_kind)
-        accuracy = _accuracy(kept, reference, backward, need_grad_weight, relative_error) if reference else {}
+    torch.cuda.synchronize()
+    result["warmup_s"] = time.perf_counter() - start
+    result["peak_memory_bytes"] = measure.cuda_peak_above(lambda: step(0, keep=True))
+    accuracy = _accuracy(captured, references[weights_kind], backward, need_grad_weight, relative_error)
+    captured.clear()
+    clear_grads()
+    times = measure.cuda_times(step, task["reps"])
+    clear_grads()
     result.update(measure.summarize(times))
     result.update(accuracy)
     return result
@@ -216,40 +209,159 @@ def _accuracy(captured, reference, backward, need_grad_weight, relative_error) -
     return out
 
 
-def _load_reference(task, weights_kind):
+# --- CPU loss tasks --------------------------------------------------------------------------------------------
+SMALL_WARMUP_ROWS = 64
+
+
+class _CpuRow:
+    """One (workload, provider, mode) of a CPU task: its call on the shared inputs, and what was measured."""
+
+    def __init__(self, workload, provider, loss_fn, mode, inputs):
+        from .providers import uniform_weights
+
+        self.workload, self.provider, self.loss_fn, self.mode, self.inputs = workload, provider, loss_fn, mode, inputs
+        self.backward = mode == "forward_backward"
+        self.need_grad_weight = self.backward and not workload.frozen_head
+        self.weights_kind = "uniform" if provider.weights_support == "uniform" else "weighted"
+        self.token_weight = (uniform_weights(inputs.token_weight) if self.weights_kind == "uniform"
+                             else inputs.token_weight)
+        self.rotations = [inputs.hidden, *inputs.extra_hidden]
+        self.result = {"weights_used": self.weights_kind}
+        self.wall_ms, self.cpu_ms = [], []
+
+    def call(self, i: int, rows: slice = slice(None), keep: bool = False) -> dict:
+        """One loss (+ backward) on hidden rotation ``i`` (``rows`` of it); returns loss and gradients if ``keep``."""
+        import torch
+
+        leaf, weight = self.rotations[i % len(self.rotations)], self.inputs.weight
+        leaf.requires_grad_(self.backward)
+        weight.requires_grad_(self.need_grad_weight)
+        leaf.grad = weight.grad = None
+        hidden = leaf
+        target, token_weight = self.inputs.target, self.token_weight
+        if rows != slice(None):
+            hidden, target, token_weight = hidden[rows], target[rows], token_weight[rows]
+        if self.backward:
+            loss = self.loss_fn(hidden, weight, target, token_weight)
+            loss.backward()
+        else:
+            with torch.no_grad():
+                loss = self.loss_fn(hidden, weight, target, token_weight)
+        out = {"loss": loss.detach(), "grad_hidden": leaf.grad, "grad_weight": weight.grad} if keep else {}
+        leaf.grad = weight.grad = None
+        return out
+
+
+def run_cpu_loss_task(task: dict) -> None:
+    """CPU rows of workloads that share one set of inputs (a problem and its loss variants), in one process.
+
+    1. Per row, a call on the last ``SMALL_WARMUP_ROWS`` tokens (lazy initialisation: thread pool, BLAS buffers,
+       kept for the process's life, so no row is charged for them), then the memory run: the peak of torch's
+       allocations and the peak RSS above what was there before it (:func:`benchmarks.measure.cpu_peak_above`;
+       the RSS one exact where the OS can reset its high-water mark), whose loss and gradients are compared
+       with the float64 reference of the row's workload (computed here, once per workload and weight kind).
+    2. The timed repeats, round-robin over the rows: repeat r of every row, then repeat r + 1; a burst of load
+       from other processes then slows every row of the round, not one provider's every repeat.
+    """
     import torch
+
+    from . import measure
+    from .providers import PROVIDERS_BY_NAME, Unavailable
+    from .reference import relative_error
+    from .workloads import Workload, make_inputs
+
+    deadline = task.get("deadline")
+    workloads = [Workload.from_dict(data) for data in task["workloads"]]
+    provider_lists = task.get("workload_providers") or [task["providers"]] * len(workloads)
+    inputs = make_inputs(workloads[0], "cpu", seed=task.get("seed", 0), rotations=task.get("rotations", 1))
+    references = {}  # (workload name, weights kind) -> Reference
+    rows = []
+    for workload, provider_names in zip(workloads, provider_lists):
+        modes = [mode for mode in task["modes"] if mode in workload.modes]
+        for name in provider_names:
+            provider = PROVIDERS_BY_NAME[name]
+            base = {"workload_params": workload.params(), "provider": name, "device": "cpu",
+                    "weights_support": provider.weights_support, "exact": provider.exact}
+            reason = provider.variant_support(workload.loss_keywords)
+            if reason is None:
+                try:
+                    loss_fn = provider.make("cpu", workload.loss_keywords)
+                except Unavailable as error:
+                    reason = str(error)
+            for mode in modes:
+                if reason is not None:
+                    emit({**base, "mode": mode, "status": "skipped", "reason": reason})
+                    continue
+                row = _CpuRow(workload, provider, loss_fn, mode, inputs)
+                row.result.update(base, mode=mode)
+                rows.append(row)
+
+    measured = []
+    for row in rows:
+        if deadline is not None and time.time() > deadline:
+            row.result.update(status="skipped", reason="time budget of the profile spent")
+            emit(row.result)
+            continue
+        try:
+            if measure.rss_high_water_supported():  # (else the first call is the memory run: see rss_peak_above)
+                tokens = row.workload.tokens
+                row.call(0, rows=slice(max(0, tokens - SMALL_WARMUP_ROWS), tokens))
+            kept = {}
+            row.result.update(measure.cpu_peak_above(lambda: kept.update(row.call(0, keep=True))))
+            key = (row.workload.name, row.weights_kind)
+            if key not in references:
+                references[key] = _cpu_reference(row.workload, inputs, row.token_weight)
+            row.result.update(_accuracy(kept, references[key], row.backward, row.need_grad_weight, relative_error))
+            kept.clear()
+            measured.append(row)
+        except Exception as error:  # recorded, not fatal: the other rows still run
+            row.result.update(status="error", reason=f"{type(error).__name__}: {str(error)[:300]}",
+                              traceback=traceback.format_exc()[-2000:])
+            emit(row.result)
+    references.clear()
+    gc.collect()
+
+    failed = set()
+    for repeat in range(task["reps"]):
+        if repeat > 0 and deadline is not None and time.time() > deadline:
+            break  # every row has at least one repeat; the row's "repeats" says how many
+        for row in measured:
+            if id(row) in failed:
+                continue
+            try:
+                wall, cpu = measure.timed_call(lambda: row.call(repeat + 1))
+            except Exception as error:
+                row.result.update(status="error", reason=f"{type(error).__name__}: {str(error)[:300]}",
+                                  traceback=traceback.format_exc()[-2000:])
+                failed.add(id(row))
+                continue
+            row.wall_ms.append(wall)
+            row.cpu_ms.append(cpu)
+    for row in measured:
+        if id(row) not in failed:
+            row.result.update(measure.summarize(row.wall_ms))
+            row.result["cpu_time_ms"] = statistics.median(row.cpu_ms)
+            # average busy threads of this process during a repeat (torch's thread count when nothing competes)
+            row.result["busy_threads"] = sum(row.cpu_ms) / max(sum(row.wall_ms), 1e-9)
+            row.result["threads"] = torch.get_num_threads()
+            row.result["status"] = "ok"
+        emit(row.result)
+
+
+def _cpu_reference(workload, inputs, token_weight):
+    """float64 reference (fused_wce.reference_linear_cross_entropy, with the workload's loss variant) on hidden
+    rotation 0: loss, and the gradients rounded to the inputs' dtype."""
+    import fused_wce
 
     from .reference import Reference
 
-    path = task.get("reference_paths", {}).get(weights_kind)
-    if not path or not os.path.exists(path):
-        return None
-    data = torch.load(path)
-    return Reference(loss=data["loss"], grad_hidden=data["grad_hidden"], grad_weight=data.get("grad_weight"))
-
-
-def run_reference_task(task: dict) -> None:
-    """float64 reference (fused_wce.reference_linear_cross_entropy, with the workload's loss variant) of a CPU
-    workload, for both weight kinds."""
-    import torch
-
-    import fused_wce
-
-    from .providers import uniform_weights
-    from .workloads import Workload, make_inputs
-
-    workload = Workload.from_dict(task["workload"])
-    inputs = make_inputs(workload, "cpu", seed=task.get("seed", 0), rotations=1)
-    for weights_kind, path in task["reference_paths"].items():
-        token_weight = uniform_weights(inputs.token_weight) if weights_kind == "uniform" else inputs.token_weight
-        hidden = inputs.hidden.detach().clone().requires_grad_(True)
-        weight = inputs.weight.detach().clone().requires_grad_(not workload.frozen_head)
-        loss = fused_wce.reference_linear_cross_entropy(hidden, weight, inputs.target, token_weight,
-                                                        **workload.loss_keywords)
-        loss.backward()
-        torch.save({"loss": loss.detach(), "grad_hidden": hidden.grad,
-                    "grad_weight": None if workload.frozen_head else weight.grad}, path)
-        emit({"kind": "reference", "workload": workload.name, "weights": weights_kind, "loss": loss.item()})
+    hidden = inputs.hidden.detach().clone().requires_grad_(True)
+    weight = inputs.weight.detach().clone().requires_grad_(not workload.frozen_head)
+    loss = fused_wce.reference_linear_cross_entropy(hidden, weight, inputs.target, token_weight,
+                                                    **workload.loss_keywords)
+    loss.backward()
+    return Reference(loss=loss.detach(), grad_hidden=hidden.grad,
+                     grad_weight=None if workload.frozen_head else weight.grad)
 
 
 # --- the Triton path under the interpreter ----------------------------------------------------------------------

@@ -256,6 +256,9 @@ CPU_DEFAULT = [
 # Every loss variant at the CPU shape, N 1024 (the plain row above is its baseline), forward+backward.
 CPU_VARIANTS = [workload("cpu-32k", 1024, 1.0, dtype="float32", variant=name) for name in VARIANTS if name != "plain"]
 CPU_DEFAULT += CPU_VARIANTS
+# --quick on CPU: the headline, N 1024 (a second N for the plots, and the plain baseline of the variant row), half
+# the tokens counted, and every loss variant at once (the full CPU profile has each one on its own).
+CPU_QUICK = CPU_DEFAULT[:3] + [workload("cpu-32k", 1024, 1.0, dtype="float32", variant="all")]
 CPU_SMOKE = [
     workload("smoke", 64, 1.0, dtype="float32", headline=True),
     workload("smoke", 128, 0.5, dtype="float32"),

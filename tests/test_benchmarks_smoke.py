@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fused_wce
-from benchmarks import cli, report, roofline
+from benchmarks import cli, measure, report, roofline
 from benchmarks.providers import PROVIDERS_BY_NAME
 from benchmarks.reference import fp32_reference, relative_error
 from benchmarks.runner import CPU_PROVIDERS, MODES
@@ -70,22 +70,30 @@ def test_inputs_look_like_hidden_states():
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ)
+    scratch = tmp_path_factory.mktemp("scratch")  # TMPDIR of the run and its workers: must stay empty
+    env = dict(os.environ, TMPDIR=str(scratch))
     env.pop("TRITON_INTERPRET", None)
     completed = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out)], cwd=REPO_ROOT,
                                env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    return out, completed.stdout
+    return out, completed.stdout, scratch
 
 
-def test_smoke_run_writes_every_output(smoke_run):
-    out, stdout = smoke_run
+def test_smoke_run_writes_every_output_and_no_other_file(smoke_run):
+    out, stdout, scratch = smoke_run
     for name in ("results.csv", "results.json", "results.md", "e2e.csv"):
         assert (out / name).stat().st_size > 0, name
     plots = list((out / "plots").glob("*.png"))
     assert len(plots) >= 2 * len(MODES)  # time and memory against N per (fraction, mode)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     assert "== targets ==" in stdout
+    # Nothing temporary is left: no work directory, no saved tensors, nothing in TMPDIR; worker logs only
+    # where a worker wrote to stderr.
+    outputs = {"results.csv", "results.json", "results.md", "e2e.csv", "rows_raw.jsonl", "plots", "worker_logs"}
+    assert {path.name for path in out.iterdir()} <= outputs
+    assert not list(out.rglob("*.pt"))
+    assert all(path.suffix == ".log" and path.stat().st_size > 0 for path in out.glob("worker_logs/*"))
+    assert not list(scratch.iterdir()), sorted(str(p) for p in scratch.rglob("*"))[:20]
 
 
 @pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"plain"}))
@@ -123,7 +131,7 @@ def test_variant_support_names_what_is_missing():
 
 
 def test_smoke_run_has_a_sane_row_per_provider(smoke_run):
-    out, _ = smoke_run
+    out, _, _ = smoke_run
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     expected = {(w.name, p, m) for w in CPU_SMOKE for p in CPU_PROVIDERS for m in w.modes}
@@ -148,7 +156,12 @@ def test_smoke_run_has_a_sane_row_per_provider(smoke_run):
             continue
         assert row["status"] == "ok", row
         assert 0 < float(row["time_ms"]) < 60_000
-        assert float(row["peak_memory_bytes"]) >= 0
+        peak, peak_rss = float(row["peak_memory_bytes"]), float(row["peak_rss_bytes"])
+        assert 0 <= peak < 1 << 30 and 0 <= peak_rss < 1 << 30
+        if row["mode"] == "forward_backward":  # the gradients it returns were allocated in the measured call
+            tokens, hidden, vocab = int(row["tokens"]), int(row["hidden"]), int(row["vocab"])
+            assert peak >= 4 * (tokens * hidden + vocab * hidden), row
+        assert 0 < float(row["busy_threads"]) and int(row["repeats"]) == 1
         assert float(row["tflops"]) > 0
         assert row["accurate"] == "True", row
         assert float(row["loss_rel_err"]) < 1e-4
@@ -160,7 +173,7 @@ def test_smoke_run_has_a_sane_row_per_provider(smoke_run):
 
 
 def test_smoke_run_json_targets_and_end_to_end(smoke_run):
-    out, _ = smoke_run
+    out, _, _ = smoke_run
     data = json.loads((out / "results.json").read_text())
     assert data["environment"]["versions"]["torch"]
     assert data["environment"]["gemm"]["tflops"] > 0
@@ -172,15 +185,58 @@ def test_smoke_run_json_targets_and_end_to_end(smoke_run):
     for row in e2e.values():
         assert row["status"] == "ok", row
         assert math.isfinite(row["loss"]) and row["time_ms"] > 0
+        # a training step allocates a gradient for every parameter (fp32 here): the peak cannot be below that
+        assert 4 * row["n_params"] <= row["peak_memory_bytes"] < 1 << 30, row
+        assert 0 <= row["peak_rss_bytes"] < 1 << 30 and measure.ALLOCATED_METHOD in row["memory_method"]
+    if measure.rss_high_water_supported():
+        assert data["environment"]["cpu_memory_method"] == measure.RSS_METHOD_HIGH_WATER
+        assert all(measure.RSS_METHOD_HIGH_WATER in row["memory_method"] for row in data["e2e"])
     markdown = (out / "results.md").read_text()
     for provider in CPU_PROVIDERS:
         assert f"| {provider} |" in markdown
     assert "| variant |" in markdown and "| all | forward_backward | fused_wce |" in markdown
 
 
+@pytest.mark.skipif(not measure.rss_high_water_supported(), reason="the peak RSS cannot be reset on this OS")
+def test_rss_peak_sees_a_step_after_memory_was_freed():
+    """The CPU peak is exact in a process that allocated and freed more before: what the allocator kept from
+    earlier steps would otherwise absorb the step's allocations (the end-to-end row once read 4 KiB)."""
+    mib = 1 << 20
+
+    def allocate(total_mib, piece_mib):
+        pieces = [torch.ones(piece_mib * mib // 4) for _ in range(total_mib // piece_mib)]
+        return sum(piece.numel() * 4 for piece in pieces)
+
+    allocate(256, 1)  # 1 MiB pieces: below glibc's mmap threshold once it has grown, kept on the heap when freed
+    allocate(256, 64)
+    for total, piece in ((64, 1), (96, 32), (160, 80)):
+        peak, baseline, method = measure.rss_peak_above(lambda: allocate(total, piece))
+        assert method == measure.RSS_METHOD_HIGH_WATER and baseline > 0
+        assert (total - 1) * mib <= peak <= (total + 8) * mib, (total, piece, peak / mib)  # pages kept: < 1 MiB
+
+
+def test_cpu_allocated_peak_counts_tensors_alive_at_the_peak():
+    """The CPU peak of torch's allocations: a 24 MiB tensor alive while a 40 MiB one comes and goes is 64 MiB;
+    what was allocated before the step does not count, what the step frees before its peak does not add up."""
+    mib = 1 << 20
+    before = torch.ones(16 * mib // 4)
+
+    def step():
+        first = torch.ones(8 * mib // 4)
+        del first
+        kept = torch.ones(24 * mib // 4)
+        transient = torch.ones(40 * mib // 4)
+        del transient
+        return kept
+
+    peak = measure.cpu_allocated_peak_above(step)
+    assert peak is not None and 64 * mib <= peak <= 64 * mib + (1 << 16)
+    assert before.numel()
+
+
 def test_smoke_run_has_no_roofline_columns_on_cpu(smoke_run):
     """The CPU mode is not predicted: no prediction column in the CSV, the JSON rows or the Markdown."""
-    out, stdout = smoke_run
+    out, stdout, _ = smoke_run
     with open(out / "results.csv") as handle:
         columns = next(csv.reader(handle))
     assert not set(report.ROOFLINE_COLUMNS) & set(columns)

@@ -128,6 +128,7 @@ def test_bad_data_fails_before_the_model_in_one_line(tmp_path, capsys, monkeypat
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_default_run_trains_prints_stages_and_compares(tmp_path):
     result = run_cli("sft", "--max_steps", "8", "--logging_steps", "4", "--holdout_size", "8",
                      "--output_dir", str(tmp_path / "out"), cwd=tmp_path)

@@ -65,6 +65,10 @@ def check_against_reference(problem, path, dtype, *, reduction="mean", factor=2.
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 def test_matches_reference(path, dtype, reduction, bias, poison):
     # V and H are multiples of no block size; 3-D hidden; several chunks, the last one partial.
+    if path == ("cpu", "triton") and (DTYPES.index(dtype) + REDUCTIONS.index(reduction) + bias) % 2:
+        # The interpreter (~4 s a case) runs half of the 18: every (dtype, reduction), (dtype, bias) and
+        # (reduction, bias) pair still occurs; the CPU path and the GPU run the full product.
+        pytest.skip("interpreter: pairwise subset of dtype x reduction x bias")
     problem = make_problem((3, 17), 96, 1000, dtype, path[0], bias=bias)
     check_against_reference(problem, path, dtype, reduction=reduction, chunk_size=16)
 

@@ -34,6 +34,7 @@ def report(tmp_path_factory):
     return rows, (out / "static_report.md").read_text(), proc.stdout
 
 
+@pytest.mark.slow
 def test_report_columns_and_coverage(report):
     rows, markdown, _ = report
     assert tuple(rows[0]) == CSV_COLUMNS
@@ -47,6 +48,7 @@ def test_report_columns_and_coverage(report):
     assert "**shipped**" in markdown and "## Candidate configs" in markdown
 
 
+@pytest.mark.slow
 def test_shipped_configs_do_not_spill_and_use_tensor_cores(report):
     rows, markdown, _ = report
     for row in (r for r in rows if r["shipped"] == "True"):
@@ -59,6 +61,7 @@ def test_shipped_configs_do_not_spill_and_use_tensor_cores(report):
     assert "all compile with 0 spills" in markdown
 
 
+@pytest.mark.slow
 def test_report_detects_spills_and_occupancy_limits(report):
     """The checks can fail: neighbours of the shipped configs that spill are reported as such (sm_80's mma.sync
     keeps a 128 x 128 logit tile's fragments in registers), and the verdict logic turns them into failures when
