@@ -102,13 +102,14 @@ def weighted_mean(per_token: torch.Tensor, token_weight: torch.Tensor) -> torch.
 
 
 # --- fused_wce ---------------------------------------------------------------------------------------------------
-def _make_fused_wce(backend: str):
+def _make_fused_wce(backend: str, lean_memory: bool = False):
     def make(device: str, keywords: dict | None = None):
         fused_wce = _import("fused_wce", "fused_wce")
         variant = dict(keywords or {})
 
         def loss_fn(hidden, weight, target, token_weight):
-            return fused_wce.linear_cross_entropy(hidden, weight, target, token_weight, backend=backend, **variant)
+            return fused_wce.linear_cross_entropy(hidden, weight, target, token_weight, backend=backend,
+                                                  lean_memory=lean_memory, **variant)
 
         return loss_fn
 
@@ -297,6 +298,8 @@ LIGER_KEYWORDS = {"label_smoothing": "label_smoothing", "z_loss": "lse_square_sc
 PROVIDERS = [
     Provider("fused_wce", "fused_wce.linear_cross_entropy (Triton on CUDA, chunked PyTorch on CPU)", "in kernel",
              True, ("cuda", "cpu"), _make_fused_wce("auto"), is_fused_wce=True),
+    Provider("fused_wce_lean", "fused_wce.linear_cross_entropy(lean_memory=True): vocabulary-slab weight gradient",
+             "in kernel", True, ("cuda", "cpu"), _make_fused_wce("auto", lean_memory=True), is_fused_wce=True),
     Provider("fused_wce[torch]", "fused_wce.linear_cross_entropy(backend='torch') on CUDA tensors", "in kernel",
              True, ("cuda",), _make_fused_wce("torch"), is_fused_wce=True),
     Provider("torch_eager", "transformers ForCausalLMLoss: bf16 logits, fp32 upcast, F.cross_entropy", "per-token loss",

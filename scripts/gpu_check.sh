@@ -193,7 +193,7 @@ for name in results.md results.csv results.json e2e.csv rows_raw.jsonl; do
 done
 if [ "$DRY" != 1 ]; then
     "$PY" -m pip freeze > "$WORK/pip_freeze.txt" 2>/dev/null
-    (cd "$WORK" && tar czf "$OUT/bench_extra.tar.gz" --ignore-failed-read bench_out/plots bench_out/work-* junit.xml pip_freeze.txt 2>/dev/null)
+    (cd "$WORK" && tar czf "$OUT/bench_extra.tar.gz" --ignore-failed-read bench_out/plots bench_out/worker_logs junit.xml pip_freeze.txt 2>/dev/null)
 fi
 ls -la "$OUT"
 echo
