@@ -18,6 +18,9 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     # Must be set before triton is imported anywhere: @triton.jit reads it when a kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The gradient GEMMs are cuBLAS: under torch.use_deterministic_algorithms (test_determinism on CUDA) torch
+# requires a fixed cuBLAS workspace, set before CUDA initialises.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build tiny models and tokenizers; nothing from a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default; silences its warning
