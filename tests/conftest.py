@@ -8,6 +8,9 @@ import os
 # shared one OpenMP threads spin at every barrier while their partner waits for a core: with two busy processes
 # beside it, test_linear_cross_entropy + test_loss_variants took 64 s with 2 threads and 23 s with 1.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The gradient GEMMs are cuBLAS: under torch.use_deterministic_algorithms (test_determinism on CUDA) torch
+# requires a fixed cuBLAS workspace, set before CUDA initialises.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -18,9 +21,6 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     # Must be set before triton is imported anywhere: @triton.jit reads it when a kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# The gradient GEMMs are cuBLAS: under torch.use_deterministic_algorithms (test_determinism on CUDA) torch
-# requires a fixed cuBLAS workspace, set before CUDA initialises.
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build tiny models and tokenizers; nothing from a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default; silences its warning
