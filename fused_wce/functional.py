@@ -21,8 +21,6 @@ from ._validation import FLOAT_DTYPES, check_arguments, count_tokens
 from .loss_math import LossVariant, TokenStats
 from .types import LossOptions, LossOutput
 
-# Outputs of the forward op, in order; the statistics and gradients are never differentiated.
-_OUTPUTS = ("loss", "token_loss", "lse", "entropy", "is_top1", "z_term", "grad_hidden", "grad_weight", "grad_bias")
 
 
 def _backend_module(backend: str, device: torch.device):
@@ -58,11 +56,11 @@ def _empty_result(request: PassRequest) -> PassResult:
 
 
 def _options(ignore_index, reduction, chunk_size, backend, label_smoothing, z_loss, softcap, logit_scale, dft,
-             compute_dtype, lean_memory) -> LossOptions:
+             compute_dtype, lean_memory, normalizer=None) -> LossOptions:
     variant = LossVariant(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
                           dft=dft)
     return LossOptions(ignore_index=int(ignore_index), reduction=reduction, chunk_size=chunk_size, backend=backend,
-                       variant=variant, compute_dtype=compute_dtype, lean_memory=lean_memory)
+                       variant=variant, compute_dtype=compute_dtype, lean_memory=lean_memory, normalizer=normalizer)
 
 
 def _run_counted(hidden, weight, bias, target, token_weight, options: LossOptions, coef_of, need_grads):
@@ -117,7 +115,7 @@ def _loss_impl(
     label_smoothing: float, z_loss: float, softcap: Optional[float], logit_scale: float, dft: bool,
     compute_dtype: torch.dtype, lean_memory: bool, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Loss, per-token stats and (reduced losses, when asked) the unscaled gradients; see ``_OUTPUTS``.
+    """Loss, per-token stats and (reduced losses, when asked) the unscaled gradients, in this order.
 
     hidden ``[N, H]`` and weight ``[V, H]`` in any float dtype (cast to ``compute_dtype`` for the matmuls),
     target ``[N]``, token_weight float32 ``[N]`` or None, normalizer a 0-d tensor or None. Outputs: loss
@@ -126,8 +124,7 @@ def _loss_impl(
     ``[V, H]`` float32 (weight's dtype with lean_memory), grad_bias float32 ``[V]`` (each ``[0]`` when absent).
     """
     options = _options(ignore_index, reduction, chunk_size, backend, label_smoothing, z_loss, softcap, logit_scale,
-                       dft, compute_dtype, lean_memory)
-    options = options.with_normalizer(normalizer)
+                       dft, compute_dtype, lean_memory, normalizer)
     with torch.autocast(hidden.device.type, enabled=False):  # the math is fp32 by construction
         return _loss_forward(hidden, weight, bias, target, token_weight, options, (grad_hidden, grad_weight, grad_bias))
 

@@ -1,7 +1,7 @@
 """Result and option types shared by every execution path."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,6 +54,3 @@ class LossOptions:
     compute_dtype: torch.dtype = torch.float32
     lean_memory: bool = False
     normalizer: torch.Tensor | None = None
-
-    def with_normalizer(self, normalizer: torch.Tensor | None) -> "LossOptions":
-        return replace(self, normalizer=normalizer)
