@@ -284,7 +284,7 @@ def markdown(environment, rows, e2e_rows, checks, targets, skipped) -> str:
     lines = ["# fused_wce benchmark results", ""]
     lines.append(f"- profile: `{environment.get('profile')}`, device: {environment.get('card')} "
                  f"(driver {environment.get('driver')}), date {environment.get('date')}")
-    lines.append(f"- versions: " + ", ".join(f"{k} {v}" for k, v in environment.get("versions", {}).items()))
+    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in environment.get("versions", {}).items()))
     gemm = environment.get("gemm")
     if gemm:
         lines.append(f"- measured GEMM rate: {gemm.get('tflops', float('nan')):.1f} TFLOP/s "

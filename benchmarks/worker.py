@@ -367,8 +367,6 @@ def _cpu_reference(workload, inputs, token_weight):
 # --- the Triton path under the interpreter ----------------------------------------------------------------------
 def run_interpreter_task(task: dict) -> None:
     """fused_wce(backend="triton") on CPU tensors under TRITON_INTERPRET=1 vs the float64 reference."""
-    import torch
-
     import fused_wce
 
     from .workloads import Workload, make_inputs

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import fused_wce
-from conftest import INTERPRETING
 from helpers import FLOOR, Problem, assert_close, make_problem, torch_eager_same_dtype
 from test_linear_cross_entropy import check_against_reference
 
