@@ -348,14 +348,14 @@ def _differentiable(args):
 
 
 def _forbid_passes(monkeypatch):
-    import fused_wce._torch_backend as torch_backend
+    import fused_wce.backends.torch_blocks as torch_backend
 
     def no_pass(request):
         raise AssertionError("a pass ran before the bad input was rejected")
 
     monkeypatch.setattr(torch_backend, "run_pass", no_pass)
     if INTERPRETING or torch.cuda.is_available():
-        import fused_wce._triton_backend as triton_backend
+        import fused_wce.backends.triton_chunks as triton_backend
 
         monkeypatch.setattr(triton_backend, "run_pass", no_pass)
 
@@ -602,10 +602,12 @@ def test_weight_rows_beyond_2_31_elements(path, tmp_path):
 @pytest.mark.skipif(not INTERPRETING, reason="runs the kernels on host memory under the interpreter")
 def test_kernels_address_rows_beyond_2_31_elements(tmp_path):
     """Every kernel on operands whose row offsets pass 2**31 elements: hidden rows (``rows * H``), the stored
-    logits and dlogits (``rows * V``), each a strided view into a sparse file. (The gradient GEMMs are
-    cuBLAS, which addresses with 64-bit offsets itself.)"""
-    from fused_wce.kernels import combine, softmax_grad, vocab_partials
+    logits and dlogits (``rows * V``), each a strided view into a sparse file. (The GEMMs are cuBLAS, which
+    addresses with 64-bit offsets itself.)"""
+    from fused_wce.kernels import combine, logit_rows, softmax_grad, vocab_partials
     from fused_wce.kernels.configs import INTERPRETER_CONFIGS as configs
+    from fused_wce.options import PLAIN
+    from fused_wce.passes import TokenStatBuffers
 
     g = torch.Generator().manual_seed(6)
     rows, vocab = 3, 300
@@ -618,8 +620,10 @@ def test_kernels_address_rows_beyond_2_31_elements(tmp_path):
     target_logit, token_loss, lse, entropy = (torch.empty(rows) for _ in range(4))
     is_top1 = torch.empty(rows, dtype=torch.int8)
 
-    vocab_partials(hidden, weight, None, target, partials, target_logit, logits, 1, configs.vocab_partials)
-    combine(partials, target_logit, token_loss, lse, entropy, is_top1, configs.combine, vocab_size=vocab)
+    stats = TokenStatBuffers(token_loss, lse, entropy, is_top1, None)
+    vocab_partials(hidden, weight, None, target, partials, target_logit, logits, 1, configs.vocab_partials,
+                   options=PLAIN)
+    combine(partials, target_logit, stats, configs.combine, options=PLAIN, vocab_size=vocab)
     exact = hidden.double() @ weight.double().T
     exact_lse = exact.logsumexp(-1)
     tile_max = torch.stack([exact[:, i:i + configs.vocab_partials.block_n].amax(-1)
@@ -630,8 +634,19 @@ def test_kernels_address_rows_beyond_2_31_elements(tmp_path):
     _assert_close_fp32(token_loss, exact_lse - exact.gather(1, target[:, None]).squeeze(1), "token_loss")
 
     coef = torch.tensor([0.5, 1.0, 2.0])
-    softmax_grad(logits, partials[0], lse, target, coef, configs.softmax_grad, configs.vocab_partials.block_n)
+    softmax_grad(logits, partials[0], lse, target, coef, configs.softmax_grad, configs.vocab_partials.block_n,
+                 options=PLAIN, num_classes=vocab)
     dlogits = (exact - exact_lse[:, None]).exp()
     dlogits[torch.arange(rows), target] -= 1
     dlogits *= coef[:, None].double()
     _assert_close_fp32(logits, dlogits, "dlogits")
+
+    # the cuBLAS plan's row kernel: raw fp32 logits rows 2**31 elements apart, dlogits written in place
+    raw = _sparse_rows(tmp_path, "raw.bin", rows, vocab, (hidden @ weight.T).float())
+    row_stats = TokenStatBuffers(*(torch.empty(rows) for _ in range(3)), torch.empty(rows, dtype=torch.int8), None)
+    logit_rows(raw, raw, None, target, coef, row_stats.lse, configs.logit_rows, options=PLAIN, num_classes=vocab,
+               stats=row_stats)
+    _assert_close_fp32(row_stats.lse, exact_lse, "logit_rows lse")
+    _assert_close_fp32(row_stats.token_loss, exact_lse - exact.gather(1, target[:, None]).squeeze(1),
+                       "logit_rows token_loss")
+    _assert_close_fp32(raw, dlogits, "logit_rows dlogits")
