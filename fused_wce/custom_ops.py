@@ -25,7 +25,7 @@ from .validation import count_tokens
 
 _INPUTS = "Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? token_weight"
 _GRADS_WANTED = "bool grad_hidden, bool grad_weight, bool grad_bias"
-_TAGS = (torch.Tag.cudagraph_unsafe,)
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 # The forward op's outputs; the gradients come last, ``grad_scale`` (0-d fp32) is what they must be multiplied
 # by (besides the upstream gradient) to be the gradients of the loss.
 FORWARD_OUTPUTS = ("loss", "token_loss", "lse", "entropy", "is_top1", "z_term",

@@ -125,9 +125,13 @@ def _slab_loop(plan, request: PassRequest, lse: torch.Tensor, coef: torch.Tensor
 
 
 class _Plan:
-    """What both gradient plans share: the inputs, configs and the chunk size."""
+    """What both gradient plans share: the inputs, configs and the chunk size.
 
-    bytes_per_logit: int  # of the [C, V] chunk buffer
+    Both plans take the same rows per chunk: the budget's ``[C, V]`` logits in the compute dtype (the cuBLAS
+    plan holds them in fp32, twice the bytes for 2-byte inputs: its ``dW`` GEMM needs ~1024 rows per chunk to
+    stay compute-bound, since each chunk reads and writes the fp32 ``[V, H]`` accumulator once).
+    """
+
     row_multiple = 128
     slab_multiple = 1
 
@@ -138,7 +142,7 @@ class _Plan:
         self.configs = configs_for(self.device, hidden.dtype)
         self.vocab_size = request.vocab_size
         spend = budget.budget_bytes(cpu=False, lean=request.lean)
-        rows = request.options.chunk_size or budget.chunk_rows(self.vocab_size, self.bytes_per_logit, budget=spend,
+        rows = request.options.chunk_size or budget.chunk_rows(self.vocab_size, hidden.element_size(), budget=spend,
                                                                multiple=self.row_multiple)
         self.rows = max(1, min(rows, request.num_tokens))
         # Lean mode's vocabulary slabs [M, S] reuse the chunk buffers: about the same elements, more when S is
@@ -150,8 +154,6 @@ class _Plan:
 
 class CublasPlan(_Plan):
     """cuBLAS logits into an fp32 chunk buffer, one ``logit_rows`` kernel for everything per row."""
-
-    bytes_per_logit = 4
 
     def __init__(self, request: PassRequest, hidden, weight, bias):
         super().__init__(request, hidden, weight, bias)
@@ -188,7 +190,6 @@ class TritonPlan(_Plan):
     """``vocab_partials`` stores tile-relative logits in the compute dtype; ``combine``; ``softmax_grad``."""
 
     def __init__(self, request: PassRequest, hidden, weight, bias):
-        self.bytes_per_logit = hidden.element_size()
         options = request.options
         configs = configs_for(hidden.device, hidden.dtype)
         self.vocab_config = configs.vocab_config(softcap=options.has_softcap, label_smoothing=options.has_smoothing)
