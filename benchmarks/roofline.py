@@ -171,9 +171,11 @@ def _gemm(name: str, rows: int, p: Problem, extra_bytes: float, rate: str = "gem
 # --- providers -----------------------------------------------------------------------------------------------------
 # fused_wce's chunk and slab sizes come from fused_wce.budget, the policy the package itself runs.
 def _fused_wce_rows(p: Problem, lean: bool) -> int:
-    """Rows per chunk of the Triton path (both logits plans): the budget's [C, V] in the input dtype."""
+    """Rows per chunk of the Triton path (both logits plans): the budget's [C, V] in the input dtype; in lean
+    mode (the cuBLAS plan) the quarter budget's [C, V] in fp32."""
     spend = fused_wce_budget.budget_bytes(cpu=False, lean=lean)
-    return min(fused_wce_budget.chunk_rows(p.vocab, p.dtype_bytes, budget=spend, multiple=128), max(p.counted, 1))
+    bytes_per_element = 4 if lean else p.dtype_bytes
+    return min(fused_wce_budget.chunk_rows(p.vocab, bytes_per_element, budget=spend, multiple=128), max(p.counted, 1))
 
 
 def _fused_wce_chunk_phases(p: Problem, chunks: int, plan: str, prefix: str = "") -> list[Phase]:

@@ -165,14 +165,6 @@ def test_roofline_covers_the_suite_grid():
         assert p.time_s >= max(p.compute_s, p.memory_s) * 0.999
 
 
-def test_roofline_constants_match_the_library():
-    from fused_wce import DEFAULT_CHUNK_BUDGET_BYTES
-    from fused_wce._passes import LEAN_BUDGET_DIVISOR
-
-    assert roofline.FUSED_WCE_CHUNK_BUDGET == DEFAULT_CHUNK_BUDGET_BYTES
-    assert roofline.FUSED_WCE_LEAN_BUDGET_DIVISOR == LEAN_BUDGET_DIVISOR
-
-
 def test_roofline_lean_memory_stays_below_liger_default():
     """Issue 11's target: lean_memory's predicted peak <= Liger's default at Llama-3-8B, N 16384, half counted."""
     problem = roofline.Problem.model("Llama-3-8B", N, 0.5)

@@ -129,11 +129,13 @@ class _Plan:
 
     Both plans take the same rows per chunk: the budget's ``[C, V]`` logits in the compute dtype (the cuBLAS
     plan holds them in fp32, twice the bytes for 2-byte inputs: its ``dW`` GEMM needs ~1024 rows per chunk to
-    stay compute-bound, since each chunk reads and writes the fp32 ``[V, H]`` accumulator once).
+    stay compute-bound, since each chunk reads and writes the fp32 ``[V, H]`` accumulator once). Lean mode
+    has no such accumulator: its chunks and slabs hold the (quarter) budget's bytes in the buffer's own dtype.
     """
 
     row_multiple = 128
     slab_multiple = 1
+    buffer_bytes = 0  # bytes per element of the [C, V] buffer (0: the compute dtype's)
 
     def __init__(self, request: PassRequest, hidden, weight, bias):
         self.request, self.options = request, request.options
@@ -142,7 +144,8 @@ class _Plan:
         self.configs = configs_for(self.device, hidden.dtype)
         self.vocab_size = request.vocab_size
         spend = budget.budget_bytes(cpu=False, lean=request.lean)
-        rows = request.options.chunk_size or budget.chunk_rows(self.vocab_size, hidden.element_size(), budget=spend,
+        bytes_per_row_element = (self.buffer_bytes or hidden.element_size()) if request.lean else hidden.element_size()
+        rows = request.options.chunk_size or budget.chunk_rows(self.vocab_size, bytes_per_row_element, budget=spend,
                                                                multiple=self.row_multiple)
         self.rows = max(1, min(rows, request.num_tokens))
         # Lean mode's vocabulary slabs [M, S] reuse the chunk buffers: about the same elements, more when S is
@@ -154,6 +157,8 @@ class _Plan:
 
 class CublasPlan(_Plan):
     """cuBLAS logits into an fp32 chunk buffer, one ``logit_rows`` kernel for everything per row."""
+
+    buffer_bytes = 4
 
     def __init__(self, request: PassRequest, hidden, weight, bias):
         super().__init__(request, hidden, weight, bias)
