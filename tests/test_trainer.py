@@ -21,9 +21,8 @@ from datasets import Dataset
 from trl import SFTTrainer
 
 from fused_wce.trl_integration.chat_data import build_tokenizer, load_default_dataset
-from fused_wce.trl_integration.collator import WeightedDataCollator
-from fused_wce.trl_integration.trainer import WeightedSFTTrainer
-from fused_wce.trl_integration.weighting import ROLE_CODES, TurnWeighting, tokenize_with_weights
+from fused_wce.trl_integration import (ROLE_CODES, TurnWeighting, WeightedDataCollator, WeightedSFTTrainer,
+                                       tokenize_with_weights)
 
 TESTS = Path(__file__).parent
 
@@ -310,7 +309,7 @@ def test_lora_on_the_head_itself_is_a_clear_error(tokenizer):
     SFTTrainer already refuses it at init; add_weighted_lm_head is public and must refuse it too)."""
     from peft import LoraConfig, get_peft_model
 
-    from fused_wce.trl_integration.trainer import WeightedLossInputs, add_weighted_lm_head
+    from fused_wce.trl_integration.trainer.lm_head import WeightedLossInputs, add_weighted_lm_head
 
     model = get_peft_model(tiny_model("qwen2", tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]))
     add_weighted_lm_head(model.get_base_model())
@@ -375,6 +374,6 @@ def test_text_dataset_without_weighting_falls_back_to_trl_labels(tokenizer, tmp_
 
 def test_role_codes_cover_logged_roles():
     """The logged role names are the weighting module's (guards against the two code tables drifting apart)."""
-    from fused_wce.trl_integration import trainer as trainer_module
+    from fused_wce.trl_integration.trainer.metrics import ROLE_GROUPS
 
-    assert set(trainer_module._ROLE_NAMES) == {"scaffolding", *ROLE_CODES}
+    assert set(ROLE_GROUPS) == {"scaffolding", *ROLE_CODES}
