@@ -173,6 +173,87 @@ def test_never_divides_by_zero(tokenizer, conversations, tmp_path):
         assert all(torch.isfinite(g).all() and not g.any() for g in grads)
 
 
+# ------------------------------------------------------------------------- the LM head on another device
+def test_loss_inputs_move_to_the_head_device():
+    """Targets keep their integer dtype, weights become float32, a tensor normaliser moves; values unchanged."""
+    from fused_wce.trl_integration.trainer.lm_head import WeightedLossInputs, loss_inputs_on
+
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 50, (2, 7), dtype=torch.int32, generator=generator)
+    weight = (torch.rand(2, 7, generator=generator) + 0.1).to(torch.bfloat16)
+    normalizer = torch.tensor(12.5, dtype=torch.float64)
+    moved = loss_inputs_on(WeightedLossInputs(target, weight, normalizer), torch.device("meta"))
+    assert [t.device.type for t in (moved.target, moved.weight, moved.normalizer)] == ["meta"] * 3
+    assert (moved.target.dtype, moved.weight.dtype, moved.normalizer.dtype) == (torch.int32, torch.float32,
+                                                                                  torch.float64)
+    here = loss_inputs_on(WeightedLossInputs(target, weight, normalizer), torch.device("cpu"))
+    assert torch.equal(here.target, target) and torch.equal(here.weight, weight.float())
+    assert torch.equal(here.normalizer, normalizer)
+    for plain in (None, 3.5):
+        assert loss_inputs_on(WeightedLossInputs(target, weight, plain), torch.device("meta")).normalizer == plain
+
+
+def test_trainer_gives_the_loss_its_inputs_on_the_head_device(tokenizer, conversations, tmp_path, monkeypatch):
+    """With `device_map` the LM head can sit on another device than the labels. Here the untied head's weight is
+    on `meta` while the backbone and the batch are on the CPU: the hidden states, targets, weights and the
+    normaliser compute_loss builds on the labels' device all reach the fused loss on the head's device."""
+    import fused_wce
+
+    trainer = WeightedSFTTrainer(tiny_model("qwen2", tokenizer), args=sft_config(tmp_path),
+                                 train_dataset=conversations, processing_class=tokenizer)
+    trainer.model.get_output_embeddings().to("meta")
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def observe(hidden, weight, target, token_weight, **kwargs):
+        seen.update(hidden=hidden, weight=weight, target=target, token_weight=token_weight,
+                    normalizer=kwargs["normalizer"])
+        raise Seen
+
+    monkeypatch.setattr(fused_wce, "linear_cross_entropy", observe)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["labels"].device.type == "cpu"
+    with pytest.raises(Seen):
+        trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(10.0))
+    assert {name: value.device.type for name, value in seen.items()} == dict.fromkeys(seen, "meta")
+    assert len(seen) == 5
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA devices (backbone on cuda:0, LM head on cuda:1); the placement logic is "
+                           "checked on CPU by the two tests above")
+def test_head_on_another_gpu_gives_the_one_device_loss_and_gradients(tokenizer):
+    """`device_map`: backbone on cuda:0, untied head on cuda:1, and the targets, weights and normaliser on cuda:0
+    (where the trainer builds them from the labels): loss and gradients equal those of the model on cuda:0."""
+    from accelerate import dispatch_model
+
+    from fused_wce.trl_integration.trainer.lm_head import WeightedLossInputs, add_weighted_lm_head
+
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, len(tokenizer), (2, 24), generator=generator)
+    target = input_ids[:, 1:].clone()
+    target[0, :5] = -100
+    weight = torch.rand(target.shape, generator=generator) + 0.1
+    normalizer = (weight * (target != -100)).sum()
+    labels_device = torch.device("cuda:0")
+    results = []
+    for device_map in ({"": 0}, {"model": 0, "lm_head": 1}):
+        model = dispatch_model(tiny_model("qwen2", tokenizer), device_map=device_map)
+        add_weighted_lm_head(model)
+        assert model.get_output_embeddings().weight.device.index == device_map.get("lm_head", 0)
+        loss_inputs = WeightedLossInputs(target.to(labels_device), weight.to(labels_device),
+                                         normalizer.to(labels_device))
+        out = model(input_ids=input_ids.to(labels_device), fused_wce_loss=loss_inputs)
+        out.loss.backward()
+        results.append((out.loss.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()}))
+    (loss_one, grads_one), (loss_two, grads_two) = results
+    torch.testing.assert_close(loss_two, loss_one, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_one.items():
+        torch.testing.assert_close(grads_two[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # ------------------------------------------------------------------------ gradient accumulation and ranks
 def _parameters_after(tokenizer, dataset, output_dir, weighting, **config):
     trainer = WeightedSFTTrainer(tiny_model("llama", tokenizer), args=sft_config(output_dir, **config),

@@ -94,6 +94,21 @@ class WeightedLossInputs:
                 f"normalizer={_describe(self.normalizer)})")
 
 
+def loss_inputs_on(inputs: WeightedLossInputs, device: torch.device) -> WeightedLossInputs:
+    """``inputs`` on ``device``, the device of the LM head's weight: ``target`` (its integer dtype), ``weight`` as
+    float32 and a tensor ``normalizer`` (its dtype); a float or None normalizer as is.
+
+    With ``device_map`` the head can sit on another device than the labels, from which the trainer builds the
+    targets, weights and normaliser; :func:`fused_wce.linear_cross_entropy` wants every tensor on the head's device
+    (a normaliser on another accelerator is rejected).
+    """
+    normalizer = inputs.normalizer
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(device)
+    return WeightedLossInputs(inputs.target.to(device), inputs.weight.to(device=device, dtype=torch.float32),
+                              normalizer)
+
+
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"{type(value).__name__}(shape={tuple(value.shape)}, dtype={value.dtype})"
@@ -191,23 +206,24 @@ def _fused_head_loss(head: torch.nn.Module, hidden_states: torch.Tensor, call: _
                 "LoRA adapters on the LM head are not supported by the fused loss, which reads the head's weight "
                 "directly (the adapter's update would be ignored): keep lm_head out of `target_modules`")
         device = weight.device  # with `device_map` the backbone can end on another device than the head
-        inputs = call.inputs
         hidden_states = hidden_states.to(device)
-        target = inputs.target.to(device)
-        token_weight = inputs.weight.to(device=device, dtype=torch.float32)
-
-        # The head computes in the dtype nn.Linear would under the active autocast (e.g. bf16 under AMP, like
-        # the stock head), otherwise in the weight's dtype. The cast happens inside the loss, so fp32 master
-        # weights receive their fp32 gradient with no extra [V, H] copy.
-        compute_dtype = weight.dtype
-        if torch.is_autocast_enabled(device.type):
-            compute_dtype = torch.get_autocast_dtype(device.type)
+        inputs = loss_inputs_on(call.inputs, device)
         return fused_wce.linear_cross_entropy(
-            hidden_states, weight, target, token_weight, bias=bias,
+            hidden_states, weight, inputs.target, inputs.weight, bias=bias,
             normalizer=inputs.normalizer, return_stats=True, logit_scale=call.logit_scale, softcap=call.softcap,
-            label_smoothing=call.label_smoothing, dft=call.dft, compute_dtype=compute_dtype,
+            label_smoothing=call.label_smoothing, dft=call.dft, compute_dtype=_compute_dtype(weight),
             lean_memory=call.lean_memory,
         )
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``nn.Linear`` would compute in: the active autocast's on the weight's device (e.g. bf16 under
+    AMP, like the stock head), otherwise the weight's. The cast happens inside the loss, so fp32 master weights
+    receive their fp32 gradient with no extra ``[V, H]`` copy."""
+    device_type = weight.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
 
 
 def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = False,
