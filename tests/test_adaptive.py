@@ -187,6 +187,13 @@ def test_loss_and_normaliser_use_the_same_multipliers(tokenizer, conversations, 
         loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=normaliser)
     assert float(loss) == pytest.approx(float((adapted * ce).sum() / adapted.sum()), rel=1e-5)
     assert not math.isclose(float(loss), float((weight * ce).sum() / weight.sum()), rel_tol=1e-4)
+    # The per-turn sums of the next update (kept on the device until the next step reads them): the unweighted CE
+    # and the number of counted tokens of each turn group.
+    pending = trainer._adaptive_pending.tolist()
+    for group in range(5):
+        tokens = (codes == group + 1) & (weight > 0)
+        assert pending[group] == pytest.approx(float(ce[tokens].sum()), rel=1e-5), group
+        assert pending[5 + group] == int(tokens.sum()), group
 
     trainer.model.eval()
     with torch.no_grad():

@@ -298,6 +298,155 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
         torch.testing.assert_close(params_2[name], params_1[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+# ------------------------------------------------------------------------------------------ logged metrics
+def _group_reference(model, batches):
+    """Float64 full-logits reference of the logged metrics over ``batches`` (evaluation: fixed parameters).
+
+    Per-group mean CE of the counted targets (label != -100 and weight > 0), grouped by the batch's own codes; the
+    entropy and top-1 accuracy of the counted targets per micro-batch, averaged over the micro-batches."""
+    from fused_wce.trl_integration.token_codes import TURN_POSITIONS
+
+    roles = ["scaffolding", *sorted(ROLE_CODES, key=ROLE_CODES.get)]
+    sums, entropies, accuracies = {}, [], []
+    for batch in batches:
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        logits, target = logits[:, :-1], batch["labels"][:, 1:]
+        counted = (target != -100) & (batch["token_weights"][:, 1:] > 0)
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp_min(0), reduction="none")
+        log_p = logits.log_softmax(-1)
+        entropies.append(float(-(log_p.exp() * log_p).sum(-1)[counted].mean()))
+        accuracies.append(float((logits.argmax(-1) == target)[counted].double().mean()))
+        codes = {name: batch[name][:, 1:] for name in ("token_roles", "token_turn_positions", "token_turn_index")}
+        for b, t in counted.nonzero().tolist():
+            role, position, index = (int(codes[name][b, t]) for name in codes)
+            groups = [roles[role + 1], f"turn_{min(index, 4) + 1}" + ("+" if index >= 4 else "")] if index >= 0 \
+                else [roles[role + 1]]
+            groups += [f"turn_{TURN_POSITIONS[position]}"] if position >= 0 else []
+            for group in groups:
+                total = sums.setdefault(group, [0.0, 0])
+                total[0] += float(ce[b, t])
+                total[1] += 1
+    return ({name: total / count for name, (total, count) in sums.items()},
+            sum(entropies) / len(entropies), sum(accuracies) / len(accuracies))
+
+
+def test_logged_metrics_match_a_float64_reference(tokenizer, conversations, tmp_path):
+    """Per-role, per-turn-position and per-turn-index losses, entropy and accuracy of an evaluation over three
+    micro-batches (summed on the device, read at the log) equal the full-logits float64 values."""
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5, "tool": 0.3}, full_sequence=False)
+    trainer = WeightedSFTTrainer(tiny_model("llama", tokenizer), weighting=weighting,
+                                 args=sft_config(tmp_path, per_device_eval_batch_size=4),
+                                 train_dataset=conversations, eval_dataset=conversations.select(range(12)),
+                                 processing_class=tokenizer)
+    batches = list(trainer.get_eval_dataloader())
+    assert len(batches) == 3
+    trainer.model.eval()
+    groups, entropy, accuracy = _group_reference(trainer.model, batches)
+    logged_values = trainer.evaluate()
+    logged_groups = {key[len("eval_loss/"):]: value for key, value in logged_values.items()
+                     if key.startswith("eval_loss/")}
+    assert set(logged_groups) == set(groups) and {"user", "tool", "turn_2", "turn_last"} <= set(groups)
+    for name, value in groups.items():
+        assert logged_groups[name] == pytest.approx(value, rel=1e-5), name
+    assert logged_values["eval_entropy"] == pytest.approx(entropy, rel=1e-5)
+    assert logged_values["eval_mean_token_accuracy"] == pytest.approx(accuracy, rel=1e-9)
+
+
+class _HostSyncs:
+    """Counts the tensor -> host conversions (``item``, ``tolist``, ``bool()``, ``float()``, ``int()``,
+    ``numpy``, ``cpu``) made outside a model call (the backbone and the fused loss op may synchronise)."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu")
+
+    def __init__(self, monkeypatch, model):
+        self.calls, self.paused = [], 0
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name, getattr(torch.Tensor, name)))
+        forward = model.forward
+
+        def forward_not_counted(*args, **kwargs):
+            self.paused += 1
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self.paused -= 1
+
+        monkeypatch.setattr(model, "forward", forward_not_counted)
+
+    def _counting(self, name, original):
+        def counting(tensor, *args, **kwargs):
+            if not self.paused:
+                self.calls.append(name)
+            return original(tensor, *args, **kwargs)
+
+        return counting
+
+
+def test_metrics_synchronise_once_per_logging_step_not_per_micro_batch(tokenizer, conversations, tmp_path,
+                                                                        monkeypatch):
+    """compute_loss reads nothing back to the host outside the model call (adaptive weights, padding-free and
+    MoE included); the logging step reads the window back once."""
+    from fused_wce.trl_integration import AdaptiveTurnWeights
+
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5}, adaptive=AdaptiveTurnWeights())
+    for kind, config in (("llama", {}), ("mixtral", {"padding_free": True, "max_length": None})):
+        trainer = WeightedSFTTrainer(tiny_model(kind, tokenizer), args=sft_config(tmp_path / kind, **config),
+                                     weighting=weighting, train_dataset=conversations, processing_class=tokenizer)
+        loader = iter(trainer.get_train_dataloader())
+        batches = [next(loader), next(loader)]
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = len(batches)  # set by the training loop
+        normaliser = trainer._get_num_items_in_batch(batches, torch.device("cpu"))
+        syncs = _HostSyncs(monkeypatch, trainer.model)
+        for batch in batches:
+            trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=normaliser).backward()
+        assert syncs.calls == [], kind
+        logs = {"loss": 1.0}
+        trainer.log(logs)
+        assert syncs.calls == ["tolist"], kind
+        assert "loss/assistant" in logs and trainer.state.log_history[-1]["num_tokens"] > 0
+        assert kind != "mixtral" or "aux_loss" in trainer.state.log_history[-1]
+        monkeypatch.undo()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode); the CPU test "
+                                                          "above counts host conversions instead")
+def test_metrics_do_not_synchronise_the_gpu_per_micro_batch(tokenizer, conversations, tmp_path, monkeypatch):
+    """On CUDA with sync debug mode "error", compute_loss outside the model call does not synchronise."""
+    from fused_wce.trl_integration import AdaptiveTurnWeights
+
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5}, adaptive=AdaptiveTurnWeights())
+    trainer = WeightedSFTTrainer(tiny_model("llama", tokenizer), args=sft_config(tmp_path, use_cpu=False),
+                                 weighting=weighting, train_dataset=conversations, processing_class=tokenizer)
+    loader = iter(trainer.get_train_dataloader())
+    batches = [next(loader), next(loader)]
+    assert batches[0]["input_ids"].is_cuda
+    trainer.model.train()
+    normaliser = trainer._get_num_items_in_batch(batches, batches[0]["input_ids"].device)
+    forward = trainer.model.forward
+
+    def forward_may_synchronise(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(trainer.model, "forward", forward_may_synchronise)
+    try:
+        for batch in batches:
+            torch.cuda.set_sync_debug_mode("error")
+            loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=normaliser)
+            torch.cuda.set_sync_debug_mode(0)
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    logs = {"loss": 1.0}
+    trainer.log(logs)
+    assert "loss/assistant" in logs
+
+
 # ------------------------------------------------------------------------------- alignment through packing
 def _segments(row):
     """Split a packed row back into its documents with ``seq_lengths``."""

@@ -125,6 +125,7 @@ class AdaptiveWeightState:
         self.ema_count: list[float] = [0.0] * len(self.names)
         self.updates = 0
         self.multipliers: tuple[float, ...] = (1.0,) * len(self.names)
+        self._factor_table = None  # ((multipliers, device), float32 tensor) of the last factor_table()
 
     def update(self, loss_sums, token_counts) -> bool:
         """One optimizer step's per-group ``sum of token CE`` and ``number of counted tokens`` (sequences of
@@ -185,10 +186,17 @@ class AdaptiveWeightState:
         return tuple(multipliers)
 
     def factor_table(self, device=None):
-        """Float32 ``[1 + groups]``: index 0 (no group) is 1, index ``g + 1`` the multiplier of group ``g``."""
+        """Float32 ``[1 + groups]``: index 0 (no group) is 1, index ``g + 1`` the multiplier of group ``g``.
+
+        Built (a host-to-device copy) once per multipliers and device, so the micro-batches of a step reuse it.
+        """
         import torch
 
-        return torch.tensor((1.0,) + tuple(self.multipliers), dtype=torch.float32, device=device)
+        key = (tuple(self.multipliers), str(torch.device(device) if device is not None else "cpu"))
+        if self._factor_table is None or self._factor_table[0] != key:
+            table = torch.tensor((1.0,) + key[0], dtype=torch.float32, device=device)
+            self._factor_table = (key, table)
+        return self._factor_table[1]
 
     def group_codes(self, roles, turn_index):
         """Int64 tensor like ``roles``: ``g + 1`` for a token of group ``g``, 0 for none (scaffolding, padding).

@@ -17,7 +17,8 @@ Used exactly as :class:`trl.SFTTrainer`, plus ``weighting=TurnWeighting(...)``. 
 * **Logs.** TRL's ``loss``, ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` are kept; ``loss/<role>``,
   ``loss/turn_<position>`` (first/middle/last/only) and ``loss/turn_<k>`` (``turn_1``, ``turn_2``, ...,
   ``turn_5+``: the k-th message of its role) are added: the mean unweighted cross-entropy of the counted target
-  tokens of each group over the logging window, so each stage's curve shows in TensorBoard or W&B.
+  tokens of each group over the logging window, so each stage's curve shows in TensorBoard or W&B. They are
+  summed on the device and read back once per logging step (:mod:`~.metrics`), never per micro-batch.
 * **Adaptive turn weights.** With ``TurnWeighting(adaptive=AdaptiveTurnWeights(...))`` each counted token's weight
   is multiplied, during training, by its turn's (or role's) multiplier, which follows the running per-group loss
   (:mod:`~fused_wce.trl_integration.chat_weights.adaptive`); the normaliser uses the same factors, and
@@ -30,7 +31,6 @@ the losses equal stock ``SFTTrainer``'s, also for Gemma-2's logit softcapping, l
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ from ..token_codes import TOKEN_ROLES, TOKEN_TURN_INDEX, TOKEN_TURN_POSITIONS, T
 from .collator import PER_TOKEN_COLUMNS, WeightedDataCollator
 from .dataset import prepare_weighted_dataset, weighted_dataset_kind
 from .lm_head import WeightedLossInputs, add_weighted_lm_head, check_model_supported
-from .metrics import ROLE_GROUPS, TURN_INDEX_GROUPS, TURN_POSITION_GROUPS
+from .metrics import MetricSums, adaptive_group_sums, micro_batch_stats, turn_index_buckets
 
 logger = get_logger(__name__)
 
@@ -86,7 +86,8 @@ class WeightedSFTTrainer(SFTTrainer):
         # Set before super().__init__(), which prepares the datasets through our _prepare_dataset.
         self._weighting_given = weighting is not None
         self.weighting = weighting
-        self._group_losses = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
+        self._metric_sums = {"train": MetricSums(), "eval": MetricSums()}
+        self._train_tokens = None  # int64 0-d tensor on the device once training starts
 
         # TRL rejects any custom collator in padding-free mode; ours is installed after its __init__ instead.
         deferred_collator = None
@@ -167,7 +168,7 @@ class WeightedSFTTrainer(SFTTrainer):
         if not hasattr(self, "_adaptive"):
             config = getattr(self.weighting, "adaptive", None)
             self._adaptive = config.new_state() if config is not None else None
-            self._adaptive_pending = None  # [loss sums, token counts] of the optimizer step in progress
+            self._adaptive_pending = None  # float64 [loss sums, token counts] of the step in progress
         return self._adaptive
 
     def _effective_weights(self, batch: dict[str, Any], training: bool) -> torch.Tensor:
@@ -181,8 +182,8 @@ class WeightedSFTTrainer(SFTTrainer):
             return weight
         shape = batch["labels"].shape
         roles, turns = batch.get(TOKEN_ROLES), batch.get(TOKEN_TURN_INDEX)
-        roles = torch.full(shape, -1) if roles is None else roles
-        turns = torch.full(shape, -1) if turns is None else turns
+        roles = torch.full(shape, -1, device=weight.device) if roles is None else roles
+        turns = torch.full(shape, -1, device=weight.device) if turns is None else turns
         codes = adaptive.group_codes(roles[..., 1:], turns[..., 1:]).to(weight.device)
         return weight * adaptive.factor_table(weight.device)[codes]
 
@@ -197,7 +198,8 @@ class WeightedSFTTrainer(SFTTrainer):
         training = self.model.training
         adaptive = self._adaptive_state() if training else None
         if adaptive is not None and self._adaptive_pending is not None:
-            adaptive.update(*self._adaptive_pending)
+            sums_and_counts = self._adaptive_pending.tolist()  # one host synchronisation per optimizer step
+            adaptive.update(sums_and_counts[:len(adaptive.names)], sums_and_counts[len(adaptive.names):])
             self._adaptive_pending = None
         total = sum(self._effective_weights(batch, training).sum(dtype=torch.float32) for batch in batch_samples)
         total = torch.as_tensor(total, dtype=torch.float32).to(device)
@@ -244,8 +246,7 @@ class WeightedSFTTrainer(SFTTrainer):
             # leaves gradient accumulation to the loss, so average it over the accumulation steps (as TRL does).
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
-            self._metrics[mode]["aux_loss"].append(
-                self.accelerator.gather(outputs.aux_loss.detach().reshape(1)).mean().item())
+            self._metric_sums[mode].add_aux_loss(self.accelerator.gather(outputs.aux_loss.detach().reshape(1)).mean())
 
         self._record_metrics(mode, inputs, outputs, roles, turn_positions, turn_index)
 
@@ -256,99 +257,45 @@ class WeightedSFTTrainer(SFTTrainer):
                 outputs = model(**inputs)
         return (loss, outputs) if return_outputs else loss
 
-    def _record_metrics(self, mode, inputs, outputs, roles, turn_positions, turn_index=None) -> None:
-        """TRL's entropy / mean_token_accuracy / num_tokens, and the per-role and per-turn loss sums.
-
-        One gather of a small vector per micro-batch (TRL does three): ``[num_counted, entropy_sum, num_correct,
-        role loss sums, role counts, turn-position loss sums, counts, turn-index loss sums, counts]``, summed over
-        ranks. In training with adaptive weights, the per-group sums also feed the next multiplier update.
-        """
-        counted = outputs.counted
-        token_loss = outputs.token_loss.detach().float()
-        device = token_loss.device
+    def _record_metrics(self, mode, inputs, outputs, roles, turn_positions, turn_index) -> None:
+        """Add one micro-batch to the logged metrics and, training with adaptive weights, to the per-group sums of
+        the next multiplier update: one gather of a small vector (TRL does three), summed over ranks, and no host
+        synchronisation (the values are read once per logging step, in :meth:`log`)."""
         adaptive = self._adaptive_state() if mode == "train" else None
-        # Turn-index buckets 1..cap (the last one holds later turns too); cap covers the logged and adaptive ones.
-        cap = max(len(TURN_INDEX_GROUPS), len(adaptive.names) if adaptive is not None else 0)
-        n_roles, n_turns, n_indices = len(ROLE_GROUPS), len(TURN_POSITION_GROUPS) + 1, cap + 1
-        shape = counted.shape
-        roles = (torch.full(shape, -1, device=device) if roles is None else roles[:, 1:].to(device)) + 1
-        turns = (torch.full(shape, -1, device=device) if turn_positions is None
-                 else turn_positions[:, 1:].to(device)) + 1
-        indices = torch.full(shape, -1, device=device) if turn_index is None else turn_index[:, 1:].to(device)
-        # Codes outside the known range (a dataset built with another code table) count as "none".
-        roles = roles.masked_fill((roles < 0) | (roles >= n_roles), 0)[counted]
-        turns = turns.masked_fill((turns < 0) | (turns >= n_turns), 0)[counted]
-        # 0-based turn index k goes to bucket min(k, cap - 1) + 1; -1 (none) to bucket 0.
-        indices = torch.where(indices >= 0, indices.clamp_max(n_indices - 2) + 1, torch.zeros_like(indices))[counted]
-        losses = token_loss[counted]
-        stats = torch.cat([
-            torch.stack([counted.sum().float(), outputs.entropy.detach().float().sum(),
-                         outputs.is_top1.sum().float()]),
-            torch.bincount(roles, weights=losses, minlength=n_roles).float(),
-            torch.bincount(roles, minlength=n_roles).float(),
-            torch.bincount(turns, weights=losses, minlength=n_turns).float(),
-            torch.bincount(turns, minlength=n_turns).float(),
-            torch.bincount(indices, weights=losses, minlength=n_indices).float(),
-            torch.bincount(indices, minlength=n_indices).float(),
-        ])
-        stats = self.accelerator.gather(stats).reshape(-1, stats.numel()).sum(0).tolist()
-        num_counted, entropy_sum, num_correct = stats[:3]
-        role_sums, role_counts = stats[3:3 + n_roles], stats[3 + n_roles:3 + 2 * n_roles]
-        turn_block = stats[3 + 2 * n_roles:3 + 2 * n_roles + 2 * n_turns]
-        turn_sums, turn_counts = turn_block[:n_turns], turn_block[n_turns:]
-        index_block = stats[3 + 2 * n_roles + 2 * n_turns:]
-        index_sums, index_counts = index_block[:n_indices], index_block[n_indices:]
-
-        def folded(values, k):  # buckets 1..k, the k-th holding every later turn too
-            return values[1:k] + [sum(values[k:])]
-
+        cap = turn_index_buckets(adaptive)
+        stats = micro_batch_stats(outputs.counted, outputs.token_loss, outputs.entropy, outputs.is_top1, roles,
+                                  turn_positions, turn_index, cap)
+        stats = self.accelerator.gather(stats).reshape(-1, stats.numel()).sum(0)
+        self._metric_sums[mode].add(stats, cap)
         if adaptive is not None:  # same gathered values on every rank: the multipliers stay identical
-            if adaptive.config.groups == "role":
-                group_sums, group_counts = role_sums[1:], role_counts[1:]
-            else:
-                k = len(adaptive.names)
-                group_sums, group_counts = folded(index_sums, k), folded(index_counts, k)
-            if self._adaptive_pending is None:
-                self._adaptive_pending = [list(group_sums), list(group_counts)]
-            else:
-                for g, (total, count) in enumerate(zip(group_sums, group_counts)):
-                    self._adaptive_pending[0][g] += total
-                    self._adaptive_pending[1][g] += count
+            sums = adaptive_group_sums(stats, adaptive, cap)
+            self._adaptive_pending = sums if self._adaptive_pending is None else self._adaptive_pending + sums
+        if mode == "train":
+            self._count_train_tokens(inputs)
 
-        metrics = self._metrics[mode]
-        metrics["entropy"].append(entropy_sum / num_counted if num_counted > 0 else 0.0)
-        metrics["mean_token_accuracy"].append(num_correct / num_counted if num_counted > 0 else 0.0)
-        groups = self._group_losses[mode]
-        for name, total, count in zip(ROLE_GROUPS, role_sums, role_counts):
-            if count > 0:
-                groups[name][0] += total
-                groups[name][1] += count
-        for names, sums, counts in ((TURN_POSITION_GROUPS, turn_sums, turn_counts),
-                                    (TURN_INDEX_GROUPS, [0.0] + folded(index_sums, len(TURN_INDEX_GROUPS)),
-                                     [0.0] + folded(index_counts, len(TURN_INDEX_GROUPS)))):
-            for name, total, count in zip(names, sums[1:], counts[1:]):
-                if count > 0:
-                    groups[name][0] += total
-                    groups[name][1] += count
-
-        if mode == "train":  # tokens seen, counted like TRL (padding excluded)
-            if "attention_mask" in inputs:
-                local = inputs["attention_mask"].sum()
-            elif "position_ids" in inputs:
-                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
-            else:
-                raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
-            self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
+    def _count_train_tokens(self, inputs) -> None:
+        """Tokens seen, counted like TRL (padding excluded), summed on the device."""
+        if "attention_mask" in inputs:
+            local = inputs["attention_mask"].sum()
+        elif "position_ids" in inputs:
+            position_ids = inputs["position_ids"]
+            local = torch.full((), position_ids.size(1), dtype=torch.int64, device=position_ids.device)
+        else:
+            raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+        tokens = self.accelerator.gather_for_metrics(local).sum() // self._tp_size
+        self._train_tokens = tokens if self._train_tokens is None else self._train_tokens + tokens
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
-        groups = self._group_losses[mode]
-        for name in ROLE_GROUPS + TURN_POSITION_GROUPS + TURN_INDEX_GROUPS:  # a fixed order, so printed logs line up
-            if name in groups and groups[name][1] > 0:
-                logs[f"{prefix}loss/{name}"] = groups[name][0] / groups[name][1]
-        groups.clear()
+        window = self._metric_sums[mode].flush(self._train_tokens)  # the one host synchronisation of the window
+        if window is not None:
+            metrics, group_losses = window
+            for name, value in group_losses.items():  # a fixed order, so printed logs line up
+                logs[f"{prefix}loss/{name}"] = value
+            for key, value in metrics.items():  # averaged (here: taken as is) by SFTTrainer.log
+                self._metrics[mode][key] = [value]
+            self._total_train_tokens = metrics["num_tokens"]
         adaptive = self._adaptive_state() if mode == "train" else None
         if adaptive is not None and "loss" in logs:  # the multipliers the last optimizer step used
             for name, multiplier in zip(adaptive.names, adaptive.multipliers):
