@@ -408,9 +408,7 @@ def test_gpu_check_dry_run_prints_every_stage_within_one_command_limit(tmp_path)
     order = [stdout.index(f"== stage {name} (cap") for name in ("info", "install", "tests", "bench")]
     assert order == sorted(order)
     test_line = next(line for line in stdout.splitlines() if "-m pytest" in line and "+ (cap" in line)
-    for name in ("test_linear_cross_entropy", "test_loss_variants", "test_memory_bound", "test_determinism"):
-        assert f"tests/{name}.py" in test_line and os.path.exists(os.path.join(REPO_ROOT, "tests", f"{name}.py"))
-    assert " -x " in test_line
+    assert test_line.endswith("-k cuda tests") and " -x " not in test_line  # every CUDA test, every failure
     bench_line = next(line for line in stdout.splitlines() if "-m benchmarks --quick" in line)
     assert "--budget-s" in bench_line and "--out" in bench_line
     # every stage's cap, in order, fits in the 600 s a device command may run (with the default 540 s total)

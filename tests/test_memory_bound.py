@@ -123,10 +123,13 @@ OPTIONS = {
 
 def _documented_bound(path, dtype, num_tokens, hidden_size, vocab_size, budget) -> tuple[int, int]:
     """(chunk term, O(N H + V H + N + V) term) of docs/design.md's allocation formulas, in bytes."""
-    # every plan's chunk (or block) buffers fit the budget; the tiled Triton plan adds its per-tile summaries
+    # every plan's chunk (or block) buffers fit the budget, counted in the compute dtype; the cuBLAS plan holds
+    # those rows in fp32, the tiled plan adds its per-tile summaries
+    b = torch.tensor([], dtype=dtype).element_size()
     chunk_term = budget
+    if path[1] == "triton" and len(path) == 2:
+        chunk_term = budget * 4 // b
     if len(path) == 3:
-        b = torch.tensor([], dtype=dtype).element_size()
         chunk_term += 4 * (budget // (vocab_size * b)) * -(-vocab_size // 128) * 4
     # fp32 weight copy + fp32 grad_weight + grad_weight cast, gathered hidden + grad_hidden (fp32 upcast
     # chunk on CPU) + its scatter, per-token vectors (~16 [N] fp32/int64), per-vocabulary vectors ([V] bias terms)

@@ -113,7 +113,8 @@ def test_roofline_main_target_by_hand():
     fused = roofline.predict("fused_wce", problem, H200)
     assert fused.flops == 3 * gemm
     assert fused.compute_s == pytest.approx(3 * gemm / 790e12)  # 32.7 ms
-    assert fused.time_s >= fused.compute_s and fused.time_s < 1.1 * fused.compute_s  # compute-bound
+    # compute-bound but for the row kernel's two fp32 reads of the logits (~3 ms)
+    assert fused.time_s >= fused.compute_s and fused.time_s < 1.15 * fused.compute_s
     # 8 chunks of 1024 rows (256 MiB // (V * 2) = 1046 -> 1024); weight read 3x per chunk... the dW GEMM phase:
     # logits M V 2 + hidden M H 2 + fp32 dW read and written per chunk 8 * 2 * V H 4
     dw_bytes = M * V * 2 + M * H * 2 + 8 * 2 * V * H * 4
