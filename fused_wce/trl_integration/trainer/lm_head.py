@@ -1,9 +1,12 @@
-"""The LM-head patch: a model whose forward, given the loss inputs, returns the fused weighted loss.
+"""The LM-head patch: a model whose forward computes a fused quantity from the final hidden states inside the
+LM head's own call, never building the logits.
 
 :func:`add_weighted_lm_head` patches ``model.forward``: with ``fused_wce_loss=WeightedLossInputs(target, weight,
 normalizer)`` it runs the backbone only and computes ``sum(w_i * CE_i) / normalizer`` with
-:func:`fused_wce.linear_cross_entropy` from the final hidden states and ``lm_head.weight``, without building the
-logits, inside a call of the head module (so FSDP1, FSDP2 and ZeRO-3 treat it as the head's computation).
+:func:`fused_wce.linear_cross_entropy` from the final hidden states and ``lm_head.weight``.
+:func:`~.log_prob_head.add_log_prob_lm_head` adds per-token log-probabilities and entropies (GRPO) the same way.
+Both hand a :class:`HeadCall` to the head's forward (:func:`call_head`), so FSDP1, FSDP2 and ZeRO-3 treat the
+computation as the head's: they unshard/gather its parameters before and reduce its gradient after.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ class WeightedLMOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
 
 
-def _logit_scale(text_config) -> float:
+def logit_scale_of(text_config) -> float:
     """The constant the model multiplies its logits by (1.0 for most models); see TRL's ``add_fused_lm_head``."""
     scale = getattr(text_config, "logit_scale", None)
     if scale is None:
@@ -115,18 +118,59 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
-class _HeadLossCall:
-    """What the model's forward hands to the LM head's forward: the batch's inputs and the model's loss options.
+class HeadCall:
+    """What a model's patched forward hands to its LM head's forward: what to compute from the hidden states.
 
-    A plain ``__slots__`` class for the reason given in :class:`WeightedLossInputs` (no mixed-precision cast).
+    Subclasses hold their inputs and options in ``__slots__`` (plain classes for the reason given in
+    :class:`WeightedLossInputs`: mixed-precision input casting does not enter them) and implement :meth:`run`.
     """
 
-    __slots__ = ("inputs", "logit_scale", "softcap", "label_smoothing", "dft", "lean_memory")
+    __slots__ = ()
+
+    def run(self, hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+        """The fused computation from ``hidden_states`` (on ``weight``'s device) and the head's unsharded
+        ``weight`` and ``bias``: a tuple of tensors (every distributed wrapper's output traversal enters tuples)."""
+        raise NotImplementedError
+
+
+class _HeadLossCall(HeadCall):
+    """The weighted cross-entropy of a batch: its inputs and the model's loss options.
+
+    ``chord_phi``: each counted token's loss times stop-gradient ``p (1 - p)`` of its target (CHORD-phi): a
+    stats-only pass (no gradient, ``2 N H V`` FLOPs) finds ``p``, then the weighted pass runs with weights
+    ``w p (1 - p)`` and the normaliser of the weights ``w``. ``run`` returns ``(loss, token_loss, entropy,
+    is_top1)``; ``token_loss`` is the per-token loss with the variant's factor applied (as for ``dft``).
+    """
+
+    __slots__ = ("inputs", "logit_scale", "softcap", "label_smoothing", "dft", "lean_memory", "chord_phi")
 
     def __init__(self, inputs: WeightedLossInputs, logit_scale: float, softcap: float | None,
-                 label_smoothing: float, dft: bool, lean_memory: bool = False):
+                 label_smoothing: float, dft: bool, lean_memory: bool = False, chord_phi: bool = False):
         self.inputs, self.logit_scale, self.softcap = inputs, logit_scale, softcap
-        self.label_smoothing, self.dft, self.lean_memory = label_smoothing, dft, lean_memory
+        self.label_smoothing, self.dft, self.lean_memory, self.chord_phi = label_smoothing, dft, lean_memory, chord_phi
+
+    def run(self, hidden_states, weight, bias):
+        inputs = loss_inputs_on(self.inputs, weight.device)
+        options = dict(bias=bias, logit_scale=self.logit_scale, softcap=self.softcap,
+                       compute_dtype=compute_dtype_of(weight))
+        token_weight, normalizer, stats = inputs.weight, inputs.normalizer, None
+        if self.chord_phi:
+            with torch.no_grad():
+                stats = fused_wce.linear_cross_entropy(hidden_states.detach(), weight.detach(), inputs.target,
+                                                       token_weight, reduction="none", return_stats=True, **options)
+            probability = torch.exp(-stats.token_loss)
+            token_weight = token_weight * probability * (1.0 - probability)
+            if normalizer is None:  # the weights' sum over the counted tokens, as without the reweighting
+                normalizer = torch.where(inputs.target != -100, inputs.weight, 0.0).sum().clamp_min(
+                    torch.finfo(torch.float32).tiny)
+        out = fused_wce.linear_cross_entropy(
+            hidden_states, weight, inputs.target, token_weight, normalizer=normalizer, return_stats=True,
+            label_smoothing=self.label_smoothing, dft=self.dft, lean_memory=self.lean_memory, **options)
+        if stats is None:
+            return out.loss, out.token_loss, out.entropy, out.is_top1
+        # The stats-only pass counts every token of weight w > 0 (the weighted pass drops those with p (1 - p) = 0).
+        token_loss = torch.where(inputs.weight > 0, stats.token_loss * probability * (1.0 - probability), 0.0)
+        return out.loss, token_loss, stats.entropy, stats.is_top1
 
 
 def _innermost_head(head: torch.nn.Module) -> torch.nn.Module:
@@ -141,32 +185,31 @@ def _innermost_head(head: torch.nn.Module) -> torch.nn.Module:
         head = inner
 
 
-def _head_forward(self, input, *args, fused_wce_loss: _HeadLossCall | None = None, **kwargs):
+def _head_forward(self, input, *args, fused_wce_call: HeadCall | None = None, **kwargs):
     """The LM head's forward once :func:`_install_head_forward` ran (``functools.partial(_head_forward, head)``).
 
-    Without ``fused_wce_loss`` the head's class forward runs (``F.linear``: generation, evaluation with logits).
-    With it, ``input`` is the hidden states ``[B, T-1, H]`` and the fused loss runs here, *inside* the head's call,
+    Without ``fused_wce_call`` the head's class forward runs (``F.linear``: generation, evaluation with logits).
+    With it, ``input`` is the hidden states and the call's fused computation runs here, *inside* the head's call,
     so the distributed wrappers treat it as the head's computation: FSDP2's pre/post-forward hooks and FSDP1's
     wrapper forward unshard the head's parameters before and reduce-scatter its gradient after, ZeRO-3 gathers
-    them. Returns ``(loss, token_loss, entropy, is_top1)``: a tuple, which every wrapper's output traversal
-    enters (to hook the loss for the pre-backward unshard).
+    them. Returns the call's tuple, which every wrapper's output traversal enters (to hook the outputs for the
+    pre-backward unshard).
     """
-    if fused_wce_loss is None:
+    if fused_wce_call is None:
         return type(self).forward(self, input, *args, **kwargs)
     if args or kwargs:
-        raise TypeError(f"the fused loss call of the LM head takes only the hidden states, got extra arguments "
+        raise TypeError(f"the fused call of the LM head takes only the hidden states, got extra arguments "
                         f"{len(args)} positional, {sorted(kwargs)} keyword")
-    if not isinstance(fused_wce_loss, _HeadLossCall):
-        raise TypeError(f"fused_wce_loss must be a _HeadLossCall, got {type(fused_wce_loss).__name__}")
-    out = _fused_head_loss(self, input, fused_wce_loss)
-    return out.loss, out.token_loss, out.entropy, out.is_top1
+    if not isinstance(fused_wce_call, HeadCall):
+        raise TypeError(f"fused_wce_call must be a HeadCall, got {type(fused_wce_call).__name__}")
+    return _run_in_head(self, input, fused_wce_call)
 
 
 def _install_head_forward(head: torch.nn.Module) -> bool:
     """Give the (innermost) LM head :func:`_head_forward` as an instance-level forward; idempotent.
 
     Returns False for heads that are not an ``nn.Linear`` running its class's forward (a PEFT adapter wrapper, a
-    forward replaced by someone else): the loss then reads their weight directly. An accelerate hook
+    forward replaced by someone else): the fused call then reads their weight directly. An accelerate hook
     (``device_map``/offload) keeps its wrapper as ``forward`` and calls ``_old_forward``: the dispatch goes there,
     so the hook still moves the inputs and loads offloaded weights. A ``functools.partial`` of a module-level
     function, not a bound method, so the head still pickles and deep-copies (the copy dispatches to itself).
@@ -183,8 +226,8 @@ def _install_head_forward(head: torch.nn.Module) -> bool:
     return True
 
 
-def _fused_head_loss(head: torch.nn.Module, hidden_states: torch.Tensor, call: _HeadLossCall):
-    """``fused_wce.linear_cross_entropy`` of ``hidden_states`` with ``head.weight`` (and bias) -> ``LossOutput``.
+def _run_in_head(head: torch.nn.Module, hidden_states: torch.Tensor, call: HeadCall) -> tuple:
+    """``call.run`` with ``head.weight`` (and bias), unsharded, and ``hidden_states`` on the weight's device.
 
     Runs in the head's forward (see :func:`_head_forward`) or, for heads that cannot be called that way, directly.
     """
@@ -205,18 +248,22 @@ def _fused_head_loss(head: torch.nn.Module, hidden_states: torch.Tensor, call: _
             raise NotImplementedError(
                 "LoRA adapters on the LM head are not supported by the fused loss, which reads the head's weight "
                 "directly (the adapter's update would be ignored): keep lm_head out of `target_modules`")
-        device = weight.device  # with `device_map` the backbone can end on another device than the head
-        hidden_states = hidden_states.to(device)
-        inputs = loss_inputs_on(call.inputs, device)
-        return fused_wce.linear_cross_entropy(
-            hidden_states, weight, inputs.target, inputs.weight, bias=bias,
-            normalizer=inputs.normalizer, return_stats=True, logit_scale=call.logit_scale, softcap=call.softcap,
-            label_smoothing=call.label_smoothing, dft=call.dft, compute_dtype=_compute_dtype(weight),
-            lean_memory=call.lean_memory,
-        )
+        # with `device_map` the backbone can end on another device than the head
+        return call.run(hidden_states.to(weight.device), weight, bias)
 
 
-def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+def call_head(model, hidden_states: torch.Tensor, call: HeadCall) -> tuple:
+    """``call``'s outputs, computed in a call of the model's LM head (directly for heads without the dispatching
+    forward, see :func:`_install_head_forward`)."""
+    # The head as it is now: FSDP1 may have wrapped it (the call goes through the wrapper, the dispatching
+    # forward sits on the module inside).
+    lm_head = model.get_output_embeddings()
+    if _install_head_forward(_innermost_head(lm_head)):
+        return lm_head(hidden_states, fused_wce_call=call)
+    return _run_in_head(lm_head, hidden_states, call)
+
+
+def compute_dtype_of(weight: torch.Tensor) -> torch.dtype:
     """The dtype ``nn.Linear`` would compute in: the active autocast's on the weight's device (e.g. bf16 under
     AMP, like the stock head), otherwise the weight's. The cast happens inside the loss, so fp32 master weights
     receive their fp32 gradient with no extra ``[V, H]`` copy."""
@@ -227,24 +274,28 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = False,
-                         lean_memory: bool = False) -> None:
+                         lean_memory: bool = False, chord_phi: bool = False) -> None:
     """Patch ``model.forward``: with ``fused_wce_loss=...`` it runs the backbone and returns the fused weighted loss.
 
     ``model(**inputs, fused_wce_loss=WeightedLossInputs(target, weight, normalizer))`` (see
     :class:`WeightedLossInputs`) returns a :class:`WeightedLMOutput`. The LM head never runs over all tokens: the
     last hidden states ``[B, T-1, H]`` go to :func:`fused_wce.linear_cross_entropy` with ``lm_head.weight`` (and
-    bias), inside a call of the head module (its forward dispatches on a ``fused_wce_loss`` keyword), so FSDP1,
+    bias), inside a call of the head module (its forward dispatches on a ``fused_wce_call`` keyword), so FSDP1,
     FSDP2 and ZeRO-3 unshard/gather the head's parameters and reduce its gradient as for any forward of the head,
     also when the head is its own FSDP unit. Without ``fused_wce_loss`` the previous forwards run unchanged
     (generation, TRL's fused head). Apply to the unwrapped ``PreTrainedModel``, before or after FSDP wraps it.
     The model's own logit transforms are reproduced inside the loss: a constant logit scale (Cohere, Granite...)
     and ``final_logit_softcapping`` (Gemma-2); ``label_smoothing`` and ``dft`` (TRL's ``loss_type="dft"``) too.
     ``lean_memory``: see :func:`fused_wce.linear_cross_entropy` (bf16 heads: no fp32 ``[V, H]`` accumulator).
+    ``chord_phi``: each counted token's loss times stop-gradient ``p (1 - p)`` (CHORD-phi), normalised by the
+    weights' sum as without it; one more stats-only pass (see :class:`_HeadLossCall`). Not with ``dft``.
     """
+    if dft and chord_phi:
+        raise ValueError("dft and chord_phi are two per-token reweightings of the loss: choose one")
     check_model_supported(model)
     previous_forward = model.forward
     text_config = model.config.get_text_config()
-    logit_scale = _logit_scale(text_config)
+    logit_scale = logit_scale_of(text_config)
     softcap = getattr(text_config, "final_logit_softcapping", None)
     _install_head_forward(_innermost_head(model.get_output_embeddings()))
 
@@ -254,9 +305,9 @@ def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = Fal
             return previous_forward(*args, **kwargs)
         if not isinstance(fused_wce_loss, WeightedLossInputs):
             raise TypeError(f"fused_wce_loss must be a WeightedLossInputs, got {type(fused_wce_loss).__name__}")
-        hidden_states, aux_loss = _backbone_hidden_states(self, text_config, args, kwargs)
-        call = _HeadLossCall(fused_wce_loss, logit_scale, softcap, label_smoothing, dft, lean_memory)
-        loss, token_loss, entropy, is_top1 = _head_loss(self, hidden_states, call)
+        hidden_states, aux_loss = backbone_hidden_states(self, text_config, args, kwargs)
+        call = _HeadLossCall(fused_wce_loss, logit_scale, softcap, label_smoothing, dft, lean_memory, chord_phi)
+        loss, token_loss, entropy, is_top1 = call_head(self, hidden_states, call)
         target, token_weight = fused_wce_loss.target.to(loss.device), fused_wce_loss.weight.to(loss.device)
         counted = (target != -100) & (token_weight > 0)
         return WeightedLMOutput(loss=loss, token_loss=token_loss, entropy=entropy, is_top1=is_top1,
@@ -265,7 +316,7 @@ def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = Fal
     model.forward = types.MethodType(forward, model)
 
 
-def _backbone_hidden_states(model, text_config, args, kwargs):
+def backbone_hidden_states(model, text_config, args, kwargs):
     """(the backbone's last hidden states but the last position ``[B, T-1, H]``, the MoE load-balancing loss or
     None) for the model's forward arguments (labels and the like dropped)."""
     for unused in ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep"):
@@ -288,14 +339,3 @@ def _backbone_hidden_states(model, text_config, args, kwargs):
         aux_loss = load_balancing_loss_func(backbone_outputs.router_logits, num_experts,
                                             text_config.num_experts_per_tok, kwargs.get("attention_mask"))
     return hidden_states, aux_loss
-
-
-def _head_loss(model, hidden_states: torch.Tensor, call: _HeadLossCall):
-    """``(loss, token_loss, entropy, is_top1)`` of the fused loss, computed in a call of the model's LM head."""
-    # The head as it is now: FSDP1 may have wrapped it (the call goes through the wrapper, the dispatching
-    # forward sits on the module inside).
-    lm_head = model.get_output_embeddings()
-    if _install_head_forward(_innermost_head(lm_head)):
-        return lm_head(hidden_states, fused_wce_loss=call)
-    out = _fused_head_loss(lm_head, hidden_states, call)
-    return out.loss, out.token_loss, out.entropy, out.is_top1
