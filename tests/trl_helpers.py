@@ -108,15 +108,16 @@ def token_parity_reward(completions, completion_ids, **kwargs):
 
 
 def grpo_config(output_dir, config_class=None, **overrides):
-    """A GRPOConfig (or ``config_class``) for CPU runs in seconds: fp32, SGD at a constant rate, log every step,
-    two optimizer steps per generation (so the second step's ratio differs from 1 and clipping is exercised)."""
+    """A GRPOConfig (or ``config_class``) for CPU runs in seconds: fp32, SGD at a constant rate without gradient
+    clipping (so recorded gradients are the loss's), log every step, two optimizer steps per generation (so the
+    second step's ratio differs from 1 and the clipping of the ratio is exercised)."""
     from trl import GRPOConfig
 
     values = dict(output_dir=str(output_dir), use_cpu=True, bf16=False, report_to="none", logging_steps=1,
                   max_steps=2, per_device_train_batch_size=4, num_generations=4, max_completion_length=12,
                   optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", save_strategy="no", seed=0,
                   disable_tqdm=True, dataloader_num_workers=0, temperature=0.8, steps_per_generation=2,
-                  epsilon=0.002)
+                  epsilon=0.002, max_grad_norm=0.0)
     values.update(overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

@@ -76,3 +76,14 @@ class WeightedDataCollator(DataCollatorForLanguageModeling):
             if name not in batch:
                 batch[name] = torch.full_like(labels, -1, dtype=torch.int64)
         return batch
+
+
+def shifted_target_weights(batch: dict[str, Any]) -> torch.Tensor:
+    """Float32 ``[B, T-1]``: the weight of each prediction target of a collated batch (``token_weights[:, 1:]``,
+    or 1 without them), 0 where the label is -100."""
+    labels = batch["labels"][..., 1:]
+    weights = batch.get(TOKEN_WEIGHTS)
+    labelled = labels != -100
+    if weights is None:
+        return labelled.to(torch.float32)
+    return weights[..., 1:].to(torch.float32) * labelled

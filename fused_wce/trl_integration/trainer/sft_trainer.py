@@ -42,7 +42,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..chat_weights.turn_weighting import TurnWeighting
 from ..token_codes import TOKEN_ROLES, TOKEN_TURN_INDEX, TOKEN_TURN_POSITIONS, TOKEN_WEIGHTS
-from .collator import PER_TOKEN_COLUMNS, WeightedDataCollator
+from .collator import PER_TOKEN_COLUMNS, WeightedDataCollator, shifted_target_weights
 from .dataset import prepare_weighted_dataset, weighted_dataset_kind
 from .lm_head import WeightedLossInputs, add_weighted_lm_head, check_model_supported
 from .metrics import MetricSums, adaptive_group_sums, micro_batch_stats, turn_index_buckets
@@ -155,12 +155,7 @@ class WeightedSFTTrainer(SFTTrainer):
     @staticmethod
     def _shifted_weights(batch: dict[str, Any]) -> torch.Tensor:
         """Float32 ``[B, T-1]``: the weight of each prediction target (0 where the label is -100)."""
-        labels = batch["labels"][..., 1:]
-        weights = batch.get(TOKEN_WEIGHTS)
-        labelled = labels != -100
-        if weights is None:
-            return labelled.to(torch.float32)
-        return weights[..., 1:].to(torch.float32) * labelled
+        return shifted_target_weights(batch)
 
     def _adaptive_state(self):
         """The running :class:`~fused_wce.trl_integration.chat_weights.adaptive.AdaptiveWeightState` (None without
