@@ -56,9 +56,10 @@ def train(out_dir, model_dir: str, per_device: int, sharded: bool = False):
                        sft_per_device_train_batch_size=per_device, sft_mu=0.4, beta=0.1,
                        sft_token_reweighting="p(1-p)", loss_type="dapo",
                        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
-    trainer = HybridTrainer(fsdp2_model(model_dir) if sharded else model_dir, reward_funcs=token_parity_reward, args=args,
-                            train_dataset=arithmetic_prompts(16), processing_class=tokenizer,
-                            rollout_func=fixed_rollout(tokenizer), sft_dataset=load_default_dataset().select(range(24)),
+    trainer = HybridTrainer(fsdp2_model(model_dir) if sharded else model_dir, reward_funcs=token_parity_reward,
+                            args=args, train_dataset=arithmetic_prompts(16), processing_class=tokenizer,
+                            rollout_func=fixed_rollout(tokenizer),
+                            sft_dataset=load_default_dataset().select(range(24)),
                             weighting=TurnWeighting(role_weights={"assistant": 1.0, "user": 0.3}, decay=0.5))
     trainer.train()
     return trainer
@@ -71,7 +72,7 @@ def result(trainer) -> dict:
     model = trainer.accelerator.unwrap_model(trainer.model)
     params = {name: (param.full_tensor() if isinstance(param, DTensor) else param).detach().float().clone()
               for name, param in model.named_parameters()}
-    return {"logs": {key: logged(trainer, key) for key in (*LOGGED, "kl")}, "wrapper": type(trainer.model_wrapped).__name__,
+    return {"logs": {key: logged(trainer, key) for key in (*LOGGED, "kl")},
             "head_sharded": isinstance(model.lm_head.weight, DTensor), "params": params}
 
 

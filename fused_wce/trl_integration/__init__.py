@@ -1,7 +1,8 @@
 """TRL integration of ``fused_wce``: per-token weights from chat turns, the trainer, the shipped dataset and tokenizer.
 
-Layout: :mod:`.chat_weights` (weights from chats), :mod:`.trainer` (``WeightedSFTTrainer``, its LM-head patch,
-collator, metrics and loss curves), :mod:`.commands` (``fused-wce sft|compare``, entry point :mod:`.cli`),
+Layout: :mod:`.chat_weights` (weights from chats), :mod:`.trainer` (``WeightedSFTTrainer``, ``FusedGRPOTrainer``,
+``HybridTrainer``, their LM-head patches, collator, metrics and loss curves), :mod:`.commands`
+(``fused-wce sft|compare|hybrid``, entry point :mod:`.cli`),
 :mod:`.chat_data` (the shipped conversations and tokenizer), :mod:`.token_codes` (the per-token codes they share).
 Never imports triton (the loss backend is chosen inside :mod:`fused_wce`).
 """
@@ -36,7 +37,9 @@ __all__ = [
 
 # Trainer and collator: imported on first use, so the weighting helpers load without importing trl.
 _LAZY = {"WeightedDataCollator": "trainer.collator", "WeightedSFTTrainer": "trainer.sft_trainer",
-         "add_weighted_lm_head": "trainer.lm_head", "LossCurvesCallback": "trainer.curves"}
+         "add_weighted_lm_head": "trainer.lm_head", "LossCurvesCallback": "trainer.curves",
+         "FusedGRPOTrainer": "trainer.grpo_trainer", "add_log_prob_lm_head": "trainer.log_prob_head",
+         "HybridTrainer": "trainer.hybrid_trainer", "HybridConfig": "trainer.hybrid_config"}
 __all__ += list(_LAZY)
 
 

@@ -1,4 +1,4 @@
-"""The ``fused-wce`` command line: ``fused-wce sft`` and ``fused-wce compare`` (:mod:`.commands`).
+"""The ``fused-wce`` command line: ``fused-wce sft``, ``fused-wce compare`` and ``fused-wce hybrid`` (:mod:`.commands`).
 
 ``python -m fused_wce.trl_integration.cli`` runs it too, e.g. under ``accelerate launch -m``.
 """
@@ -17,9 +17,12 @@ commands:
   compare  train the same model under several weightings (full sequence, assistant only, last-N, decay, per-role,
            adaptive) on the same data and seed; writes report.md, results.csv and compare.png;
            `fused-wce compare --help`
+  hybrid   GRPO mixed with weighted multi-turn SFT in each step, (1 - mu) * GRPO + mu * SFT, both through the fused
+           head (every `trl grpo` flag, plus --sft_mu, --sft_mu_schedule, --sft_token_reweighting, the weighting
+           flags and --rewards); writes loss_curves.csv/.png; `fused-wce hybrid --help`
 """
 
-COMMANDS = ("sft", "compare")
+COMMANDS = ("sft", "compare", "hybrid")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
             from .commands.compare import main_compare
 
             return main_compare(rest)
+        if command == "hybrid":
+            from .commands.hybrid import main_hybrid
+
+            return main_hybrid(rest)
         from .commands.sft import main_sft
 
         return main_sft(rest)

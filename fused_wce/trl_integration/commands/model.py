@@ -55,7 +55,7 @@ def build_model(model_args, training_args):
     if model_args.model_name_or_path is None:
         _one_cpu_thread_for_the_tiny_model(training_args)
         tokenizer = build_tokenizer()
-        model = build_tiny_model(tokenizer, training_args.seed, training_args.max_length)
+        model = build_tiny_model(tokenizer, training_args.seed, getattr(training_args, "max_length", None))
         return model, tokenizer
     model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
                              attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)

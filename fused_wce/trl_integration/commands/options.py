@@ -1,10 +1,12 @@
-"""Flags and defaults shared by the commands: ``trl sft``'s parser with a command's own flags first, CPU-safe
-platform defaults and the demo defaults of a run without ``--model_name_or_path``."""
+"""Flags and defaults shared by the commands: ``trl sft``'s parser (``trl grpo``'s for ``hybrid``) with a
+command's own flags first, the turn-weighting flags, CPU-safe platform defaults and the demo defaults of a run
+without ``--model_name_or_path``."""
 from __future__ import annotations
 
 import contextlib
 import os
 import warnings
+from dataclasses import dataclass, field
 
 
 class UsageError(Exception):
@@ -31,14 +33,36 @@ _HELP_DESCRIPTION = (
     "--model_name_or_path, SFTConfig's own defaults apply instead of the demo ones ({demo}).")
 
 
-def make_parser(prog: str, first):
+@dataclass
+class TurnWeightingFlags:
+    """The flags of a :class:`~fused_wce.trl_integration.chat_weights.turn_weighting.TurnWeighting` (fixed weights)."""
+
+    role_weights: str | None = field(default=None, metadata={
+        "help": 'Per-role loss weights, e.g. "assistant=1,user=0.1,system=0,tool=0". Default: assistant only.'})
+    full_sequence: bool = field(default=False, metadata={
+        "help": "Train on every token (scaffolding included), like TRL without assistant_only_loss."})
+    last_n: int | None = field(default=None, metadata={
+        "help": "Only the last N turns of each weighted role get weight (earlier turns get 0)."})
+    decay: float | None = field(default=None, metadata={
+        "help": "Weight earlier turns by decay**k, k = turns before the last one of that role (0 < decay <= 1)."})
+
+    def turn_weighting(self, adaptive=None):
+        """The :class:`TurnWeighting` these flags describe (ValueError naming the flag when one is bad)."""
+        from ..chat_weights.turn_weighting import TurnWeighting
+
+        return TurnWeighting.from_cli(self.role_weights, self.full_sequence, self.last_n, self.decay,
+                                      adaptive=adaptive)
+
+
+def make_parser(prog: str, first, config_class=None, description: str | None = None, demo: dict | None = None):
     """The parser: ``first`` (the command's own flags dataclass, so ``--help`` lists them first), then
-    ``trl sft``'s."""
+    ``trl sft``'s, with ``config_class`` (default ``SFTConfig``) as the training arguments. ``description`` may
+    hold ``{demo}``, replaced by the demo defaults ``demo`` (default :data:`DEMO_DEFAULTS`)."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-    demo = ", ".join(f"{key}={value}" for key, value in DEMO_DEFAULTS.items())
-    return TrlParser((first, ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog,
-                     description=_HELP_DESCRIPTION.format(demo=demo))
+    listed = ", ".join(f"{key}={value}" for key, value in (DEMO_DEFAULTS if demo is None else demo).items())
+    return TrlParser((first, ScriptArguments, config_class or SFTConfig, ModelConfig, DatasetMixtureConfig),
+                     prog=prog, description=(description or _HELP_DESCRIPTION).format(demo=listed))
 
 
 def _platform_defaults() -> dict:
@@ -52,33 +76,36 @@ def _platform_defaults() -> dict:
     return defaults
 
 
-def _wants_help(argv) -> bool:
-    return any(arg in ("-h", "--help") for arg in argv)
-
-
 def _gives_model(argv) -> bool:
     return any(arg.split("=")[0] in ("--model_name_or_path", "--model-name-or-path") for arg in argv)
 
 
-def parse_args(argv: list[str], prog: str, first, extra_defaults=None, demo_defaults=None):
+def parse_args(argv: list[str], prog: str, first, extra_defaults=None, demo_defaults=None, config_class=None,
+               description: str | None = None, base_demo: dict | None = None):
     """Parse ``argv`` (after the command name) into (script, training, model, dataset, ``first``) arguments.
 
-    Two passes: the first finds out whether a model was given; without one, the demo defaults are set before the
-    second. Defaults are parser defaults, so YAML (``--config``) and command-line values override them. ``--help``
-    shows the defaults a bare run uses (or, with ``--model_name_or_path`` on the line, those a model run uses).
+    Without ``--model_name_or_path`` on the command line the demo defaults are parser defaults (a second pass
+    drops them when the YAML file names a model), so YAML (``--config``) and command-line values override them.
+    ``--help`` shows the defaults a bare run uses (or, with ``--model_name_or_path`` on the line, those a model run
+    uses).
     ``first`` is the dataclass of the command's own flags (returned last); ``extra_defaults`` apply to every run,
-    ``demo_defaults`` on top of :data:`DEMO_DEFAULTS` to bare runs (``fused-wce compare`` uses both).
+    ``demo_defaults`` on top of ``base_demo`` (default :data:`DEMO_DEFAULTS`) to bare runs (``fused-wce compare``
+    uses both). ``config_class`` and ``description``: see :func:`make_parser`.
     """
-    demo = {**DEMO_DEFAULTS, **(extra_defaults or {}), **(demo_defaults or {})}
-    parser = make_parser(prog, first)
-    parser.set_defaults(**{**_platform_defaults(), **(extra_defaults or {})})
-    if _wants_help(argv) and not _gives_model(argv):
-        parser.set_defaults(**demo)  # argparse prints help and exits here
+    demo = {**(DEMO_DEFAULTS if base_demo is None else base_demo), **(extra_defaults or {}), **(demo_defaults or {})}
+
+    def parse(with_demo: bool):
+        parser = make_parser(prog, first, config_class, description, demo)
+        parser.set_defaults(**{**_platform_defaults(), **(extra_defaults or {}), **(demo if with_demo else {})})
+        return parser.parse_args_and_config(list(argv))  # with --help, argparse prints and exits here
+
     with checkpointing_alias_notice_silenced():
-        parsed = parser.parse_args_and_config(list(argv))
-        if parsed[3].model_name_or_path is None:
-            parser.set_defaults(**demo)
-            parsed = parser.parse_args_and_config(list(argv))
+        # The training arguments check themselves when built (GRPOConfig: the batch against num_generations), so
+        # the first pass already carries the demo defaults unless the command line names a model; a model named
+        # only in the YAML file means a second pass without them.
+        parsed = parse(with_demo=not _gives_model(argv))
+        if parsed[3].model_name_or_path is not None and not _gives_model(argv):
+            parsed = parse(with_demo=False)
     project, script, training, model, dataset = parsed
     return script, training, model, dataset, project
 

@@ -33,24 +33,16 @@ from ..chat_weights.tokenize import tokenize_with_weights
 from ..chat_weights.turn_weighting import TurnWeighting
 from .data import prepare_data
 from .model import build_model, unwrap_model
-from .options import UsageError, make_parser, parse_args
+from .options import TurnWeightingFlags, UsageError, make_parser, parse_args
 from .training import make_trainer
 
 PROG = "fused-wce sft"
 
 
 @dataclass
-class WeightingArguments:
+class WeightingArguments(TurnWeightingFlags):
     """Flags of ``fused-wce sft`` beyond ``trl sft``'s."""
 
-    role_weights: str | None = field(default=None, metadata={
-        "help": 'Per-role loss weights, e.g. "assistant=1,user=0.1,system=0,tool=0". Default: assistant only.'})
-    full_sequence: bool = field(default=False, metadata={
-        "help": "Train on every token (scaffolding included), like TRL without assistant_only_loss."})
-    last_n: int | None = field(default=None, metadata={
-        "help": "Only the last N turns of each weighted role get weight (earlier turns get 0)."})
-    decay: float | None = field(default=None, metadata={
-        "help": "Weight earlier turns by decay**k, k = turns before the last one of that role (0 < decay <= 1)."})
     adaptive: str | None = field(default=None, metadata={
         "help": 'Adaptive turn weights: "turn" (per turn index: turn 1, 2, ..., 5+) or "role": during training '
                 "each counted token's weight is multiplied by its group's multiplier, proportional to a running "
@@ -74,8 +66,7 @@ class WeightingArguments:
         adaptive = AdaptiveTurnWeights.from_cli(self.adaptive, self.adaptive_ema_decay, self.adaptive_power,
                                                 self.adaptive_min_weight, self.adaptive_max_weight,
                                                 self.adaptive_warmup_steps)
-        return TurnWeighting.from_cli(self.role_weights, self.full_sequence, self.last_n, self.decay,
-                                      adaptive=adaptive)
+        return super().turn_weighting(adaptive=adaptive)
 
 
 def parse_sft_args(argv: list[str]):

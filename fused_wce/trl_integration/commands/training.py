@@ -8,9 +8,13 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 
+# HybridTrainer's logs, printed after the loss: (label, logged key).
+HYBRID_FIELDS = (("mu", "hybrid/mu"), ("grpo", "hybrid/grpo_loss"), ("sft", "hybrid/sft_loss"), ("reward", "reward"))
+
+
 class StageLossPrinter(TrainerCallback):
-    """Prints ``step | loss | acc | per-role | per-turn | multipliers`` on every log (main process only), and the
-    run's summary at the end."""
+    """Prints ``step | loss | acc | mu, GRPO and SFT terms, reward (hybrid) | per-role | per-turn | multipliers``
+    on every log (main process only), and the run's summary at the end."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -26,6 +30,8 @@ class StageLossPrinter(TrainerCallback):
             accuracy = logs.get(f"{prefix}mean_token_accuracy")
             if accuracy is not None:
                 line += f"  acc {accuracy:.3f}"
+            hybrid = [(label, logs.get(f"{prefix}{key}")) for label, key in HYBRID_FIELDS]
+            line += "".join(f"  {label} {value:.4f}" for label, value in hybrid if value is not None)
             stages = [f"{key[len(prefix) + 5:]} {value:.3f}" for key, value in logs.items()
                       if key.startswith(f"{prefix}loss/")]
             stages += [f"w:{key[7:]} {value:.2f}" for key, value in logs.items() if key.startswith("weight/")]

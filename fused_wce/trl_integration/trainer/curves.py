@@ -8,7 +8,9 @@ writes, on every checkpoint save and at the end of training (main process only):
   line up. ``split`` is ``train`` or ``eval``; eval values are stored without their ``eval_`` prefix.
 * ``loss_curves.png``: the total loss (train and eval), the loss per role, per turn index (``turn_1``, ...,
   ``turn_5+``: the k-th message of its role), per turn position (first/middle/last/only) and, with adaptive
-  weighting, the multipliers per group, each against the optimizer step.
+  weighting, the multipliers per group, each against the optimizer step. For a ``HybridTrainer`` run the
+  per-role and per-turn curves are its SFT term's, and two more panels show the GRPO and SFT terms, ``mu`` and
+  the mean reward.
 
 ``fused-wce sft`` installs it; with the trainer directly: ``WeightedSFTTrainer(..., callbacks=[LossCurvesCallback()])``.
 """
@@ -24,6 +26,8 @@ from ..token_codes import role_names
 from .metrics import ROLE_GROUPS, TURN_INDEX_GROUPS, TURN_POSITION_GROUPS
 
 CSV_NAME = "loss_curves.csv"
+# Logged by HybridTrainer: mu, the two terms of its loss, the mean reward of the sampled completions and its std.
+HYBRID_COLUMNS: tuple[str, ...] = ("hybrid/mu", "hybrid/grpo_loss", "hybrid/sft_loss", "reward", "reward_std")
 PNG_NAME = "loss_curves.png"
 CURVE_COLUMNS: tuple[str, ...] = (
     ("step", "epoch", "split", "loss", "mean_token_accuracy", "entropy", "learning_rate", "grad_norm")
@@ -31,6 +35,7 @@ CURVE_COLUMNS: tuple[str, ...] = (
     + tuple(f"loss/{name}" for name in TURN_INDEX_GROUPS)
     + tuple(f"loss/{name}" for name in TURN_POSITION_GROUPS)
     + tuple(f"weight/{name}" for name in TURN_INDEX_GROUPS + role_names())
+    + HYBRID_COLUMNS
 )
 _VALUE_COLUMNS = CURVE_COLUMNS[3:]
 
@@ -86,6 +91,9 @@ def plot_curves(rows: list[dict], path, title: str | None = None) -> None:
     weights = [(f"weight/{name}", name) for name in TURN_INDEX_GROUPS + role_names()]
     if any(column in row for row in rows for column, _ in weights):
         panels.append(("adaptive multipliers", weights))
+    if any("hybrid/mu" in row for row in rows):  # a HybridTrainer run: the per-role/turn panels are its SFT term's
+        panels.append(("hybrid loss terms", [("hybrid/grpo_loss", "GRPO term"), ("hybrid/sft_loss", "SFT term")]))
+        panels.append(("mu and reward", [("hybrid/mu", "mu (SFT weight)"), ("reward", "mean reward")]))
     columns = 3
     rows_of_panels = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows_of_panels, columns, figsize=(4.6 * columns, 3.6 * rows_of_panels),
