@@ -7,6 +7,7 @@ without gradient clipping, so recorded gradients are the loss's.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -268,3 +269,24 @@ def test_bad_trainer_arguments_are_clear_errors(model_path, tokenizer, tmp_path)
                       weighting=TurnWeighting(adaptive=AdaptiveTurnWeights()), **common)
     with pytest.raises(ValueError, match="fewer than one micro-batch"):
         HybridTrainer(model_path, args=args, sft_dataset=conversations.select(range(3)), **common)
+
+
+def test_sft_stream_covers_the_expert_set_per_pass_and_resumes(model_path, tokenizer, tmp_path):
+    """One pass of micro-batches holds every conversation once (6 of 2 from 12, in a new order each pass), and the
+    stream started ``k`` micro-batches in (a resumed run) continues exactly where the full stream is."""
+    trainer = HybridTrainer(model_path, reward_funcs=token_parity_reward,
+                            args=grpo_config(tmp_path, HybridConfig, sft_per_device_train_batch_size=2),
+                            train_dataset=arithmetic_prompts(8), processing_class=tokenizer,
+                            sft_dataset=load_default_dataset().select(range(12)))
+    stream = list(itertools.islice(trainer._sft_micro_batches(), 14))
+    passes = [[tuple(ids[mask.bool()].tolist()) for batch in stream[start:start + 6]
+               for ids, mask in zip(batch["input_ids"], batch["attention_mask"])] for start in (0, 6)]
+    every = {tuple(row["input_ids"]) for row in trainer.sft_dataset}
+    assert len(every) == 12
+    for rows in passes:
+        assert len(rows) == 12 and set(rows) == every
+    assert passes[0] != passes[1]
+    for expected, actual in zip(stream[5:], itertools.islice(trainer._sft_micro_batches(skip=5), 9)):
+        assert expected.keys() == actual.keys()
+        for name in expected:
+            assert torch.equal(expected[name], actual[name]), name

@@ -17,7 +17,7 @@ conversations, both through the fused LM head.
 
 Each rank takes its own ``sft_per_device_train_batch_size`` conversations per micro-batch from one permutation
 of the expert set per pass (seeded by ``seed`` and the pass), so ``P`` ranks x ``b`` conversations see what one
-process with ``P * b`` sees. Logs: TRL's GRPO logs (``reward``, ``rewards/<func>/mean``, ``kl``, ``entropy``,
+process with ``P * b`` sees; a run resumed from a checkpoint continues that stream where its steps left it. Logs: TRL's GRPO logs (``reward``, ``rewards/<func>/mean``, ``kl``, ``entropy``,
 clip ratios...), ``hybrid/mu``, ``hybrid/grpo_loss`` and ``hybrid/sft_loss`` (each term's value, as ``loss`` is
 logged), the SFT term's ``loss/<role>``, ``loss/turn_<k>``, ``loss/turn_<position>`` (as ``fused-wce sft`` logs
 them), ``hybrid/sft_entropy`` and ``hybrid/sft_mean_token_accuracy``. Evaluation computes the GRPO term alone.
@@ -109,7 +109,7 @@ class HybridTrainer(FusedGRPOTrainer):
             raise ValueError(f"sft_dataset has {len(self.sft_dataset)} usable conversations, fewer than one "
                              f"micro-batch over every rank ({per_step})")
         self._sft_collator = WeightedDataCollator(pad_token_id=self._tokenizer.pad_token_id)
-        self._sft_stream = self._sft_micro_batches()
+        self._sft_stream = None  # this rank's SFT micro-batches (:meth:`_sft_micro_batches`), from the first step
         self._sft_step: SFTStep | None = None
         self._sft_metrics = MetricSums()
         # The logging window: this rank's per-term sums over its micro-batches (float32 [grpo, sft] on the device),
@@ -117,18 +117,22 @@ class HybridTrainer(FusedGRPOTrainer):
         self._term_sums, self._window_steps, self._window_mu = None, 0, 0.0
 
     # ----------------------------------------------------------------------------------------------- SFT batches
-    def _sft_micro_batches(self):
-        """This rank's SFT micro-batches, endlessly: pass ``e`` over the expert set follows the permutation seeded
-        by ``seed + e`` (the same on every rank); each global batch of ``P * b`` consecutive conversations gives
-        rank ``r`` its ``r``-th ``b``; an incomplete last global batch is skipped."""
+    def _sft_micro_batches(self, skip: int = 0):
+        """This rank's SFT micro-batches, endlessly, from the ``skip``-th on: pass ``e`` over the expert set
+        follows the permutation seeded by ``seed + e`` (the same on every rank); each global batch of ``P * b``
+        consecutive conversations gives rank ``r`` its ``r``-th ``b``; an incomplete last global batch is left
+        out."""
         size = self.args.sft_per_device_train_batch_size
         ranks, rank = self.accelerator.num_processes, self.accelerator.process_index
         per_step, device = size * ranks, self.accelerator.device
-        epoch = 0
+        epoch, position = 0, 0
         while True:
             generator = torch.Generator().manual_seed(self.args.seed + epoch)
             order = torch.randperm(len(self.sft_dataset), generator=generator).tolist()
             for start in range(0, len(order) - per_step + 1, per_step):
+                position += 1
+                if position <= skip:
+                    continue
                 rows = order[start + rank * size:start + (rank + 1) * size]
                 batch = self._sft_collator([self.sft_dataset[index] for index in rows])
                 yield {name: value.to(device) for name, value in batch.items()}
@@ -139,6 +143,9 @@ class HybridTrainer(FusedGRPOTrainer):
         mu = mu_at(self.state.global_step, self.args)
         if mu == 0.0:
             return SFTStep(mu, [], None)
+        if self._sft_stream is None:  # a resumed run continues the stream where the checkpoint's steps left it
+            done = self.state.global_step * self.args.gradient_accumulation_steps
+            self._sft_stream = self._sft_micro_batches(skip=done)
         batches = [next(self._sft_stream) for _ in range(self.current_gradient_accumulation_steps)]
         total = sum(shifted_target_weights(batch).sum(dtype=torch.float32) for batch in batches)
         if self.accelerator.num_processes > 1:
