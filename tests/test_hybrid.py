@@ -262,6 +262,8 @@ def test_bad_trainer_arguments_are_clear_errors(model_path, tokenizer, tmp_path)
     args = grpo_config(tmp_path, HybridConfig)
     with pytest.raises(ValueError, match="messages"):
         HybridTrainer(model_path, args=args, sft_dataset=arithmetic_prompts(8), **common)
+    with pytest.raises(TypeError, match="datasets.Dataset"):
+        HybridTrainer(model_path, args=args, sft_dataset=conversations.to_iterable_dataset(), **common)
     from fused_wce.trl_integration import AdaptiveTurnWeights
 
     with pytest.raises(ValueError, match="adaptive"):

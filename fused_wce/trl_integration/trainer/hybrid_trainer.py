@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import is_peft_model
+from datasets import Dataset
 from trl.data_utils import get_dataset_column_names
 
 from ..chat_weights.turn_weighting import TurnWeighting
@@ -86,6 +87,9 @@ class HybridTrainer(FusedGRPOTrainer):
             raise TypeError(f"weighting must be a TurnWeighting or None, got {type(weighting).__name__}")
         if weighting.adaptive is not None:
             raise ValueError("adaptive turn weights are not supported by HybridTrainer; use fixed weights")
+        if not isinstance(sft_dataset, Dataset):
+            raise TypeError(f"sft_dataset must be a datasets.Dataset (the SFT stream indexes it), got "
+                            f"{type(sft_dataset).__name__}")
         columns = get_dataset_column_names(sft_dataset)
         kind = weighted_dataset_kind(columns, None)
         if kind is None:
