@@ -24,7 +24,7 @@ def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     worker = Path(__file__).with_name("aot_worker.py")
     proc = subprocess.run([sys.executable, str(worker), "80", "90"], capture_output=True, text=True, env=env,
-                          timeout=600)
+                          timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 

@@ -19,7 +19,7 @@ from fused_wce.trl_integration.chat_data import build_tokenizer, load_default_da
 ROOT = Path(__file__).parent.parent
 
 
-def run_cli(*args, cwd, timeout=300):
+def run_cli(*args, cwd, timeout=3600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
     return subprocess.run([sys.executable, "-m", "fused_wce.trl_integration.cli", *args], cwd=cwd, env=env,
