@@ -8,7 +8,6 @@ logits, inside a call of the head module (so FSDP1, FSDP2 and ZeRO-3 treat it as
 from __future__ import annotations
 
 import functools
-import types
 from dataclasses import dataclass
 
 import torch
@@ -226,6 +225,66 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+@dataclass(frozen=True)
+class _LossOptions:
+    """The model's loss options, fixed when it is patched: its logit transforms and the trainer's loss settings."""
+
+    logit_scale: float
+    softcap: float | None
+    label_smoothing: float
+    dft: bool
+    lean_memory: bool
+
+
+class _WeightedForward:
+    """``model.forward`` once :func:`add_weighted_lm_head` ran: dispatches on the ``fused_wce_loss`` keyword.
+
+    A module-level class holding the model, the forward it replaced (``None``: the model class's own) and the loss
+    options, not a closure: ``copy.deepcopy`` copies the three with the model, so the copy is a patched model of
+    itself (its plain forward, ``generate`` and fused loss run its own modules and weights), and ``pickle`` /
+    ``torch.save`` keep the patch (a bound method or closure would pickle as the class's unpatched ``forward``).
+    """
+
+    __slots__ = ("model", "previous", "options")
+
+    def __init__(self, model, previous, options: _LossOptions):
+        self.model, self.previous, self.options = model, previous, options
+
+    @property
+    def __signature__(self):
+        """The signature of the forward it replaced (``inspect.signature``: Trainer's column selection,
+        ``generate``'s keyword checks), plus ``fused_wce_loss``."""
+        import inspect
+
+        replaced = inspect.signature(self.previous if self.previous is not None
+                                     else type(self.model).forward.__get__(self.model))
+        parameters = list(replaced.parameters.values())
+        if "fused_wce_loss" not in replaced.parameters:
+            extra = inspect.Parameter("fused_wce_loss", inspect.Parameter.KEYWORD_ONLY, default=None)
+            at = next((k for k, p in enumerate(parameters) if p.kind == inspect.Parameter.VAR_KEYWORD),
+                      len(parameters))
+            parameters.insert(at, extra)
+        return replaced.replace(parameters=parameters)
+
+    def __call__(self, *args, fused_wce_loss=None, **kwargs):
+        model = self.model
+        if fused_wce_loss is None:
+            if self.previous is None:
+                return type(model).forward(model, *args, **kwargs)
+            return self.previous(*args, **kwargs)
+        if not isinstance(fused_wce_loss, WeightedLossInputs):
+            raise TypeError(f"fused_wce_loss must be a WeightedLossInputs, got {type(fused_wce_loss).__name__}")
+        hidden_states, aux_loss = _backbone_hidden_states(model, model.config.get_text_config(), args, kwargs)
+        options = self.options
+        call = _HeadLossCall(fused_wce_loss, options.logit_scale, options.softcap, options.label_smoothing,
+                             options.dft, options.lean_memory)
+        loss, token_loss, entropy, is_top1 = _head_loss(model, hidden_states, call)
+        target, token_weight = fused_wce_loss.target.to(loss.device), fused_wce_loss.weight.to(loss.device)
+        counted = (target != -100) & (token_weight > 0)
+        return WeightedLMOutput(loss=loss, token_loss=token_loss, entropy=entropy, is_top1=is_top1,
+                                counted=counted, aux_loss=aux_loss)
+
+
 def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = False,
                          lean_memory: bool = False) -> None:
     """Patch ``model.forward``: with ``fused_wce_loss=...`` it runs the backbone and returns the fused weighted loss.
@@ -236,33 +295,22 @@ def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = Fal
     bias), inside a call of the head module (its forward dispatches on a ``fused_wce_loss`` keyword), so FSDP1,
     FSDP2 and ZeRO-3 unshard/gather the head's parameters and reduce its gradient as for any forward of the head,
     also when the head is its own FSDP unit. Without ``fused_wce_loss`` the previous forwards run unchanged
-    (generation, TRL's fused head). Apply to the unwrapped ``PreTrainedModel``, before or after FSDP wraps it.
+    (generation, TRL's fused head). Apply to the unwrapped ``PreTrainedModel``, before or after FSDP wraps it;
+    patching again replaces the options. The patched model deep-copies, pickles and ``torch.save``-s as a patched
+    model of itself (:class:`_WeightedForward`).
     The model's own logit transforms are reproduced inside the loss: a constant logit scale (Cohere, Granite...)
     and ``final_logit_softcapping`` (Gemma-2); ``label_smoothing`` and ``dft`` (TRL's ``loss_type="dft"``) too.
     ``lean_memory``: see :func:`fused_wce.linear_cross_entropy` (bf16 heads: no fp32 ``[V, H]`` accumulator).
     """
     check_model_supported(model)
-    previous_forward = model.forward
     text_config = model.config.get_text_config()
-    logit_scale = _logit_scale(text_config)
-    softcap = getattr(text_config, "final_logit_softcapping", None)
+    options = _LossOptions(_logit_scale(text_config), getattr(text_config, "final_logit_softcapping", None),
+                           float(label_smoothing), bool(dft), bool(lean_memory))
     _install_head_forward(_innermost_head(model.get_output_embeddings()))
-
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, fused_wce_loss=None, **kwargs):
-        if fused_wce_loss is None:
-            return previous_forward(*args, **kwargs)
-        if not isinstance(fused_wce_loss, WeightedLossInputs):
-            raise TypeError(f"fused_wce_loss must be a WeightedLossInputs, got {type(fused_wce_loss).__name__}")
-        hidden_states, aux_loss = _backbone_hidden_states(self, text_config, args, kwargs)
-        call = _HeadLossCall(fused_wce_loss, logit_scale, softcap, label_smoothing, dft, lean_memory)
-        loss, token_loss, entropy, is_top1 = _head_loss(self, hidden_states, call)
-        target, token_weight = fused_wce_loss.target.to(loss.device), fused_wce_loss.weight.to(loss.device)
-        counted = (target != -100) & (token_weight > 0)
-        return WeightedLMOutput(loss=loss, token_loss=token_loss, entropy=entropy, is_top1=is_top1,
-                                counted=counted, aux_loss=aux_loss)
-
-    model.forward = types.MethodType(forward, model)
+    previous = model.__dict__.get("forward")  # an instance-level forward (an accelerate hook's...), else the class's
+    if isinstance(previous, _WeightedForward) and previous.model is model:
+        previous = previous.previous
+    model.forward = _WeightedForward(model, previous, options)
 
 
 def _backbone_hidden_states(model, text_config, args, kwargs):
