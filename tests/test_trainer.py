@@ -353,6 +353,34 @@ def test_logged_metrics_match_a_float64_reference(tokenizer, conversations, tmp_
     assert logged_values["eval_mean_token_accuracy"] == pytest.approx(accuracy, rel=1e-9)
 
 
+def _cast_outputs_to_bf16(module, args, output):
+    """What FSDP2's ``MixedPrecisionPolicy(output_dtype=torch.bfloat16)`` does after a unit's forward."""
+    from torch.distributed.utils import _apply_to_tensors
+
+    return _apply_to_tensors(lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t, output)
+
+
+def test_logged_values_stay_float32_when_a_policy_casts_the_outputs(tokenizer, conversations, tmp_path):
+    """With the model's and the head's outputs cast to bf16 (FSDP2 ``output_dtype``), the logged loss, group
+    losses, entropy and gradient norm are those of the run without the cast, bit for bit."""
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5})
+    runs = []
+    for cast in (False, True):
+        trainer = WeightedSFTTrainer(tiny_model("llama", tokenizer), weighting=weighting,
+                                     args=sft_config(tmp_path / str(cast)), train_dataset=conversations,
+                                     processing_class=tokenizer)
+        if cast:
+            trainer.model.register_forward_hook(_cast_outputs_to_bf16)
+            trainer.model.lm_head.register_forward_hook(_cast_outputs_to_bf16)
+        trainer.train()
+        runs.append(trainer)
+    plain, cast = runs
+    for key in ("loss", "loss/assistant", "loss/user", "entropy", "grad_norm"):
+        values = logged(plain, key)
+        assert len(values) == 3 and logged(cast, key) == values, key
+        assert any(float(torch.tensor(v).bfloat16()) != v for v in values), key  # bf16 would have rounded them
+
+
 class _HostSyncs:
     """Counts the tensor -> host conversions (``item``, ``tolist``, ``bool()``, ``float()``, ``int()``,
     ``numpy``, ``cpu``) made outside a model call (the backbone and the fused loss op may synchronise)."""

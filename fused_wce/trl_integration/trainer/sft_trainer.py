@@ -239,7 +239,9 @@ class WeightedSFTTrainer(SFTTrainer):
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
-        outputs = model(**inputs, fused_wce_loss=WeightedLossInputs(target, weight, normalizer))
+        # in_float32: the loss and statistics as computed, also where a mixed-precision policy cast the outputs
+        # (FSDP2's output_dtype): what is logged and summed stays float32.
+        outputs = model(**inputs, fused_wce_loss=WeightedLossInputs(target, weight, normalizer)).in_float32()
         loss = outputs.loss * ranks if ranks != 1 else outputs.loss
         if self.aux_loss_enabled and outputs.aux_loss is not None:
             # A per-micro-batch mean that DDP averages over ranks; with the accumulated normaliser the Trainer
