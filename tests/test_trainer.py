@@ -595,6 +595,19 @@ def test_lean_memory_trains_like_the_default(tokenizer, conversations, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ bad data
+@pytest.mark.parametrize("bad, match", [
+    ({"role": "assistant", "content": "x", "weight": -1}, "train dataset row 5: message 1 key 'weight'"),
+    ({"role": "bot", "content": "x"}, "train dataset row 5: message 1: unknown 'role' 'bot'"),
+])
+def test_bad_row_in_a_dataset_names_its_index(tokenizer, conversations, tmp_path, bad, match):
+    rows = [[{"role": "user", "content": f"hi {k}"}, {"role": "assistant", "content": "hello"}] for k in range(8)]
+    rows[5] = [{"role": "user", "content": "hi"}, bad]
+    with pytest.raises(ValueError, match=match):
+        WeightedSFTTrainer(tiny_model("llama", tokenizer), args=sft_config(tmp_path, max_steps=1),
+                           train_dataset=Dataset.from_dict({"messages": rows}), processing_class=tokenizer,
+                           weighting=TurnWeighting())
+
+
 def test_conversation_without_weighted_token_is_dropped_with_a_warning(tokenizer, conversations, tmp_path):
     no_assistant = [{"role": "system", "content": "you are helpful"}, {"role": "user", "content": "hello"}]
     dataset = Dataset.from_dict({"messages": list(conversations["messages"][:8]) + [no_assistant]})

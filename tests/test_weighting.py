@@ -90,6 +90,21 @@ def test_alignment_token_by_token(tokenizer, plain_tokenizer, template):
     assert set(map(len, out.values())) == {len(ids)}
 
 
+@pytest.mark.parametrize("template", ["generation", "no_generation"])
+def test_content_with_private_use_characters(tokenizer, plain_tokenizer, template):
+    """Private-use characters (which tracing wraps around fields) in the content: traced with others, no error."""
+    tok = tokenizer if template == "generation" else plain_tokenizer
+    private = "".join(chr(code) for code in range(0xE000, 0xE010))
+    messages = [{"role": "user", "content": f"Echo {private}."}, {"role": "assistant", "content": f"{private} \ue001"},
+                {"role": "user", "content": "\ue000"}, {"role": "assistant", "content": "ok \U000f0000"}]
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5})
+    out = tokenize_with_weights(tok, messages, weighting)
+    ids, weights, roles, owner = expected_alignment(tok, messages, weighting.message_weights(messages))
+    assert out["input_ids"] == ids and out["token_weights"] == weights and out["token_roles"] == roles
+    for index, message in enumerate(messages):
+        assert tok.decode([t for t, o in zip(ids, owner) if o == index]) == message["content"] + "<|im_end|>"
+
+
 def test_generation_mask_agrees_with_assistant_tokens(tokenizer):
     """Assistant-only weights are TRL's assistant_masks (from the {% generation %} blocks), token for token."""
     out = tokenize_with_weights(tokenizer, CONVERSATION, TurnWeighting(message_weight_key=None))
@@ -261,13 +276,15 @@ def test_from_cli():
     assert weighting == TurnWeighting(role_weights={"assistant": 1.0, "user": 0.1, "tool": 0.0},
                                       full_sequence=True, last_n=3, decay=0.5)
     for bad, match in [("assistant", "role=weight"), ("assistant=x", "not a number"),
-                       ("bot=1", "unknown role 'bot'"), ("user=1,user=2", "twice"), ("user=-1", "role_weights")]:
+                       ("bot=1", "unknown role 'bot'"), ("user=1,user=2", "twice"),
+                       ("user=-1", r"^--role_weights: the weight of 'user' must be a finite number >= 0, got -1.0$")]:
         with pytest.raises(ValueError, match=match):
             TurnWeighting.from_cli(bad, False, None, None)
-    with pytest.raises(ValueError, match="--last_n"):
+    # In the words of the flags (the Python API's messages say "must be None or ...")
+    with pytest.raises(ValueError, match=r"^--last_n must be an int >= 1, got 0$"):
         TurnWeighting.from_cli(None, False, 0, None)
-    with pytest.raises(ValueError, match="--decay"):
-        TurnWeighting.from_cli(None, False, None, 1.5)
+    with pytest.raises(ValueError, match=r"^--decay must be a number in \(0, 1\], got -0.5$"):
+        TurnWeighting.from_cli(None, False, None, -0.5)
 
 
 # ---------------------------------------------------------------------------------------------------- bad data

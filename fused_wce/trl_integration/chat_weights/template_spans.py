@@ -21,8 +21,9 @@ class ChatTemplateError(ValueError):
     """The chat template cannot give the per-message token spans needed (names the missing template feature)."""
 
 
-# Private-use characters wrapped around a message's fields to trace where the template renders them.
-_OPEN, _CLOSE = "\ue000", "\ue001"
+# Private-use characters: a pair that the conversation does not use is wrapped around a message's fields to trace
+# where the template renders them (BMP first, then the supplementary planes 15 and 16).
+_PRIVATE_USE = (range(0xE000, 0xF900), range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE))
 _REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 _ABSENT, _UNCLEAR = "absent", "unclear"  # a traced message that changes nothing / that changes more than its fields
 
@@ -42,6 +43,10 @@ class ChatTemplate:
         special = {token.content for token in added if token.special} | set(tokenizer.all_special_tokens)
         special = sorted((token for token in special if token), key=len, reverse=True)
         self.special = re.compile("|".join(map(re.escape, special))) if special else None
+
+    def source(self):
+        """The template's text (a dict of named templates as the tokenizer holds them)."""
+        return self.chat_template if self.chat_template is not None else getattr(self.tokenizer, "chat_template", None)
 
     def render(self, messages, add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
@@ -84,17 +89,54 @@ class ChatTemplate:
         return match.end() if match else len(text.rstrip())
 
 
-def _wrap(text: str) -> str:
-    return _OPEN + text + _CLOSE
+def _strings(value):
+    """Every string in ``value`` (nested dicts, lists and tuples; keys too)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
 
 
-def _traced(message: dict) -> dict | None:
-    """A copy of ``message`` with :data:`_OPEN`/:data:`_CLOSE` around each string field the template may render
-    (content, reasoning, tool-call names and string arguments); ``None`` when it has none."""
+@dataclass(frozen=True)
+class Markers:
+    """Two characters the conversation, its tools and its rendering never contain (so a message's own text can
+    never be mistaken for a marker): ``open`` and ``close`` go around each traced field."""
+
+    open: str
+    close: str
+
+    @classmethod
+    def unused_in(cls, *values) -> "Markers":
+        used = set()
+        for value in values:
+            for text in _strings(value):
+                used.update(text)
+        free = (chr(code) for block in _PRIVATE_USE for code in block if chr(code) not in used)
+        pair = [next(free, None), next(free, None)]
+        if None in pair:
+            raise ChatTemplateError("the conversation uses every private-use character (U+E000-U+F8FF and planes 15 "
+                                    "and 16); two unused ones are needed to trace its messages in the rendering")
+        return cls(*pair)
+
+    def wrap(self, text: str) -> str:
+        return self.open + text + self.close
+
+    def strip(self, text: str) -> str:
+        return text.replace(self.open, "").replace(self.close, "")
+
+
+def _traced(message: dict, markers: Markers) -> dict | None:
+    """A copy of ``message`` with ``markers`` around each string field the template may render (content,
+    reasoning, tool-call names and string arguments); ``None`` when it has none."""
     traced, changed = dict(message), False
     for key in _REASONING_KEYS:
         if isinstance(message.get(key), str) and message[key]:
-            traced[key], changed = _wrap(message[key]), True
+            traced[key], changed = markers.wrap(message[key]), True
     calls = message.get("tool_calls")
     if isinstance(calls, (list, tuple)):
         traced_calls = []
@@ -105,7 +147,7 @@ def _traced(message: dict) -> dict | None:
                 inner = dict(inner)
                 for key in ("name", "arguments"):
                     if isinstance(inner.get(key), str) and inner[key]:
-                        inner[key], changed = _wrap(inner[key]), True
+                        inner[key], changed = markers.wrap(inner[key]), True
                 if isinstance(call.get("function"), dict):
                     call["function"] = inner
                 else:
@@ -115,21 +157,21 @@ def _traced(message: dict) -> dict | None:
     content = message.get("content")
     # Empty content is traced only when nothing else is: wrapping it would flip `if content` tests in templates.
     if isinstance(content, str) and (content or not changed):
-        traced["content"], changed = _wrap(content), True
+        traced["content"], changed = markers.wrap(content), True
     return traced if changed else None
 
 
-def _locate(base: str, traced: str):
+def _locate(base: str, traced: str, markers: Markers):
     """Where the traced fields lie in ``base``: ``(start, end)``, :data:`_ABSENT` when the template does not render
     them, :data:`_UNCLEAR` when tracing changed more than the fields (the template branches on them)."""
     if base == traced:
         return _ABSENT
-    if _OPEN in base or _CLOSE in base:
+    if markers.open in base or markers.close in base:  # cannot happen: the markers are not in the conversation
         return _UNCLEAR
     p = len(os.path.commonprefix([base, traced]))
     s = len(os.path.commonprefix([base[p:][::-1], traced[p:][::-1]]))
     region, traced_region = base[p:len(base) - s], traced[p:len(traced) - s]
-    if traced_region.replace(_OPEN, "").replace(_CLOSE, "").strip() != region.strip():
+    if markers.strip(traced_region).strip() != region.strip():
         return _UNCLEAR
     return p, len(base) - s
 
@@ -176,6 +218,7 @@ class _Segmentation:
 
     def __init__(self, template: ChatTemplate, messages: list[dict], full_text: str):
         self.template, self.messages, self.full_text = template, messages, full_text
+        self.markers = Markers.unused_in(messages, full_text, template.tools, template.kwargs, template.source())
         # prefixes[k]: messages[:k] rendered on their own (None where the template refuses them).
         self.prefixes: list[str | None] = (
             [template.render_or_none(messages[:k]) for k in range(len(messages))] + [full_text])
@@ -203,10 +246,10 @@ class _Segmentation:
     def _next_fields_start(self, i: int, j: int) -> int:
         """Where message ``i + 1``'s fields start in ``prefixes[j]`` (the first renderable prefix past ``i``)."""
         messages = self.messages
-        following = _traced(messages[i + 1])
+        following = _traced(messages[i + 1], self.markers)
         located = None if following is None else self.template.render_or_none(
             messages[:i + 1] + [following] + messages[i + 2:j])
-        located = _UNCLEAR if located is None else _locate(self.prefixes[j], located)
+        located = _UNCLEAR if located is None else _locate(self.prefixes[j], located, self.markers)
         if not isinstance(located, tuple):
             raise ChatTemplateError(
                 f"the chat template cannot render the first {i + 1} messages on their own, and message {i + 1} "
@@ -218,15 +261,16 @@ class _Segmentation:
         """(where message ``i``'s traced fields lie in ``prefixes[j]``, where they lie in the full rendering):
         each a ``(start, end)``, :data:`_ABSENT` or :data:`_UNCLEAR`."""
         messages, prefix = self.messages, self.prefixes[j]
-        traced = _traced(messages[i])
+        traced = _traced(messages[i], self.markers)
         if traced is None:
             return _UNCLEAR, _UNCLEAR
         traced_prefix = self.template.render_or_none(messages[:i] + [traced] + messages[i + 1:j])
-        body_in_prefix = _UNCLEAR if traced_prefix is None else _locate(prefix, traced_prefix)
+        body_in_prefix = _UNCLEAR if traced_prefix is None else _locate(prefix, traced_prefix, self.markers)
         if j == len(messages) or (isinstance(body_in_prefix, tuple) and self.full_text.startswith(prefix)):
             return body_in_prefix, body_in_prefix
         traced_full = self.template.render_or_none(messages[:i] + [traced] + messages[i + 1:])
-        return body_in_prefix, (_UNCLEAR if traced_full is None else _locate(self.full_text, traced_full))
+        located = _UNCLEAR if traced_full is None else _locate(self.full_text, traced_full, self.markers)
+        return body_in_prefix, located
 
     def _piece(self, i, j, body, body_in_prefix, trailer_limit, cursor):
         """(body or None, the text after the body up to the piece's end, the piece's end) of message ``i``."""
