@@ -61,8 +61,10 @@ def make_parser(prog: str, first, config_class=None, description: str | None = N
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
     listed = ", ".join(f"{key}={value}" for key, value in (DEMO_DEFAULTS if demo is None else demo).items())
+    # A one-line usage: argparse prints it above every flag error (the generated one runs to ~150 lines).
     return TrlParser((first, ScriptArguments, config_class or SFTConfig, ModelConfig, DatasetMixtureConfig),
-                     prog=prog, description=(description or _HELP_DESCRIPTION).format(demo=listed))
+                     prog=prog, usage="%(prog)s [--flag value ...]  (%(prog)s --help lists every flag)",
+                     description=(description or _HELP_DESCRIPTION).format(demo=listed))
 
 
 def _platform_defaults() -> dict:
@@ -97,7 +99,7 @@ def parse_args(argv: list[str], prog: str, first, extra_defaults=None, demo_defa
     def parse(with_demo: bool):
         parser = make_parser(prog, first, config_class, description, demo)
         parser.set_defaults(**{**_platform_defaults(), **(extra_defaults or {}), **(demo if with_demo else {})})
-        return parser.parse_args_and_config(list(argv))  # with --help, argparse prints and exits here
+        return _parse_known_only(parser, argv)  # with --help, argparse prints and exits here
 
     with checkpointing_alias_notice_silenced():
         # The training arguments check themselves when built (GRPOConfig: the batch against num_generations), so
@@ -108,6 +110,18 @@ def parse_args(argv: list[str], prog: str, first, extra_defaults=None, demo_defa
             parsed = parse(with_demo=False)
     project, script, training, model, dataset = parsed
     return script, training, model, dataset, project
+
+
+def _parse_known_only(parser, argv):
+    """The parsed dataclasses; an unknown flag (or ``--config`` key) is a usage error: the usage line, one error
+    line and exit status 2, as for any other bad flag."""
+    *parsed, config_unknown, argv_unknown = parser.parse_args_and_config(
+        list(argv), return_remaining_strings=True, separate_remaining_strings=True)
+    if argv_unknown:
+        parser.error(f"unrecognized arguments: {' '.join(argv_unknown)}")
+    if config_unknown:
+        parser.error(f"--config: unrecognized keys: {' '.join(config_unknown)}")
+    return parsed
 
 
 @contextlib.contextmanager

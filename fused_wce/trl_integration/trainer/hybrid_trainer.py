@@ -187,7 +187,9 @@ class HybridTrainer(FusedGRPOTrainer):
         labels = batch["labels"]
         weight = shifted_target_weights(batch)
         inputs = WeightedLossInputs(labels[:, 1:], weight, normalizer)
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], fused_wce_loss=inputs)
+        # in_float32: the loss and statistics as computed, also where a mixed-precision policy cast the outputs
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        fused_wce_loss=inputs).in_float32()
         loss = outputs.loss * self.accelerator.num_processes
         if self.aux_loss_enabled and outputs.aux_loss is not None:  # as WeightedSFTTrainer adds it
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / self.current_gradient_accumulation_steps

@@ -11,7 +11,7 @@ computation as the head's: they unshard/gather its parameters before and reduce 
 from __future__ import annotations
 
 import functools
-import types
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +26,43 @@ except ImportError:  # pragma: no cover - torch builds without distributed
     DTensor = ()
 
 
+class Float32Values:
+    """The loss and per-token statistics in float32, as the fused loss computed them (detached).
+
+    A plain ``__slots__`` class, for the reason :class:`WeightedLossInputs` is one, on the way out: FSDP2's
+    ``MixedPrecisionPolicy(output_dtype=...)`` casts every floating tensor of a module's output (tuples, dicts,
+    dataclass fields) and would round the loss and statistics to bf16; it does not enter this object.
+    """
+
+    __slots__ = ("loss", "token_loss", "entropy", "aux_loss")
+
+    def __init__(self, loss: torch.Tensor, token_loss: torch.Tensor, entropy: torch.Tensor,
+                 aux_loss: torch.Tensor | None = None):
+        self.loss, self.token_loss, self.entropy, self.aux_loss = loss, token_loss, entropy, aux_loss
+
+
+class _ValueOf(torch.autograd.Function):
+    """``exact``'s value with ``cast``'s gradient: a loss that an output cast rounded, restored to the float32 value
+    computed before the cast, while the backward still runs through the cast (and the hooks FSDP put on it)."""
+
+    @staticmethod
+    def forward(ctx, cast: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = cast.dtype
+        return exact.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype), None
+
+
+def restore_float32(cast: torch.Tensor | None, exact: torch.Tensor | None) -> torch.Tensor | None:
+    """``cast`` with ``exact``'s value (see :class:`_ValueOf`); ``cast`` itself when nothing cast it. For the
+    outputs of a fused call that a mixed-precision output cast may have rounded."""
+    if cast is None or exact is None or (cast.dtype == exact.dtype and cast.data_ptr() == exact.data_ptr()):
+        return cast
+    return _ValueOf.apply(cast, exact) if cast.requires_grad else exact
+
+
 @dataclass
 class WeightedLMOutput(ModelOutput):
     """What the patched forward (:func:`add_weighted_lm_head`) returns when given the loss inputs.
@@ -33,7 +70,8 @@ class WeightedLMOutput(ModelOutput):
     ``loss``: 0-d float32, ``sum(w_i l_i) / normalizer``. Per target position (shaped like the shifted targets,
     ``[B, T-1]``, detached): ``token_loss`` (float32, unweighted CE), ``entropy`` (float32), ``is_top1`` (bool),
     ``counted`` (bool: target != -100 and weight > 0). All zero/False where not counted. ``aux_loss``: the MoE
-    load-balancing loss (0-d) when router logits were requested, else None.
+    load-balancing loss (0-d) when router logits were requested, else None. ``float32``: the same values out of
+    reach of mixed-precision output casts (:class:`Float32Values`); :meth:`in_float32` puts them back.
     """
 
     loss: torch.Tensor | None = None
@@ -42,6 +80,18 @@ class WeightedLMOutput(ModelOutput):
     is_top1: torch.Tensor | None = None
     counted: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    float32: Float32Values | None = None
+
+    def in_float32(self) -> "WeightedLMOutput":
+        """This output with ``loss``, ``token_loss``, ``entropy`` and ``aux_loss`` as computed, in float32, also
+        when a wrapper cast the model's outputs on the way (FSDP2 ``output_dtype``, then accelerate's upcast of
+        the rounded values); the gradients still flow through ``loss`` and ``aux_loss`` as returned."""
+        exact = self.float32
+        if exact is None:
+            return self
+        return WeightedLMOutput(loss=restore_float32(self.loss, exact.loss), token_loss=exact.token_loss,
+                                entropy=exact.entropy, is_top1=self.is_top1, counted=self.counted,
+                                aux_loss=restore_float32(self.aux_loss, exact.aux_loss), float32=exact)
 
 
 def logit_scale_of(text_config) -> float:
@@ -129,7 +179,9 @@ class HeadCall:
 
     def run(self, hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
         """The fused computation from ``hidden_states`` (on ``weight``'s device) and the head's unsharded
-        ``weight`` and ``bias``: a tuple of tensors (every distributed wrapper's output traversal enters tuples)."""
+        ``weight`` and ``bias``: a tuple (every distributed wrapper's output traversal enters tuples, to hook the
+        differentiable outputs for the pre-backward unshard), its last element the float32 values out of reach of
+        an output cast."""
         raise NotImplementedError
 
 
@@ -138,8 +190,8 @@ class _HeadLossCall(HeadCall):
 
     ``chord_phi``: each counted token's loss times stop-gradient ``p (1 - p)`` of its target (CHORD-phi): a
     stats-only pass (no gradient, ``2 N H V`` FLOPs) finds ``p``, then the weighted pass runs with weights
-    ``w p (1 - p)`` and the normaliser of the weights ``w``. ``run`` returns ``(loss, token_loss, entropy,
-    is_top1)``; ``token_loss`` is the per-token loss with the variant's factor applied (as for ``dft``).
+    ``w p (1 - p)`` and the normaliser of the weights ``w``. ``run`` returns ``(loss, is_top1, Float32Values)``;
+    ``token_loss`` is the per-token loss with the variant's factor applied (as for ``dft``).
     """
 
     __slots__ = ("inputs", "logit_scale", "softcap", "label_smoothing", "dft", "lean_memory", "chord_phi")
@@ -167,10 +219,10 @@ class _HeadLossCall(HeadCall):
             hidden_states, weight, inputs.target, token_weight, normalizer=normalizer, return_stats=True,
             label_smoothing=self.label_smoothing, dft=self.dft, lean_memory=self.lean_memory, **options)
         if stats is None:
-            return out.loss, out.token_loss, out.entropy, out.is_top1
+            return out.loss, out.is_top1, Float32Values(out.loss.detach(), out.token_loss, out.entropy)
         # The stats-only pass counts every token of weight w > 0 (the weighted pass drops those with p (1 - p) = 0).
         token_loss = torch.where(inputs.weight > 0, stats.token_loss * probability * (1.0 - probability), 0.0)
-        return out.loss, token_loss, stats.entropy, stats.is_top1
+        return out.loss, stats.is_top1, Float32Values(out.loss.detach(), token_loss, stats.entropy)
 
 
 def _innermost_head(head: torch.nn.Module) -> torch.nn.Module:
@@ -273,6 +325,92 @@ def compute_dtype_of(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+@dataclass(frozen=True)
+class _LossOptions:
+    """The model's loss options, fixed when it is patched: its logit transforms and the trainer's loss settings."""
+
+    logit_scale: float
+    softcap: float | None
+    label_smoothing: float
+    dft: bool
+    lean_memory: bool
+    chord_phi: bool
+
+
+class PatchedForward:
+    """A model's ``forward`` after a fused-head patch: dispatches on its own keywords (:attr:`KEYWORDS`), else
+    runs the forward it replaced.
+
+    A module-level class holding the model, the forward it replaced (``None``: the model class's own) and the
+    patch's options, not a closure: ``copy.deepcopy`` copies the three with the model, so the copy is a patched
+    model of itself (its plain forward, ``generate`` and fused calls run its own modules and weights), and
+    ``pickle`` / ``torch.save`` keep the patch (a bound method or closure would pickle as the class's unpatched
+    ``forward``). Patches stack: each keeps the one before as ``previous``; :meth:`install` replaces a model's
+    patch of the same kind in place (new options, same ``previous``).
+    """
+
+    __slots__ = ("model", "previous", "options")
+    KEYWORDS: tuple[str, ...] = ()
+
+    def __init__(self, model, previous, options):
+        self.model, self.previous, self.options = model, previous, options
+
+    @classmethod
+    def install(cls, model, options) -> None:
+        """Make ``cls(model, <the current forward>, options)`` the model's forward."""
+        previous = model.__dict__.get("forward")  # an instance-level forward (an accelerate hook's...), or none
+        if isinstance(previous, cls) and previous.model is model:
+            previous = previous.previous
+        model.forward = cls(model, previous, options)
+
+    @property
+    def __signature__(self):
+        """The signature of the forward it replaced (``inspect.signature``: Trainer's column selection,
+        ``generate``'s keyword checks), plus the patch's keywords."""
+        replaced = inspect.signature(self.previous if self.previous is not None
+                                     else type(self.model).forward.__get__(self.model))
+        parameters = list(replaced.parameters.values())
+        for name in self.KEYWORDS:
+            if name not in replaced.parameters:
+                extra = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+                at = next((k for k, p in enumerate(parameters) if p.kind == inspect.Parameter.VAR_KEYWORD),
+                          len(parameters))
+                parameters.insert(at, extra)
+        return replaced.replace(parameters=parameters)
+
+    def plain(self, *args, **kwargs):
+        """The forward this patch replaced."""
+        if self.previous is None:
+            return type(self.model).forward(self.model, *args, **kwargs)
+        return self.previous(*args, **kwargs)
+
+
+class _WeightedForward(PatchedForward):
+    """``model.forward`` once :func:`add_weighted_lm_head` ran: dispatches on the ``fused_wce_loss`` keyword."""
+
+    __slots__ = ()
+    KEYWORDS = ("fused_wce_loss",)
+
+    def __call__(self, *args, fused_wce_loss=None, **kwargs):
+        model = self.model
+        if fused_wce_loss is None:
+            return self.plain(*args, **kwargs)
+        if not isinstance(fused_wce_loss, WeightedLossInputs):
+            raise TypeError(f"fused_wce_loss must be a WeightedLossInputs, got {type(fused_wce_loss).__name__}")
+        hidden_states, aux_loss = backbone_hidden_states(model, model.config.get_text_config(), args, kwargs)
+        options = self.options
+        call = _HeadLossCall(fused_wce_loss, options.logit_scale, options.softcap, options.label_smoothing,
+                             options.dft, options.lean_memory, options.chord_phi)
+        loss, is_top1, exact = call_head(model, hidden_states, call)
+        if aux_loss is not None:
+            exact.aux_loss = aux_loss.detach().float()
+        target, token_weight = fused_wce_loss.target.to(loss.device), fused_wce_loss.weight.to(loss.device)
+        counted = (target != -100) & (token_weight > 0)
+        return WeightedLMOutput(loss=restore_float32(loss, exact.loss), token_loss=exact.token_loss,
+                                entropy=exact.entropy, is_top1=is_top1, counted=counted, aux_loss=aux_loss,
+                                float32=exact)
+
+
 def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = False,
                          lean_memory: bool = False, chord_phi: bool = False) -> None:
     """Patch ``model.forward``: with ``fused_wce_loss=...`` it runs the backbone and returns the fused weighted loss.
@@ -283,7 +421,9 @@ def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = Fal
     bias), inside a call of the head module (its forward dispatches on a ``fused_wce_call`` keyword), so FSDP1,
     FSDP2 and ZeRO-3 unshard/gather the head's parameters and reduce its gradient as for any forward of the head,
     also when the head is its own FSDP unit. Without ``fused_wce_loss`` the previous forwards run unchanged
-    (generation, TRL's fused head). Apply to the unwrapped ``PreTrainedModel``, before or after FSDP wraps it.
+    (generation, TRL's fused head). Apply to the unwrapped ``PreTrainedModel``, before or after FSDP wraps it;
+    patching again replaces the options. The patched model deep-copies, pickles and ``torch.save``-s as a patched
+    model of itself (:class:`_WeightedForward`).
     The model's own logit transforms are reproduced inside the loss: a constant logit scale (Cohere, Granite...)
     and ``final_logit_softcapping`` (Gemma-2); ``label_smoothing`` and ``dft`` (TRL's ``loss_type="dft"``) too.
     ``lean_memory``: see :func:`fused_wce.linear_cross_entropy` (bf16 heads: no fp32 ``[V, H]`` accumulator).
@@ -293,27 +433,11 @@ def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = Fal
     if dft and chord_phi:
         raise ValueError("dft and chord_phi are two per-token reweightings of the loss: choose one")
     check_model_supported(model)
-    previous_forward = model.forward
     text_config = model.config.get_text_config()
-    logit_scale = logit_scale_of(text_config)
-    softcap = getattr(text_config, "final_logit_softcapping", None)
+    options = _LossOptions(logit_scale_of(text_config), getattr(text_config, "final_logit_softcapping", None),
+                           float(label_smoothing), bool(dft), bool(lean_memory), bool(chord_phi))
     _install_head_forward(_innermost_head(model.get_output_embeddings()))
-
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, fused_wce_loss=None, **kwargs):
-        if fused_wce_loss is None:
-            return previous_forward(*args, **kwargs)
-        if not isinstance(fused_wce_loss, WeightedLossInputs):
-            raise TypeError(f"fused_wce_loss must be a WeightedLossInputs, got {type(fused_wce_loss).__name__}")
-        hidden_states, aux_loss = backbone_hidden_states(self, text_config, args, kwargs)
-        call = _HeadLossCall(fused_wce_loss, logit_scale, softcap, label_smoothing, dft, lean_memory, chord_phi)
-        loss, token_loss, entropy, is_top1 = call_head(self, hidden_states, call)
-        target, token_weight = fused_wce_loss.target.to(loss.device), fused_wce_loss.weight.to(loss.device)
-        counted = (target != -100) & (token_weight > 0)
-        return WeightedLMOutput(loss=loss, token_loss=token_loss, entropy=entropy, is_top1=is_top1,
-                                counted=counted, aux_loss=aux_loss)
-
-    model.forward = types.MethodType(forward, model)
+    _WeightedForward.install(model, options)
 
 
 def backbone_hidden_states(model, text_config, args, kwargs):

@@ -10,39 +10,96 @@ head and reduce its gradient as for any forward of the head. The logits are neve
 """
 from __future__ import annotations
 
-import functools
-import types
+from dataclasses import dataclass
 
 import torch
 from trl.trainer.utils import FusedCausalLMOutput
 
 import fused_wce
 
-from .lm_head import (HeadCall, backbone_hidden_states, call_head, check_model_supported, compute_dtype_of,
-                      logit_scale_of)
+from .lm_head import (HeadCall, PatchedForward, backbone_hidden_states, call_head, check_model_supported,
+                      compute_dtype_of, logit_scale_of, restore_float32)
+
+
+class _Float32LogProbs:
+    """The log-probabilities and entropies as the fused call computed them, float32, detached: out of reach of a
+    mixed-precision output cast (a plain ``__slots__`` class, see :class:`~.lm_head.Float32Values`)."""
+
+    __slots__ = ("log_probs", "entropy")
+
+    def __init__(self, log_probs: torch.Tensor, entropy: torch.Tensor | None):
+        self.log_probs, self.entropy = log_probs, entropy
 
 
 class _HeadLogProbCall(HeadCall):
     """Log-probabilities of ``target`` (``[B, T-1]``, -100 where not scored) and, with ``entropy``, the entropy of
     each scored position, under ``softcap(logit_scale * logits) / temperature``. ``fp32``: the projection in
-    float32 (TRL's ``cast_lm_head_to_fp32``). ``run`` returns ``(log_probs, entropy or None)``, float32."""
+    float32 (TRL's ``cast_lm_head_to_fp32``). ``run`` returns ``(log_probs, entropy or None, _Float32LogProbs)``,
+    float32."""
 
-    __slots__ = ("target", "temperature", "logit_scale", "softcap", "entropy", "fp32")
+    __slots__ = ("target", "options")
 
-    def __init__(self, target: torch.Tensor, temperature: float, logit_scale: float, softcap: float | None,
-                 entropy: bool, fp32: bool):
-        self.target, self.temperature, self.logit_scale = target, temperature, logit_scale
-        self.softcap, self.entropy, self.fp32 = softcap, entropy, fp32
+    def __init__(self, target: torch.Tensor, options: _LogProbOptions):
+        self.target, self.options = target, options
 
     def run(self, hidden_states, weight, bias):
-        compute_dtype = torch.float32 if self.fp32 else compute_dtype_of(weight)
-        if self.fp32:
+        options = self.options
+        compute_dtype = torch.float32 if options.fp32 else compute_dtype_of(weight)
+        if options.fp32:
             hidden_states = hidden_states.float()
         out = fused_wce.linear_log_prob(
-            hidden_states, weight, self.target.to(weight.device), bias=bias, temperature=self.temperature,
-            softcap=self.softcap, logit_scale=self.logit_scale, return_entropy=self.entropy,
+            hidden_states, weight, self.target.to(weight.device), bias=bias, temperature=options.temperature,
+            softcap=options.softcap, logit_scale=options.logit_scale, return_entropy=options.entropy,
             compute_dtype=compute_dtype)
-        return out if self.entropy else (out, None)
+        log_probs, entropy = out if options.entropy else (out, None)
+        exact = _Float32LogProbs(log_probs.detach(), None if entropy is None else entropy.detach())
+        return log_probs, entropy, exact
+
+
+@dataclass(frozen=True)
+class _LogProbOptions:
+    """The logit transforms of the patched model and what the patch computes, fixed when it is patched."""
+
+    temperature: float
+    logit_scale: float
+    softcap: float | None
+    entropy: bool
+    fp32: bool
+    router_coef: float
+
+
+class _LogProbForward(PatchedForward):
+    """``model.forward`` once :func:`add_log_prob_lm_head` ran: answers ``fused_lm_head=True`` calls."""
+
+    __slots__ = ()
+    KEYWORDS = ("fused_lm_head", "labels", "shift_labels", "num_items_in_batch")
+
+    def __call__(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                 **kwargs):
+        if not fused_lm_head:
+            for name, value in (("labels", labels), ("shift_labels", shift_labels),
+                                ("num_items_in_batch", num_items_in_batch)):
+                if value is not None:
+                    kwargs[name] = value
+            return self.plain(*args, **kwargs)
+        if shift_labels is not None:
+            raise NotImplementedError("pre-shifted labels (context/sequence parallelism) are not supported by the "
+                                      "fused log-probability head")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+            raise ValueError(f"fused_lm_head=True needs labels [B, T] (-100 where not scored), got "
+                             f"{type(labels).__name__ if not isinstance(labels, torch.Tensor) else labels.shape}")
+        model, options = self.model, self.options
+        hidden_states, aux_loss = backbone_hidden_states(model, model.config.get_text_config(), args, kwargs)
+        target = labels[:, 1:]
+        log_probs, entropy, exact = call_head(model, hidden_states, _HeadLogProbCall(target, options))
+        log_probs, entropy = restore_float32(log_probs, exact.log_probs), restore_float32(entropy, exact.entropy)
+        mask = target.to(log_probs.device) != -100
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -log_probs.sum() / count
+        if aux_loss is not None:
+            loss = loss + options.router_coef * aux_loss
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask,
+                                   aux_loss=aux_loss)
 
 
 def add_log_prob_lm_head(model, *, temperature: float = 1.0, entropy: bool = True,
@@ -58,43 +115,16 @@ def add_log_prob_lm_head(model, *, temperature: float = 1.0, entropy: bool = Tru
     gradients to the backbone and the head. The logits are ``softcap(logit_scale * (h W^T + b)) / temperature``
     with the model's own logit scale and ``final_logit_softcapping``, as TRL computes them. Without
     ``fused_lm_head`` the previous forward runs unchanged (generation, the weighted loss). Apply to the unwrapped
-    ``PreTrainedModel`` (the base model under PEFT), before or after FSDP wraps it. Pre-shifted ``shift_labels``
-    (context/sequence parallelism) are not supported (``NotImplementedError``).
+    ``PreTrainedModel`` (the base model under PEFT), before or after FSDP wraps it; patching again replaces the
+    options; the patched model deep-copies and pickles as a patched model of itself (see
+    :class:`~.lm_head.PatchedForward`). Pre-shifted ``shift_labels`` (context/sequence parallelism) are not
+    supported (``NotImplementedError``).
     """
     check_model_supported(model)
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    previous_forward = model.forward
     text_config = model.config.get_text_config()
-    logit_scale = logit_scale_of(text_config)
-    softcap = getattr(text_config, "final_logit_softcapping", None)
-    router_coef = getattr(text_config, "router_aux_loss_coef", 0.0)
-
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
-                **kwargs):
-        if not fused_lm_head:
-            for name, value in (("labels", labels), ("shift_labels", shift_labels),
-                                ("num_items_in_batch", num_items_in_batch)):
-                if value is not None:
-                    kwargs[name] = value
-            return previous_forward(*args, **kwargs)
-        if shift_labels is not None:
-            raise NotImplementedError("pre-shifted labels (context/sequence parallelism) are not supported by the "
-                                      "fused log-probability head")
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-            raise ValueError(f"fused_lm_head=True needs labels [B, T] (-100 where not scored), got "
-                             f"{type(labels).__name__ if not isinstance(labels, torch.Tensor) else labels.shape}")
-        hidden_states, aux_loss = backbone_hidden_states(self, text_config, args, kwargs)
-        target = labels[:, 1:]
-        call = _HeadLogProbCall(target, float(temperature), logit_scale, softcap, entropy, cast_lm_head_to_fp32)
-        log_probs, token_entropy = call_head(self, hidden_states, call)
-        mask = target.to(log_probs.device) != -100
-        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        loss = -log_probs.sum() / count
-        if aux_loss is not None:
-            loss = loss + router_coef * aux_loss
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=token_entropy, label_mask=mask,
-                                   aux_loss=aux_loss)
-
-    model.forward = types.MethodType(forward, model)
+    options = _LogProbOptions(float(temperature), logit_scale_of(text_config),
+                              getattr(text_config, "final_logit_softcapping", None), bool(entropy),
+                              bool(cast_lm_head_to_fp32), float(getattr(text_config, "router_aux_loss_coef", 0.0)))
+    _LogProbForward.install(model, options)
