@@ -199,3 +199,36 @@ def test_log_prob_head_bad_calls_are_clear_errors(tokenizer):
         model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head=True)
     with pytest.raises(NotImplementedError, match="pre-shifted labels"):
         model(input_ids=input_ids, attention_mask=attention_mask, shift_labels=labels, fused_lm_head=True)
+
+
+def test_log_prob_head_copies_pickles_and_stacks_with_the_weighted_head(tokenizer):
+    """Patched with both fused heads (as HybridTrainer patches its policy), a model deep-copies and pickles as a
+    patched model of itself: the copy's fused calls run its own weights; the signature shows both keywords."""
+    import inspect
+    import pickle
+
+    from fused_wce.trl_integration.trainer.lm_head import WeightedLossInputs, add_weighted_lm_head
+
+    model = tiny_model("llama", tokenizer)
+    add_log_prob_lm_head(model, temperature=0.7)
+    add_weighted_lm_head(model)
+    add_log_prob_lm_head(model, temperature=0.7)  # patching again replaces the options, keeps the stack
+    assert {"fused_lm_head", "fused_wce_loss", "labels"} <= set(inspect.signature(model.forward).parameters)
+    input_ids, attention_mask, labels = _scored_batch(tokenizer)
+    loss_inputs = WeightedLossInputs(labels[:, 1:], (labels[:, 1:] != -100).float(), None)
+
+    def run(m):
+        with torch.no_grad():
+            return (m(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True).log_probs,
+                    m(input_ids=input_ids, attention_mask=attention_mask, fused_wce_loss=loss_inputs).loss)
+
+    expected = run(model)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        for value, reference in zip(run(twin), expected):
+            torch.testing.assert_close(value, reference, rtol=0, atol=0)
+        with torch.no_grad():
+            twin.lm_head.weight.mul_(1.5)
+        changed = run(twin)
+        assert not torch.equal(changed[0], expected[0]) and not torch.equal(changed[1], expected[1])
+        for value, reference in zip(run(model), expected):  # the original is untouched
+            torch.testing.assert_close(value, reference, rtol=0, atol=0)
