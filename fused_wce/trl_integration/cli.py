@@ -18,7 +18,7 @@ commands:
            adaptive) on the same data and seed; writes report.md, results.csv and compare.png;
            `fused-wce compare --help`
   hybrid   GRPO mixed with weighted multi-turn SFT in each step, (1 - mu) * GRPO + mu * SFT, both through the fused
-           head (every `trl grpo` flag, plus --sft_mu, --sft_mu_schedule, --sft_token_reweighting, the weighting
+           head (the `trl grpo` flags, plus --sft_mu, --sft_mu_schedule, --sft_token_reweighting, the weighting
            flags and --rewards); writes loss_curves.csv/.png; `fused-wce hybrid --help`
 """
 

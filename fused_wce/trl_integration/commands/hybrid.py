@@ -3,10 +3,11 @@
 Each optimizer step minimises ``(1 - mu) * GRPO + mu * SFT`` (:class:`~..trainer.hybrid_trainer.HybridTrainer`):
 the GRPO term on completions sampled for prompts taken from the conversations
 (:mod:`.hybrid_data`: the context before each checkable assistant reply, scored by rule-based rewards), the SFT
-term the turn-weighted cross-entropy of the expert conversations themselves. Takes every ``trl grpo`` flag
-(``GRPOConfig``: ``--num_generations``, ``--beta``, ``--loss_type``, ``--temperature``...), the SFT term's
-(``--sft_mu``, ``--sft_mu_end``, ``--sft_mu_schedule``, ``--sft_mu_warmup_steps``, ``--sft_token_reweighting``,
-``--sft_per_device_train_batch_size``...), the turn-weighting flags of ``fused-wce sft`` and ``--rewards``::
+term the turn-weighted cross-entropy of the expert conversations themselves. Takes every ``trl grpo`` flag but
+its reward options (``GRPOConfig``: ``--num_generations``, ``--beta``, ``--loss_type``, ``--temperature``...), the
+SFT term's (``--sft_mu``, ``--sft_mu_end``, ``--sft_mu_schedule``, ``--sft_mu_warmup_steps``,
+``--sft_token_reweighting``, ``--sft_per_device_train_batch_size``...), the turn-weighting flags of
+``fused-wce sft`` and ``--rewards``::
 
     fused-wce hybrid                                  # tiny model, shipped conversations, offline, CPU
     fused-wce hybrid --sft_mu 0.5 --sft_mu_schedule constant --sft_token_reweighting "p(1-p)"
@@ -50,7 +51,8 @@ HYBRID_DEMO_DEFAULTS = {
 
 _DESCRIPTION = (
     "GRPO mixed with weighted multi-turn SFT, both through a fused LM head: each step minimises (1 - mu) * GRPO + "
-    "mu * SFT. The fused-wce flags come first; every `trl grpo` flag follows, with the SFT term's (--sft_*). "
+    "mu * SFT. The fused-wce flags come first (--rewards replaces `trl grpo`'s reward options); every other "
+    "`trl grpo` flag follows, with the SFT term's (--sft_*). "
     "Defaults shown are those of a bare run (the built-in tiny model, CPU-safe without CUDA); with "
     "--model_name_or_path, the configuration's own defaults apply instead of the demo ones ({demo}).")
 
