@@ -21,6 +21,9 @@ raised. Scenarios:
   ``use_orig_params=True``; the model is patched after wrapping;
 - ``fsdp1_bf16``: the same with ``MixedPrecision(param_dtype=bfloat16, reduce_dtype=float32,
   cast_forward_inputs=True)`` (the root casts its inputs too: ``cast_root_forward_inputs`` defaults to True);
+- ``fsdp2_log_prob`` / ``fsdp1_log_prob``: the model patched with ``add_log_prob_lm_head`` (temperature 0.8,
+  entropies), sharded as ``fsdp2`` / ``fsdp1``; the objective of :func:`log_prob_coefficients` (signed
+  coefficients on the log-probabilities and the entropies) writes ``{"grads", "objective", "structure"}``;
 - ``tp_head``: the head tensor-parallel (``ColwiseParallel``, a vocab-sharded DTensor weight inside its forward):
   must raise; the message is written as ``{"raised": str(error)}``.
 
@@ -190,6 +193,49 @@ def run_scenario(scenario: str, rank: int, mesh) -> dict:
         fused_wce.linear_cross_entropy = spy.function
 
 
+TEMPERATURE = 0.8
+
+
+def log_prob_coefficients(batch):
+    """Fixed upstream coefficients of the log-prob scenarios, as a policy-gradient loss makes them: signed per-token
+    ``c`` on the log-probabilities, ``d`` on the entropies, and the global number of scored tokens ``n``; the
+    objective is ``sum(c * log_prob + d * entropy) / n``."""
+    scored = batch["target"] != -100
+    return (batch["weight"] - 0.9) * scored, 0.3 * batch["weight"], scored.sum().float()
+
+
+def run_log_prob_scenario(scenario: str, rank: int, mesh) -> dict:
+    """``add_log_prob_lm_head`` (temperature 0.8, entropies) on the sharded model, the head its own unit: the
+    objective of :func:`log_prob_coefficients` on this rank's rows, times the world size (FSDP averages)."""
+    import fused_wce
+    from fused_wce.trl_integration.trainer.log_prob_head import add_log_prob_lm_head
+
+    if not hasattr(fused_wce, "linear_log_prob"):
+        from trl_helpers import materialised_linear_log_prob
+
+        fused_wce.linear_log_prob = materialised_linear_log_prob
+    batch = make_batch()
+    coefficient, entropy_coefficient, count = log_prob_coefficients(batch)
+    mine = {key: _rank_slice(value, rank) for key, value in batch.items()}
+    model = make_model()
+    if scenario == "fsdp2_log_prob":
+        add_log_prob_lm_head(model, temperature=TEMPERATURE)
+        runner = _shard_fsdp2(model, mesh, mixed=False)
+    else:
+        runner = _wrap_fsdp1(model, mixed=False)
+        add_log_prob_lm_head(model, temperature=TEMPERATURE)  # patched after wrapping
+    labels = torch.cat([torch.full_like(mine["target"][:, :1], -100), mine["target"]], dim=1)
+    output = runner(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"], labels=labels,
+                    fused_lm_head=True)
+    objective = ((_rank_slice(coefficient, rank) * output.log_probs).sum()
+                 + (_rank_slice(entropy_coefficient, rank) * output.entropy).sum()) / count
+    (objective * WORLD_SIZE).backward()
+    value = objective.detach().clone()
+    dist.all_reduce(value)
+    grads = _full_grads_fsdp1(runner) if scenario.startswith("fsdp1") else _full_grads_fsdp2(model)
+    return {"grads": grads, "objective": value.item(), "structure": str(runner)}
+
+
 def main(out_dir: str, scenarios: list[str]) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -200,7 +246,8 @@ def main(out_dir: str, scenarios: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for scenario in scenarios:
         try:
-            result = run_scenario(scenario, rank, mesh)
+            run = run_log_prob_scenario if scenario.endswith("_log_prob") else run_scenario
+            result = run(scenario, rank, mesh)
         except Exception:  # recorded for the test to show; the other scenarios still run
             result = {"error": f"rank {rank}:\n{traceback.format_exc()}"}
         errors = [None] * WORLD_SIZE

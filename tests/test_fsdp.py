@@ -22,12 +22,13 @@ from trl_helpers import tiny_model  # noqa: I001  (sets HF_HUB_OFFLINE first)
 import torch
 import torch.nn.functional as F
 
-from fsdp_worker import make_batch, make_model
+from fsdp_worker import TEMPERATURE, log_prob_coefficients, make_batch, make_model
 from fused_wce.trl_integration.chat_data import build_tokenizer
 from fused_wce.trl_integration.trainer.lm_head import WeightedLossInputs, add_weighted_lm_head
 
 TESTS = Path(__file__).parent
-SCENARIOS = ("fsdp2", "fsdp2_bf16", "fsdp2_bf16_output", "fsdp2_head_in_root", "fsdp1", "fsdp1_bf16", "tp_head")
+SCENARIOS = ("fsdp2", "fsdp2_bf16", "fsdp2_bf16_output", "fsdp2_head_in_root", "fsdp1", "fsdp1_bf16", "tp_head",
+             "fsdp2_log_prob", "fsdp1_log_prob")
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,29 @@ def test_loss_and_stats_stay_float32_under_an_output_dtype_cast(results):
         assert not torch.equal(cast[stat].bfloat16().float(), cast[stat])  # values bf16 would round
     for name, grad in plain["grads"].items():
         assert torch.equal(cast["grads"][name], grad), name
+
+
+@pytest.mark.parametrize("scenario", ["fsdp2_log_prob", "fsdp1_log_prob"])
+def test_log_prob_head_as_its_own_unit_gets_the_reduced_gradient(results, scenario):
+    """The fused log-probability head (GRPO's) with the LM head its own FSDP2 / FSDP1 unit: a policy-gradient-like
+    objective with signed coefficients on the log-probabilities and entropies (temperature 0.8) and every
+    parameter's gradient equal a single-process float64 full-logits reference over both ranks' data."""
+    model = make_model().double()
+    batch = make_batch()
+    coefficient, entropy_coefficient, count = log_prob_coefficients(batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    log_p = (logits / TEMPERATURE).log_softmax(-1)
+    log_prob = log_p.gather(-1, batch["target"].clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1) * (batch["target"] != -100)
+    objective = ((coefficient.double() * log_prob).sum() + (entropy_coefficient.double() * entropy).sum()) / count
+    objective.backward()
+    result = results[scenario]
+    assert result["objective"] == pytest.approx(objective.item(), rel=1e-6)
+    for name, param in model.named_parameters():
+        assert param.grad.norm() > 0, name
+        torch.testing.assert_close(result["grads"][name], param.grad.float(), rtol=1e-4, atol=1e-6, msg=name)
+    if scenario == "fsdp1_log_prob":
+        assert "(lm_head): FullyShardedDataParallel" in result["structure"]
 
 
 def test_sharded_head_weight_inside_the_head_is_a_clear_error(results):
