@@ -195,13 +195,13 @@ def _local(tensor, name: str, mesh, placement):
 
 def _shard_of_process_group(weight, bias, group, vocab_start, sequence_parallel: bool) -> VocabShard:
     """The shard of plain local rows: every rank's ``(vocab_start, rows)`` are all-gathered (one small
-    collective and host read) and must tile ``[0, V)``."""
+    collective and host read) and must tile ``[0, V)``; checked after the gather, so that every rank raises."""
     if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"process_group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
     if vocab_start is None:
         raise ValueError("process_group needs vocab_start: the vocabulary index of this rank's first weight row")
-    if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral) or vocab_start < 0:
-        raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral):
+        raise TypeError(f"vocab_start must be an int, got {type(vocab_start).__name__}")
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be this rank's [V_r, H] rows, got {getattr(weight, 'shape', type(weight))}")
     mine = torch.tensor([int(vocab_start), weight.shape[0]], dtype=torch.int64, device=weight.device)
@@ -209,8 +209,8 @@ def _shard_of_process_group(weight, bias, group, vocab_start, sequence_parallel:
     expected_start = 0
     for start, rows in sorted(extents):
         if start != expected_start or rows < 1:
-            raise ValueError(f"the ranks' vocabulary slices (vocab_start, rows) = {extents} must be non-empty and tile "
-                             "[0, V) without gaps or overlaps")
+            raise ValueError(f"process_group/vocab_start: the ranks' vocabulary slices (vocab_start, rows) = {extents} "
+                             "must be non-empty and tile [0, V) without gaps or overlaps")
         expected_start = start + rows
     return VocabShard(group, int(vocab_start), expected_start, sequence_parallel)
 
