@@ -172,6 +172,9 @@ def _from_dtensors(hidden, weight, target, token_weight, bias, normalizer, seque
         token_placement = hidden.placements[0]
         if isinstance(token_placement, Shard) and token_placement.dim % hidden.ndim < hidden.ndim - 1:
             sequence_parallel = True
+        elif isinstance(token_placement, Replicate) and sequence_parallel:
+            raise ValueError("sequence_parallel=True, but hidden is a DTensor replicated over the mesh: every rank "
+                             "has every token (shard hidden along a token dimension, or drop sequence_parallel)")
         elif not isinstance(token_placement, Replicate):
             raise ValueError(f"hidden is a DTensor with placements {hidden.placements}: the vocabulary-parallel loss "
                              "takes it replicated, or sharded along a token dimension (sequence parallelism)")
@@ -337,15 +340,20 @@ def _split_keywords(keywords: dict) -> tuple[dict, dict]:
     return {name: rest.pop(name) for name in _SHARD_FIELDS}, rest
 
 
+def _shard_options_run(keywords: dict):
+    """``(shard, options, run)`` of an op call: ``run`` counts the tokens and runs their sliced pass."""
+    shard_fields, option_fields = _split_keywords(keywords)
+    shard = VocabShard.from_op_kwargs(**shard_fields)
+    return shard, LossOptions(**option_fields), functools.partial(_run_sliced, shard)
+
+
 def _vp_loss_impl(hidden, weight, bias, target, token_weight, normalizer, *, grad_hidden, grad_weight, grad_bias,
                   **keywords):
     """The one-process op's outputs (:data:`fused_wce.custom_ops.FORWARD_OUTPUTS`) for this rank's local
     tensors: the loss and per-token outputs of the whole vocabulary (per-token: this rank's tokens), the
     gradients of this rank's hidden and of its weight and bias rows."""
-    shard_fields, option_fields = _split_keywords(keywords)
-    shard, options = VocabShard.from_op_kwargs(**shard_fields), LossOptions(**option_fields)
+    shard, options, run = _shard_options_run(keywords)
     need_grads = (grad_hidden, grad_weight, grad_bias)
-    run = functools.partial(_run_sliced, shard)
     with torch.autocast(hidden.device.type, enabled=False), _on_device(hidden):
         if not shard.sequence_parallel:
             return _loss_forward(hidden, weight, bias, target, token_weight, normalizer, options, need_grads, run=run)
@@ -376,10 +384,8 @@ def _vp_loss_backward_impl(hidden, weight, bias, target, token_weight, grad_outp
                            grad_bias, **keywords):
     """reduction="none": the gradients of this rank's tensors for the upstream gradient ``grad_output`` of its
     tokens' losses (a second vocabulary-parallel pass, as the one-process backward op)."""
-    shard_fields, option_fields = _split_keywords(keywords)
-    shard, options = VocabShard.from_op_kwargs(**shard_fields), LossOptions(**option_fields)
+    shard, options, run = _shard_options_run(keywords)
     need_grads = (grad_hidden, grad_weight, grad_bias)
-    run = functools.partial(_run_sliced, shard)
     with torch.autocast(hidden.device.type, enabled=False), _on_device(hidden):
         if not shard.sequence_parallel:
             return _loss_backward(hidden, weight, bias, target, token_weight, grad_output, options, need_grads,

@@ -176,8 +176,8 @@ def _assert_top1(actual: torch.Tensor, expected: torch.Tensor, problem) -> None:
         assert (gap[mismatch] < 1e-3 * logits.abs().amax()).all(), "is_top1 differs beyond near-ties"
 
 
-@pytest.mark.parametrize("size", GROUP_SIZES)
-@pytest.mark.parametrize("name", [name for name in CASES if name not in ERROR_CASES])
+@pytest.mark.parametrize("size, name", [(size, name) for name in CASES if name not in ERROR_CASES
+                                        for size in case_spec(name)["sizes"]])
 def test_case_matches_one_process_reference(results, size, name):
     ranks = results[0][f"{size}/{name}"]
     assert len(ranks) == size
@@ -240,3 +240,40 @@ def test_training_with_tensor_parallel_head_equals_one_process(results, size, sc
         assert result["losses"] == pytest.approx(losses, rel=1e-5)
         for name, param in model.named_parameters():
             torch.testing.assert_close(result["params"][name], param.detach(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------------------------- roofline
+def test_roofline_per_rank_against_gathering_the_head_by_hand():
+    """benchmarks/roofline_vocab_parallel.py at Llama-3-8B, N = M = 16384, bf16, H200: per-rank FLOPs,
+    communication and the peak's tensors, by hand."""
+    from benchmarks.roofline import CARDS
+    from benchmarks.roofline_vocab_parallel import rank_plan
+
+    h, v, m = 4096, 128256, 16384
+    h200 = CARDS["H200"]
+    for tp in (2, 4, 8):
+        sliced = rank_plan("vocab_parallel", "Llama-3-8B", tp, h200)
+        gathered = rank_plan("gather_head", "Llama-3-8B", tp, h200)
+        v_r = -(-v // tp)
+        assert sliced.prediction.flops == 8 * m * h * v_r  # summaries 2, then logits + dW + dX 6 (lse known)
+        assert gathered.prediction.flops == 6 * m * h * v  # every rank the whole loss
+        # all-gather of 4 fp32 per token and rank, the 24-byte fingerprint, the fp32 dX all-reduce (ring)
+        expected = (tp - 1) * 4 * m * 4 + (tp - 1) * 24 + 2 * (tp - 1) / tp * m * h * 4
+        assert sliced.comm_bytes == pytest.approx(expected)
+        assert gathered.comm_bytes == pytest.approx((tp - 1) / tp * v * h * 2)
+        assert sliced.comm_s == pytest.approx(expected / 450e9)
+        # gathering: the [V, H] copy on top of the one-process peak (fp32 dW, its bf16 cast, dX on M and N rows)
+        assert gathered.prediction.peak_bytes == v * h * 2 + v * h * 4 + v * h * 2 + 2 * m * h * 2
+        assert sliced.prediction.peak_bytes < gathered.prediction.peak_bytes / 2
+    tensors = rank_plan("vocab_parallel", "Llama-3-8B", 8, h200).prediction.peak_tensors
+    assert tensors["dW fp32 [V/W, H]"] == 16032 * h * 4 and tensors["dX fp32 [M, H]"] == m * h * 4
+
+
+def test_roofline_vocab_parallel_subcommand_writes_its_table(tmp_path):
+    completed = subprocess.run([sys.executable, "-m", "benchmarks", "roofline", "--vocab-parallel", "--out",
+                                str(tmp_path)], capture_output=True, text=True, cwd=TESTS.parent, timeout=5400)
+    assert completed.returncode == 0, completed.stderr
+    table = (tmp_path / "vocab_parallel.md").read_text()
+    for model in ("Llama-3-8B", "Gemma-3-27B"):
+        for tp in (2, 4, 8):
+            assert f"| {model} | {tp} | vocab_parallel |" in table and f"| {model} | {tp} | gather_head |" in table

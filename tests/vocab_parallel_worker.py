@@ -49,7 +49,7 @@ TOKEN_SPLITS = {2: (10, 8), 3: (7, 4, 7)}
 VARIANTS = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, logit_scale=0.8, dft=True)
 
 # name -> what differs from the default (layout "dtensor", reduction "mean", float32, torch backend, weighted,
-# no bias). "options" go to linear_cross_entropy as they are.
+# no bias, both group sizes). "options" go to linear_cross_entropy as they are.
 CASES = {
     "mean_bias": dict(bias=True),
     "sum_plain": dict(layout="plain", options=dict(reduction="sum")),
@@ -70,6 +70,8 @@ CASES = {
     "triton_bf16_lean_sp": dict(layout="plain_sp", backend="triton", dtype=torch.bfloat16,
                                 options=dict(lean_memory=True, softcap=5.0)),
     "no_grad": dict(requires_grad=False, options=dict(z_loss=1e-3)),
+    # torch.compile(fullgraph=True): the DTensor unwrapping traced, the op one node (2 ranks only: compile time).
+    "compiled_fullgraph": dict(compiled=True, sizes=(2,), bias=True, options=dict(z_loss=1e-3)),
     "nothing_counted": dict(ignore_fraction=1.0),
     # Bad layouts: every rank raises the same error.
     "different_tokens_per_rank": dict(perturb_rank_targets=True),
@@ -84,7 +86,8 @@ LEARNING_RATE = 0.5
 
 def case_spec(name: str) -> dict:
     spec = dict(layout="dtensor", dtype=torch.float32, backend="torch", bias=False, weighted=True,
-                ignore_index=-100, ignore_fraction=0.2, normalizer=None, requires_grad=True, options={})
+                ignore_index=-100, ignore_fraction=0.2, normalizer=None, requires_grad=True, compiled=False,
+                sizes=GROUP_SIZES, options={})
     spec.update(CASES[name])
     spec["options"] = dict(reduction="mean", **spec["options"]) if "reduction" not in spec["options"] else \
         dict(spec["options"])
@@ -173,12 +176,11 @@ def run_case(name: str, group, mesh) -> dict:
             target, token_weight = target.flatten()[tokens], token_weight.flatten()[tokens]
             kwargs.update(sequence_parallel=True)
     kwargs["bias"] = bias
+    loss_function = torch.compile(fused_wce.linear_cross_entropy, fullgraph=True) if spec["compiled"] \
+        else fused_wce.linear_cross_entropy
     try:
-        if spec["requires_grad"]:
-            out = fused_wce.linear_cross_entropy(hidden, weight, target, token_weight, **kwargs)
-        else:
-            with torch.no_grad():
-                out = fused_wce.linear_cross_entropy(hidden, weight, target, token_weight, **kwargs)
+        with torch.set_grad_enabled(spec["requires_grad"]):
+            out = loss_function(hidden, weight, target, token_weight, **kwargs)
     except (ValueError, TypeError) as error:
         if name in ERROR_CASES:
             return {"raised": f"{type(error).__name__}: {error}"}
@@ -319,7 +321,8 @@ def main(out_dir: str) -> None:
     for size in GROUP_SIZES:
         if rank < size:
             for name in CASES:
-                results[f"{size}/{name}"] = _run_recorded(run_case, name, groups[size], meshes[size])
+                if size in case_spec(name)["sizes"]:
+                    results[f"{size}/{name}"] = _run_recorded(run_case, name, groups[size], meshes[size])
             for scenario in TRAINING:
                 if scenario == "transformers_tp_plan" and size != world:
                     continue  # from_pretrained(tp_plan=) shards over the whole world

@@ -18,6 +18,9 @@ Recomputing the logits costs a third more FLOPs than keeping ``[C, V]`` rows, an
 the temporaries stay a few MiB, and ``grad_weight`` is never read back and rewritten per token chunk (with
 small chunks that read-modify-write of ``V H`` floats dominated the time). Reduced-precision inputs are
 multiplied in fp32, upcast one chunk or block at a time (no fp32 copy of the weight).
+
+For one slice of a larger vocabulary (:mod:`fused_wce.vocab_parallel`), ``slice_summaries`` is pass 1 without
+finishing the statistics and ``slice_gradients`` is pass 2 given the whole rows' lse.
 """
 from __future__ import annotations
 

@@ -24,6 +24,11 @@ FLOPs; the buffer is bounded by the chunk budget, independent of ``M``.
 slab ``[v0, v1)`` of all ``M`` tokens the plan recomputes the slab's ``dlogits`` with the lse the chunks found,
 and ``grad_weight[v0:v1] = dlogits.T @ X`` is one GEMM with fp32 output, rounded once into the weight's dtype.
 No fp32 ``[V, H]`` exists; ``8 M H V`` FLOPs. Both loops spend a quarter of the chunk budget.
+
+**One vocabulary slice** (a rank of the vocabulary-parallel loss, :mod:`fused_wce.vocab_parallel`):
+``slice_summaries`` is the statistics pass without ``combine`` (the splits' summaries merged in PyTorch, left
+unfinished for the other slices); ``slice_gradients`` is the slab loop with every row's lse known, giving
+``grad_weight`` and ``grad_bias`` of the slice's rows and its part of ``grad_hidden`` (fp32).
 """
 from __future__ import annotations
 
