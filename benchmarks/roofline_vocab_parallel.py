@@ -85,7 +85,7 @@ def vocab_parallel_rank(p: Problem, tp: int) -> tuple[Algorithm, float]:
     shard = dataclasses.replace(p, vocab=v)
     spend = fused_wce_budget.budget_bytes(cpu=False, lean=False)
     rows = min(fused_wce_budget.chunk_rows(v, b, budget=spend, multiple=128), max(m, 1))
-    slab = fused_wce_budget.slab_columns(m, v, rows)
+    slab = fused_wce_budget.slab_columns(m, v, rows, extra_rows=h)  # the fp32 [S, H] block counted as the plan does
     slabs = _cdiv(v, slab)
     buffer_rows = max(rows, _cdiv(m * slab, v))
     k = SUMMARIES_PER_TOKEN
