@@ -12,7 +12,8 @@ case says (a DTensor weight ``Shard(0)``, or plain rows with ``process_group`` a
 replicated or split for sequence parallelism), calls ``fused_wce.linear_cross_entropy``, backpropagates the
 case's upstream gradient and writes what it got to ``OUT_DIR/rank<r>.pt``: ``{"<W>/<case>": {"loss", per-token
 "token_loss", "lse", "entropy", "is_top1", "z_loss", gradients of its "hidden" tokens and of its "weight" and
-"bias" rows, "rows": (first, stop) of its vocabulary slice, "tokens": (first, stop) of its flattened tokens} or
+"bias" rows, "rows": (first, stop) of its vocabulary slice, "tokens": (first, stop) of its flattened tokens,
+"collectives": [(name, bytes of the output)] of the loss's forward and backward where the case records them} or
 {"raised": message} or {"error": traceback}}``. The scenarios of :data:`TRAINING` train a tiny causal LM whose
 LM head is tensor-parallel (``ColwiseParallel``; transformers' ``tp_plan="auto"``) with the fused loss of
 ``add_weighted_lm_head`` for two SGD steps and record the losses and the final parameters. The test computes
@@ -20,6 +21,7 @@ the single-process references itself from the same functions.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -51,7 +53,7 @@ VARIANTS = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, logit_scale=0.8, 
 # name -> what differs from the default (layout "dtensor", reduction "mean", float32, torch backend, weighted,
 # no bias, both group sizes). "options" go to linear_cross_entropy as they are.
 CASES = {
-    "mean_bias": dict(bias=True),
+    "mean_bias": dict(bias=True, record_collectives=True),
     "sum_plain": dict(layout="plain", options=dict(reduction="sum")),
     "none": dict(options=dict(reduction="none")),
     "normalizer_plain": dict(layout="plain", bias=True, normalizer=7.5, options=dict(reduction="sum")),
@@ -178,8 +180,9 @@ def run_case(name: str, group, mesh) -> dict:
     kwargs["bias"] = bias
     loss_function = torch.compile(fused_wce.linear_cross_entropy, fullgraph=True) if spec["compiled"] \
         else fused_wce.linear_cross_entropy
+    collectives = _CollectiveLog() if spec.get("record_collectives") else None
     try:
-        with torch.set_grad_enabled(spec["requires_grad"]):
+        with torch.set_grad_enabled(spec["requires_grad"]), collectives or contextlib.nullcontext():
             out = loss_function(hidden, weight, target, token_weight, **kwargs)
     except (ValueError, TypeError) as error:
         if name in ERROR_CASES:
@@ -193,15 +196,44 @@ def run_case(name: str, group, mesh) -> dict:
         grad_output = upstream.float()
         if options["reduction"] == "none":
             grad_output = _local_tokens(grad_output, layout, world_size, rank)
-        out.loss.backward(grad_output)
+        with collectives or contextlib.nullcontext():
+            out.loss.backward(grad_output)
         result.update(hidden=_local(hidden.grad), weight=_local(weight.grad),
                       bias=None if bias is None else _local(bias.grad))
+    if collectives is not None:
+        result["collectives"] = collectives.calls
     result.update(rows=(first, stop), layout=layout)
     if layout == "dtensor_sp":
         result["columns"] = dtensor_sp_columns(world_size, rank)
     else:
         result["tokens"] = token_range(layout, world_size, rank)
     return result
+
+
+class _CollectiveLog:
+    """While active, records every all-gather, all-reduce and reduce-scatter: ``(name, output bytes)``."""
+
+    NAMES = ("all_gather_into_tensor", "all_reduce", "reduce_scatter_tensor")
+
+    def __init__(self):
+        self.calls, self._saved = [], {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            function = self._saved[name] = getattr(dist, name)
+            setattr(dist, name, self._recording(name, function))
+        return self
+
+    def _recording(self, name, function):
+        def call(*args, **kwargs):
+            output = args[0]  # (output, input) for the gathers and scatters; the tensor for all_reduce
+            self.calls.append((name, output.numel() * output.element_size()))
+            return function(*args, **kwargs)
+        return call
+
+    def __exit__(self, *exc):
+        for name, function in self._saved.items():
+            setattr(dist, name, function)
 
 
 def _local(tensor):
