@@ -77,20 +77,21 @@ def all_reduce_bytes(tensor_bytes: float, tp: int) -> float:
     return 2 * (tp - 1) / tp * tensor_bytes
 
 
-def vocab_parallel_rank(p: Problem, tp: int) -> tuple[Algorithm, float]:
-    """One rank of fused_wce's vocabulary-parallel loss (default plan, trainable head): its algorithm and the
-    bytes it communicates."""
+def vocab_parallel_rank(p: Problem, tp: int, lean: bool = False) -> tuple[Algorithm, float]:
+    """One rank of fused_wce's vocabulary-parallel loss (cuBLAS plan, trainable head; ``lean``: lean_memory, dW
+    written per slab in the input dtype): its algorithm and the bytes it communicates. The slab sizes are the
+    plan's (fused_wce.budget, as triton_chunks._Plan computes them)."""
     b, h, n, m = p.dtype_bytes, p.hidden, p.tokens, p.counted
     v = _cdiv(p.vocab, tp)
     shard = dataclasses.replace(p, vocab=v)
-    spend = fused_wce_budget.budget_bytes(cpu=False, lean=False)
-    rows = min(fused_wce_budget.chunk_rows(v, b, budget=spend, multiple=128), max(m, 1))
+    spend = fused_wce_budget.budget_bytes(cpu=False, lean=lean)
+    rows = min(fused_wce_budget.chunk_rows(v, 4 if lean else b, budget=spend, multiple=128), max(m, 1))
     slab = fused_wce_budget.slab_columns(m, v, rows, extra_rows=h)  # the fp32 [S, H] block counted as the plan does
     slabs = _cdiv(v, slab)
     buffer_rows = max(rows, _cdiv(m * slab, v))
     k = SUMMARIES_PER_TOKEN
     w_r = v * h * b
-    phases = (
+    phases = [
         Phase("gather counted rows", 0, n * h * b + m * h * b),
         _gemm("slice summaries: vocab_partials over the rank's rows", m, shard, w_r + m * h * b + k * m * 4),
         Phase("merge the W slices' summaries", 0, (tp + 1) * k * m * 4),
@@ -99,21 +100,26 @@ def vocab_parallel_rank(p: Problem, tp: int) -> tuple[Algorithm, float]:
         _gemm("slabs: dW[slab] = dlogits^T @ X (fp32 out)", m, shard, m * v * b + slabs * m * h * b + v * h * 4),
         _gemm("slabs: dX += dlogits @ W[slab] (fp32)", m, shard, m * v * b + w_r + (2 * slabs - 1) * m * h * 4),
         Phase("dX fp32 -> input dtype, scatter to [N, H]", 0, m * h * (4 + b) + n * h * b),
-        Phase("dW fp32 -> input dtype", 0, v * h * (4 + b)),
-    )
+        Phase("dW fp32 -> input dtype" + (" (per slab)" if lean else ""), 0, v * h * (4 + b)),
+    ]
     stats = {"per-token stats": 7 * m * 4, "gathered hidden [M, H]": m * h * b}
+    # lean: dW exists in the input dtype from the start, an fp32 [S, H] block per slab; else an fp32 [V/W, H]
+    dw = {"dW [V/W, H]": v * h * b} if lean else {"dW fp32 [V/W, H]": v * h * 4}
+    slab_dw = {"dW fp32 slab block [S, H]": slab * h * 4} if lean else {}
     live = {
-        "slice summaries": {**stats, "summaries, gathered [W, k, M] fp32": (tp + 1) * k * m * 4},
-        "slab loop": {**stats, "fp32 logits slab buffer": buffer_rows * v * 4, "dX fp32 [M, H]": m * h * 4,
-                      "dW fp32 [V/W, H]": v * h * 4},
+        "slice summaries": {**stats, "summaries, gathered [W, k, M] fp32": (tp + 1) * k * m * 4,
+                            **(dw if lean else {})},
+        "slab loop": {**stats, "fp32 logits slab buffer": buffer_rows * v * 4, "dX fp32 [M, H]": m * h * 4, **dw,
+                      **slab_dw},
         "dX all-reduced and cast": {**stats, "dX fp32 [M, H]": m * h * 4, "dX [M, H]": m * h * b,
-                                    "dX [N, H]": n * h * b, "dW fp32 [V/W, H]": v * h * 4},
-        "backward (casts)": {"dW fp32 [V/W, H]": v * h * 4, "dW [V/W, H]": v * h * b, "dX [N, H]": n * h * b},
+                                    "dX [N, H]": n * h * b, **dw},
+        "backward (casts)": {**dw, "dW [V/W, H]": v * h * b, "dX [N, H]": n * h * b},
     }
     comm = (all_gather_bytes(tp * k * m * 4, tp) + all_gather_bytes(tp * FINGERPRINT_BYTES, tp)
             + all_reduce_bytes(m * h * 4, tp))
     summary = f"V/W = {v} rows, {slabs} slabs of {slab}; all-gather {k} fp32/token, all-reduce dX fp32"
-    return Algorithm("vocab_parallel", summary, m, phases, live), comm
+    name = "vocab_parallel_lean" if lean else "vocab_parallel"
+    return Algorithm(name, summary, m, tuple(phases), live), comm
 
 
 def gather_head_rank(p: Problem, tp: int) -> tuple[Algorithm, float]:
@@ -127,7 +133,9 @@ def gather_head_rank(p: Problem, tp: int) -> tuple[Algorithm, float]:
                                                                                           * p.dtype_bytes, tp)
 
 
-PLANS = {"vocab_parallel": vocab_parallel_rank, "gather_head": gather_head_rank}
+PLANS = {"vocab_parallel": vocab_parallel_rank,
+         "vocab_parallel_lean": lambda p, tp: vocab_parallel_rank(p, tp, lean=True),
+         "gather_head": gather_head_rank}
 
 
 def rank_plan(plan: str, model: str, tp: int, card: Card, tokens: int = TOKENS,

@@ -302,6 +302,10 @@ def test_roofline_per_rank_peak_and_time_against_gathering_the_head():
     for model, (hidden_size, vocab) in MODELS.items():
         one_process = predict("fused_wce", Problem("whole", hidden_size, vocab, 16384, 16384), h200)
         sliced = [rank_plan("vocab_parallel", model, tp, h200) for tp in (2, 4, 8)]
+        lean = [rank_plan("vocab_parallel_lean", model, tp, h200) for tp in (2, 4, 8)]
+        for default, lean_plan in zip(sliced, lean):  # lean: no fp32 [V/W, H], the same GEMMs
+            assert lean_plan.prediction.flops == default.prediction.flops
+            assert lean_plan.prediction.peak_bytes < default.prediction.peak_bytes
         gathered = [rank_plan("gather_head", model, tp, h200) for tp in (2, 4, 8)]
         for earlier, later in zip(sliced, sliced[1:]):
             assert later.prediction.peak_bytes < earlier.prediction.peak_bytes
@@ -323,4 +327,4 @@ def test_roofline_vocab_parallel_subcommand_writes_its_table(tmp_path):
         rows = list(csv.DictReader(handle))
     assert {(row["model"], row["tp"], row["plan"]) for row in rows} == {
         (model, str(tp), plan) for model in ("Llama-3-8B", "Gemma-3-27B") for tp in (2, 4, 8)
-        for plan in ("vocab_parallel", "gather_head")}
+        for plan in ("vocab_parallel", "vocab_parallel_lean", "gather_head")}
