@@ -86,17 +86,6 @@ def test_slices_merge_to_the_whole_vocabulary(path, options, poison):
     assert_close(torch.cat([g.bias for g in gradients]), ref_grads[2], None, torch.float32, "grad_bias")
 
 
-def test_layout_arguments_without_a_group_are_clear_errors():
-    problem = make_problem((2, 5), 16, 50, torch.float32)
-    args = (problem.hidden, problem.weight, problem.target)
-    with pytest.raises(ValueError, match="vocab_start and sequence_parallel need process_group"):
-        fused_wce.linear_cross_entropy(*args, vocab_start=10)
-    with pytest.raises(ValueError, match="vocab_start and sequence_parallel need process_group"):
-        fused_wce.linear_cross_entropy(*args, sequence_parallel=True)
-    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
-        fused_wce.linear_cross_entropy(*args, process_group="tp", vocab_start=0)
-
-
 # -------------------------------------------------------------------------------------- 2 and 3 processes
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
