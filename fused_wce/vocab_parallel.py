@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -94,11 +95,10 @@ class VocabShard:
 
 # ------------------------------------------------------------------------------------- the inputs' layout
 def _dtensor_class():
-    if not dist.is_available():
-        return ()
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
+    """DTensor, or ``()`` (no instance of it exists) while ``torch.distributed.tensor`` is not imported: a
+    one-process call never imports it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", ()) if module is not None else ()
 
 
 def is_vocab_sharded(weight) -> bool:
@@ -139,7 +139,7 @@ def local_inputs(hidden, weight, target, token_weight, bias, normalizer, process
             [isinstance(t, dtensor) for t in tensors].index(True)]
         raise ValueError(f"{name} is a DTensor but weight is not: a vocabulary-parallel loss takes the weight as a "
                          "DTensor sharded Shard(0), or plain local tensors with process_group and vocab_start")
-    shard = _shard_of_process_group(weight, bias, process_group, vocab_start, sequence_parallel)
+    shard = _shard_of_process_group(weight, process_group, vocab_start, sequence_parallel)
     return (*tensors, shard)
 
 
@@ -196,7 +196,7 @@ def _local(tensor, name: str, mesh, placement):
     return tensor.to_local()
 
 
-def _shard_of_process_group(weight, bias, group, vocab_start, sequence_parallel: bool) -> VocabShard:
+def _shard_of_process_group(weight, group, vocab_start, sequence_parallel: bool) -> VocabShard:
     """The shard of plain local rows: every rank's ``(vocab_start, rows)`` are all-gathered (one small
     collective and host read) and must tile ``[0, V)``; checked after the gather, so that every rank raises."""
     if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
@@ -277,10 +277,10 @@ def _check_same_tokens(shard: VocabShard, index: Tensor, target: Tensor, counted
     """Raise on every rank unless every rank counted the same tokens (positions, targets and weights): the
     summaries of different tokens must never be merged."""
     positions = index + 1
-    fingerprint = torch.stack([
+    fingerprint = torch.stack([  # integer sums: exact, whatever the order of the additions
         torch.tensor(index.numel(), dtype=torch.int64, device=index.device),
         (positions * (target + 2)).sum(),
-        counted_weight.double().sum().view(torch.int64),
+        (positions * counted_weight.float().view(torch.int32)).sum(),  # the weights' bit patterns
     ])
     rows = _all_gather(fingerprint, shard.group).tolist()
     if any(row != rows[0] for row in rows):
