@@ -18,8 +18,7 @@ from trl_helpers import logged, sft_config, tiny_model  # noqa: E402
 import torch  # noqa: E402
 
 from fused_wce.trl_integration.chat_data import build_tokenizer, load_default_dataset  # noqa: E402
-from fused_wce.trl_integration.trainer import WeightedSFTTrainer  # noqa: E402
-from fused_wce.trl_integration.weighting import TurnWeighting  # noqa: E402
+from fused_wce.trl_integration import TurnWeighting, WeightedSFTTrainer  # noqa: E402
 
 
 def main(out_dir: str, per_device_batch: int) -> None:

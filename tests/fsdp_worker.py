@@ -137,7 +137,7 @@ def _full_grads_fsdp1(wrapped) -> dict[str, torch.Tensor]:
 
 def run_scenario(scenario: str, rank: int, mesh) -> dict:
     import fused_wce
-    from fused_wce.trl_integration.trainer import WeightedLossInputs, add_weighted_lm_head
+    from fused_wce.trl_integration.trainer.lm_head import WeightedLossInputs, add_weighted_lm_head
 
     batch = make_batch()
     normalizer = batch["weight"].sum()  # the global normalizer, every rank's weights (float32)

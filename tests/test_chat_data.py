@@ -17,7 +17,7 @@ from fused_wce.trl_integration.chat_data import (
     load_jsonl_dataset,
     train_tokenizer,
 )
-from fused_wce.trl_integration.weighting import TurnWeighting, tokenize_with_weights
+from fused_wce.trl_integration import TurnWeighting, tokenize_with_weights
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,8 @@ import re
 import pytest
 
 from chat_template_helpers import family_tokenizer, read_template
-from fused_wce.trl_integration.weighting import (
-    ROLE_CODES,
-    ChatTemplateError,
-    TurnWeighting,
-    tokenize_with_weights,
-    turn_position_code,
-)
+from fused_wce.trl_integration import ROLE_CODES, ChatTemplateError, TurnWeighting, tokenize_with_weights
+from fused_wce.trl_integration.token_codes import turn_position_code
 
 SYSTEM = "You are a terse calculator."
 U1, A1, U2, U3, A3, A4 = ("What is 2 + 3?", "2 + 3 = 5.", "Now 597 * 61, use the tool.", "Thanks!",

@@ -12,6 +12,8 @@ import pytest
 from trl_helpers import tiny_model  # noqa: I001  (sets HF_HUB_OFFLINE first)
 
 from fused_wce.trl_integration import cli
+from fused_wce.trl_integration.commands import model as model_module
+from fused_wce.trl_integration.commands import options, sft
 from fused_wce.trl_integration.chat_data import build_tokenizer, load_default_dataset
 
 ROOT = Path(__file__).parent.parent
@@ -26,10 +28,10 @@ def run_cli(*args, cwd, timeout=300):
 
 # ------------------------------------------------------------------------------------------------ parsing
 def test_bare_run_gets_cpu_safe_demo_defaults():
-    script, training, model, dataset, weighting = cli.parse_args([])
+    script, training, model, dataset, weighting = sft.parse_sft_args([])
     assert model.model_name_or_path is None and script.dataset_name is None
     assert training.report_to in ("none", [], ["none"]) or not training.report_to
-    assert training.learning_rate == cli.DEMO_DEFAULTS["learning_rate"]
+    assert training.learning_rate == options.DEMO_DEFAULTS["learning_rate"]
     assert training.gradient_checkpointing is False
     if not __import__("torch").cuda.is_available():
         assert training.use_cpu and not training.bf16
@@ -40,7 +42,7 @@ def test_flags_and_yaml_override_the_defaults(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("learning_rate: 0.0005\nper_device_train_batch_size: 3\nrole_weights: assistant=1,user=0.5\n"
                       "decay: 0.5\n")
-    _, training, _, _, weighting = cli.parse_args(["--config", str(config), "--per_device_train_batch_size", "2",
+    _, training, _, _, weighting = sft.parse_sft_args(["--config", str(config), "--per_device_train_batch_size", "2",
                                                    "--last_n", "2", "--full_sequence"])
     assert training.learning_rate == 5e-4  # YAML beats the demo default
     assert training.per_device_train_batch_size == 2  # the command line beats YAML
@@ -49,7 +51,7 @@ def test_flags_and_yaml_override_the_defaults(tmp_path):
 
 
 def test_a_given_model_keeps_trl_defaults():
-    _, training, model, _, _ = cli.parse_args(["--model_name_or_path", "some/model"])
+    _, training, model, _, _ = sft.parse_sft_args(["--model_name_or_path", "some/model"])
     assert model.model_name_or_path == "some/model"
     assert training.learning_rate == 2e-5  # SFTConfig's default, not the demo's
 
@@ -57,7 +59,7 @@ def test_a_given_model_keeps_trl_defaults():
 def test_every_trl_sft_flag_is_accepted():
     from trl.scripts.sft import make_parser as trl_make_parser
 
-    ours = {action.dest for action in cli.make_parser()._actions}
+    ours = {action.dest for action in sft.sft_parser()._actions}
     theirs = {action.dest for action in trl_make_parser()._actions}
     assert theirs <= ours
     assert {"role_weights", "full_sequence", "last_n", "decay"} <= ours
@@ -88,7 +90,7 @@ def test_help_lists_project_flags_first_with_the_defaults_that_run(capsys):
     assert options[:5] == ["--role_weights", "--full_sequence", "--last_n", "--decay", "--adaptive"]
     assert "--curves" in options[:15] and options.index("--curves") < options.index("--dataset_name")
     # A bare run trains the demo model with DEMO_DEFAULTS: that is what --help shows.
-    _, training, _, _, _ = cli.parse_args([])
+    _, training, _, _, _ = sft.parse_sft_args([])
     assert _default_shown(text, "--learning_rate") == str(training.learning_rate) == "0.003"
     assert _default_shown(text, "--output_dir") == training.output_dir
     with_model = _help(["sft", "--help", "--model_name_or_path", "x"], capsys)
@@ -99,10 +101,10 @@ def test_help_lists_project_flags_first_with_the_defaults_that_run(capsys):
 
 
 def test_adaptive_flags_build_the_weighting():
-    *_, flags = cli.parse_args(["--adaptive", "role", "--adaptive_power", "2", "--adaptive_warmup_steps", "3"])
+    *_, flags = sft.parse_sft_args(["--adaptive", "role", "--adaptive_power", "2", "--adaptive_warmup_steps", "3"])
     weighting = flags.turn_weighting()
     assert (weighting.adaptive.groups, weighting.adaptive.power, weighting.adaptive.warmup_steps) == ("role", 2.0, 3)
-    *_, flags = cli.parse_args([])
+    *_, flags = sft.parse_sft_args([])
     assert flags.turn_weighting().adaptive is None and flags.curves
 
 
@@ -121,7 +123,7 @@ def test_bad_data_fails_before_the_model_in_one_line(tmp_path, capsys, monkeypat
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the data was checked")
 
-    monkeypatch.setattr(cli, "build_tiny_model", no_model)
+    monkeypatch.setattr(model_module, "build_tiny_model", no_model)
     assert cli.main(["sft", "--dataset_name", str(data), "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"fused-wce sft: error: {data}:3: ") and match in err[0], err

@@ -9,7 +9,8 @@ from trl_helpers import tiny_model  # noqa: I001  (sets HF_HUB_OFFLINE first)
 
 import torch
 
-from fused_wce.trl_integration import cli, compare
+from fused_wce.trl_integration import cli
+from fused_wce.trl_integration.commands import compare, compare_measure
 from fused_wce.trl_integration.chat_data import build_tokenizer
 
 
@@ -22,7 +23,7 @@ def restore_threads():
 
 def _mean_loss(model, tokenizer, messages, ordinal):
     """Mean CE of the ``ordinal``-th assistant message's tokens given ``messages``, from the full logits."""
-    from fused_wce.trl_integration.weighting import TurnWeighting, tokenize_with_weights
+    from fused_wce.trl_integration import TurnWeighting, tokenize_with_weights
 
     encoded = tokenize_with_weights(tokenizer, messages, TurnWeighting())
     ids = torch.tensor([encoded["input_ids"]])
@@ -47,7 +48,7 @@ def test_measure_by_hand(restore_threads):
         {"role": "user", "content": "Convert 2 km to m."},
         {"role": "assistant", "content": "2 km = 2000 m."},
     ]
-    measured = compare.measure(model, tokenizer, [conversation], max_length=None)
+    measured = compare_measure.measure(model, tokenizer, [conversation], max_length=None)
     full, local = measured["context_full"], measured["context_no_history"]
     assert "turn/turn_1" not in full.values  # turn 1 has no history (and weight 0 here)
     # Turn 2 (the correction): without history = system + "That is wrong..." + the answer.
@@ -65,7 +66,7 @@ def test_measure_by_hand(restore_threads):
     losses = measured["loss"]
     assert "turn/turn_1" not in losses.values and losses.values["role/assistant"][1] == sum(
         losses.values[f"turn/turn_{k}"][1] for k in (2, 3))
-    rows = compare.result_rows("x", "after", measured)
+    rows = compare_measure.result_rows("x", "after", measured)
     assert {row["metric"] for row in rows} == {"loss", "loss_with_history", "loss_without_history",
                                                "context_dependence"}
 
@@ -102,7 +103,7 @@ def test_end_to_end(tmp_path, restore_threads):
     assert "| initial model |" in report and "| adaptive |" in report
     with open(out / "results.csv", newline="") as handle:
         reader = csv.DictReader(handle)
-        assert tuple(reader.fieldnames) == compare.RESULT_COLUMNS
+        assert tuple(reader.fieldnames) == compare_measure.RESULT_COLUMNS
         rows = list(reader)
     assert {row["scheme"] for row in rows} == {"initial model", "assistant", "full", "adaptive"}
     assert {row["stage"] for row in rows} == {"before", "after"}

@@ -7,12 +7,10 @@ import pytest
 
 from trl_helpers import sft_config, tiny_model  # noqa: I001  (sets HF_HUB_OFFLINE first)
 
-from fused_wce.trl_integration.adaptive import AdaptiveTurnWeights
+from fused_wce.trl_integration import AdaptiveTurnWeights, TurnWeighting, WeightedSFTTrainer
 from fused_wce.trl_integration.chat_data import build_tokenizer, load_default_dataset
-from fused_wce.trl_integration.curves import (CSV_NAME, CURVE_COLUMNS, PNG_NAME, LossCurvesCallback, curve_row,
-                                              read_curves_csv)
-from fused_wce.trl_integration.trainer import WeightedSFTTrainer
-from fused_wce.trl_integration.weighting import TurnWeighting
+from fused_wce.trl_integration.trainer.curves import (CSV_NAME, CURVE_COLUMNS, PNG_NAME, LossCurvesCallback,
+                                                      curve_row, read_curves_csv)
 
 
 def test_columns_are_stable():

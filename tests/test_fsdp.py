@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from fsdp_worker import make_batch, make_model
 from fused_wce.trl_integration.chat_data import build_tokenizer
-from fused_wce.trl_integration.trainer import WeightedLossInputs, add_weighted_lm_head
+from fused_wce.trl_integration.trainer.lm_head import WeightedLossInputs, add_weighted_lm_head
 
 TESTS = Path(__file__).parent
 SCENARIOS = ("fsdp2", "fsdp2_bf16", "fsdp2_head_in_root", "fsdp1", "fsdp1_bf16", "tp_head")

@@ -21,9 +21,8 @@ from datasets import Dataset
 from trl import SFTTrainer
 
 from fused_wce.trl_integration.chat_data import build_tokenizer, load_default_dataset
-from fused_wce.trl_integration.collator import WeightedDataCollator
-from fused_wce.trl_integration.trainer import WeightedSFTTrainer
-from fused_wce.trl_integration.weighting import ROLE_CODES, TurnWeighting, tokenize_with_weights
+from fused_wce.trl_integration import (ROLE_CODES, TurnWeighting, WeightedDataCollator, WeightedSFTTrainer,
+                                       tokenize_with_weights)
 
 TESTS = Path(__file__).parent
 
@@ -174,6 +173,87 @@ def test_never_divides_by_zero(tokenizer, conversations, tmp_path):
         assert all(torch.isfinite(g).all() and not g.any() for g in grads)
 
 
+# ------------------------------------------------------------------------- the LM head on another device
+def test_loss_inputs_move_to_the_head_device():
+    """Targets keep their integer dtype, weights become float32, a tensor normaliser moves; values unchanged."""
+    from fused_wce.trl_integration.trainer.lm_head import WeightedLossInputs, loss_inputs_on
+
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 50, (2, 7), dtype=torch.int32, generator=generator)
+    weight = (torch.rand(2, 7, generator=generator) + 0.1).to(torch.bfloat16)
+    normalizer = torch.tensor(12.5, dtype=torch.float64)
+    moved = loss_inputs_on(WeightedLossInputs(target, weight, normalizer), torch.device("meta"))
+    assert [t.device.type for t in (moved.target, moved.weight, moved.normalizer)] == ["meta"] * 3
+    assert (moved.target.dtype, moved.weight.dtype, moved.normalizer.dtype) == (torch.int32, torch.float32,
+                                                                                  torch.float64)
+    here = loss_inputs_on(WeightedLossInputs(target, weight, normalizer), torch.device("cpu"))
+    assert torch.equal(here.target, target) and torch.equal(here.weight, weight.float())
+    assert torch.equal(here.normalizer, normalizer)
+    for plain in (None, 3.5):
+        assert loss_inputs_on(WeightedLossInputs(target, weight, plain), torch.device("meta")).normalizer == plain
+
+
+def test_trainer_gives_the_loss_its_inputs_on_the_head_device(tokenizer, conversations, tmp_path, monkeypatch):
+    """With `device_map` the LM head can sit on another device than the labels. Here the untied head's weight is
+    on `meta` while the backbone and the batch are on the CPU: the hidden states, targets, weights and the
+    normaliser compute_loss builds on the labels' device all reach the fused loss on the head's device."""
+    import fused_wce
+
+    trainer = WeightedSFTTrainer(tiny_model("qwen2", tokenizer), args=sft_config(tmp_path),
+                                 train_dataset=conversations, processing_class=tokenizer)
+    trainer.model.get_output_embeddings().to("meta")
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def observe(hidden, weight, target, token_weight, **kwargs):
+        seen.update(hidden=hidden, weight=weight, target=target, token_weight=token_weight,
+                    normalizer=kwargs["normalizer"])
+        raise Seen
+
+    monkeypatch.setattr(fused_wce, "linear_cross_entropy", observe)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["labels"].device.type == "cpu"
+    with pytest.raises(Seen):
+        trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(10.0))
+    assert {name: value.device.type for name, value in seen.items()} == dict.fromkeys(seen, "meta")
+    assert len(seen) == 5
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA devices (backbone on cuda:0, LM head on cuda:1); the placement logic is "
+                           "checked on CPU by the two tests above")
+def test_head_on_another_gpu_gives_the_one_device_loss_and_gradients(tokenizer):
+    """`device_map`: backbone on cuda:0, untied head on cuda:1, and the targets, weights and normaliser on cuda:0
+    (where the trainer builds them from the labels): loss and gradients equal those of the model on cuda:0."""
+    from accelerate import dispatch_model
+
+    from fused_wce.trl_integration.trainer.lm_head import WeightedLossInputs, add_weighted_lm_head
+
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, len(tokenizer), (2, 24), generator=generator)
+    target = input_ids[:, 1:].clone()
+    target[0, :5] = -100
+    weight = torch.rand(target.shape, generator=generator) + 0.1
+    normalizer = (weight * (target != -100)).sum()
+    labels_device = torch.device("cuda:0")
+    results = []
+    for device_map in ({"": 0}, {"model": 0, "lm_head": 1}):
+        model = dispatch_model(tiny_model("qwen2", tokenizer), device_map=device_map)
+        add_weighted_lm_head(model)
+        assert model.get_output_embeddings().weight.device.index == device_map.get("lm_head", 0)
+        loss_inputs = WeightedLossInputs(target.to(labels_device), weight.to(labels_device),
+                                         normalizer.to(labels_device))
+        out = model(input_ids=input_ids.to(labels_device), fused_wce_loss=loss_inputs)
+        out.loss.backward()
+        results.append((out.loss.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()}))
+    (loss_one, grads_one), (loss_two, grads_two) = results
+    torch.testing.assert_close(loss_two, loss_one, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_one.items():
+        torch.testing.assert_close(grads_two[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # ------------------------------------------------------------------------ gradient accumulation and ranks
 def _parameters_after(tokenizer, dataset, output_dir, weighting, **config):
     trainer = WeightedSFTTrainer(tiny_model("llama", tokenizer), args=sft_config(output_dir, **config),
@@ -216,6 +296,155 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
     assert losses_2 == pytest.approx(losses_1, rel=1e-5)
     for name in params_1:
         torch.testing.assert_close(params_2[name], params_1[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------------------ logged metrics
+def _group_reference(model, batches):
+    """Float64 full-logits reference of the logged metrics over ``batches`` (evaluation: fixed parameters).
+
+    Per-group mean CE of the counted targets (label != -100 and weight > 0), grouped by the batch's own codes; the
+    entropy and top-1 accuracy of the counted targets per micro-batch, averaged over the micro-batches."""
+    from fused_wce.trl_integration.token_codes import TURN_POSITIONS
+
+    roles = ["scaffolding", *sorted(ROLE_CODES, key=ROLE_CODES.get)]
+    sums, entropies, accuracies = {}, [], []
+    for batch in batches:
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        logits, target = logits[:, :-1], batch["labels"][:, 1:]
+        counted = (target != -100) & (batch["token_weights"][:, 1:] > 0)
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp_min(0), reduction="none")
+        log_p = logits.log_softmax(-1)
+        entropies.append(float(-(log_p.exp() * log_p).sum(-1)[counted].mean()))
+        accuracies.append(float((logits.argmax(-1) == target)[counted].double().mean()))
+        codes = {name: batch[name][:, 1:] for name in ("token_roles", "token_turn_positions", "token_turn_index")}
+        for b, t in counted.nonzero().tolist():
+            role, position, index = (int(codes[name][b, t]) for name in codes)
+            groups = [roles[role + 1], f"turn_{min(index, 4) + 1}" + ("+" if index >= 4 else "")] if index >= 0 \
+                else [roles[role + 1]]
+            groups += [f"turn_{TURN_POSITIONS[position]}"] if position >= 0 else []
+            for group in groups:
+                total = sums.setdefault(group, [0.0, 0])
+                total[0] += float(ce[b, t])
+                total[1] += 1
+    return ({name: total / count for name, (total, count) in sums.items()},
+            sum(entropies) / len(entropies), sum(accuracies) / len(accuracies))
+
+
+def test_logged_metrics_match_a_float64_reference(tokenizer, conversations, tmp_path):
+    """Per-role, per-turn-position and per-turn-index losses, entropy and accuracy of an evaluation over three
+    micro-batches (summed on the device, read at the log) equal the full-logits float64 values."""
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5, "tool": 0.3}, full_sequence=False)
+    trainer = WeightedSFTTrainer(tiny_model("llama", tokenizer), weighting=weighting,
+                                 args=sft_config(tmp_path, per_device_eval_batch_size=4),
+                                 train_dataset=conversations, eval_dataset=conversations.select(range(12)),
+                                 processing_class=tokenizer)
+    batches = list(trainer.get_eval_dataloader())
+    assert len(batches) == 3
+    trainer.model.eval()
+    groups, entropy, accuracy = _group_reference(trainer.model, batches)
+    logged_values = trainer.evaluate()
+    logged_groups = {key[len("eval_loss/"):]: value for key, value in logged_values.items()
+                     if key.startswith("eval_loss/")}
+    assert set(logged_groups) == set(groups) and {"user", "tool", "turn_2", "turn_last"} <= set(groups)
+    for name, value in groups.items():
+        assert logged_groups[name] == pytest.approx(value, rel=1e-5), name
+    assert logged_values["eval_entropy"] == pytest.approx(entropy, rel=1e-5)
+    assert logged_values["eval_mean_token_accuracy"] == pytest.approx(accuracy, rel=1e-9)
+
+
+class _HostSyncs:
+    """Counts the tensor -> host conversions (``item``, ``tolist``, ``bool()``, ``float()``, ``int()``,
+    ``numpy``, ``cpu``) made outside a model call (the backbone and the fused loss op may synchronise)."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu")
+
+    def __init__(self, monkeypatch, model):
+        self.calls, self.paused = [], 0
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name, getattr(torch.Tensor, name)))
+        forward = model.forward
+
+        def forward_not_counted(*args, **kwargs):
+            self.paused += 1
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self.paused -= 1
+
+        monkeypatch.setattr(model, "forward", forward_not_counted)
+
+    def _counting(self, name, original):
+        def counting(tensor, *args, **kwargs):
+            if not self.paused:
+                self.calls.append(name)
+            return original(tensor, *args, **kwargs)
+
+        return counting
+
+
+def test_metrics_synchronise_once_per_logging_step_not_per_micro_batch(tokenizer, conversations, tmp_path,
+                                                                        monkeypatch):
+    """compute_loss reads nothing back to the host outside the model call (adaptive weights, padding-free and
+    MoE included); the logging step reads the window back once."""
+    from fused_wce.trl_integration import AdaptiveTurnWeights
+
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5}, adaptive=AdaptiveTurnWeights())
+    for kind, config in (("llama", {}), ("mixtral", {"padding_free": True, "max_length": None})):
+        trainer = WeightedSFTTrainer(tiny_model(kind, tokenizer), args=sft_config(tmp_path / kind, **config),
+                                     weighting=weighting, train_dataset=conversations, processing_class=tokenizer)
+        loader = iter(trainer.get_train_dataloader())
+        batches = [next(loader), next(loader)]
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = len(batches)  # set by the training loop
+        normaliser = trainer._get_num_items_in_batch(batches, torch.device("cpu"))
+        syncs = _HostSyncs(monkeypatch, trainer.model)
+        for batch in batches:
+            trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=normaliser).backward()
+        assert syncs.calls == [], kind
+        logs = {"loss": 1.0}
+        trainer.log(logs)
+        assert syncs.calls == ["tolist"], kind
+        assert "loss/assistant" in logs and trainer.state.log_history[-1]["num_tokens"] > 0
+        assert kind != "mixtral" or "aux_loss" in trainer.state.log_history[-1]
+        monkeypatch.undo()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode); the CPU test "
+                                                          "above counts host conversions instead")
+def test_metrics_do_not_synchronise_the_gpu_per_micro_batch(tokenizer, conversations, tmp_path, monkeypatch):
+    """On CUDA with sync debug mode "error", compute_loss outside the model call does not synchronise."""
+    from fused_wce.trl_integration import AdaptiveTurnWeights
+
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5}, adaptive=AdaptiveTurnWeights())
+    trainer = WeightedSFTTrainer(tiny_model("llama", tokenizer), args=sft_config(tmp_path, use_cpu=False),
+                                 weighting=weighting, train_dataset=conversations, processing_class=tokenizer)
+    loader = iter(trainer.get_train_dataloader())
+    batches = [next(loader), next(loader)]
+    assert batches[0]["input_ids"].is_cuda
+    trainer.model.train()
+    normaliser = trainer._get_num_items_in_batch(batches, batches[0]["input_ids"].device)
+    forward = trainer.model.forward
+
+    def forward_may_synchronise(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(trainer.model, "forward", forward_may_synchronise)
+    try:
+        for batch in batches:
+            torch.cuda.set_sync_debug_mode("error")
+            loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=normaliser)
+            torch.cuda.set_sync_debug_mode(0)
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    logs = {"loss": 1.0}
+    trainer.log(logs)
+    assert "loss/assistant" in logs
 
 
 # ------------------------------------------------------------------------------- alignment through packing
@@ -310,7 +539,7 @@ def test_lora_on_the_head_itself_is_a_clear_error(tokenizer):
     SFTTrainer already refuses it at init; add_weighted_lm_head is public and must refuse it too)."""
     from peft import LoraConfig, get_peft_model
 
-    from fused_wce.trl_integration.trainer import WeightedLossInputs, add_weighted_lm_head
+    from fused_wce.trl_integration.trainer.lm_head import WeightedLossInputs, add_weighted_lm_head
 
     model = get_peft_model(tiny_model("qwen2", tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]))
     add_weighted_lm_head(model.get_base_model())
@@ -375,6 +604,6 @@ def test_text_dataset_without_weighting_falls_back_to_trl_labels(tokenizer, tmp_
 
 def test_role_codes_cover_logged_roles():
     """The logged role names are the weighting module's (guards against the two code tables drifting apart)."""
-    from fused_wce.trl_integration import trainer as trainer_module
+    from fused_wce.trl_integration.trainer.metrics import ROLE_GROUPS
 
-    assert set(trainer_module._ROLE_NAMES) == {"scaffolding", *ROLE_CODES}
+    assert set(ROLE_GROUPS) == {"scaffolding", *ROLE_CODES}

@@ -11,7 +11,7 @@ from fused_wce.trl_integration.chat_data import (
     CHATML_TEMPLATE_NO_GENERATION,
     build_tokenizer,
 )
-from fused_wce.trl_integration.weighting import (
+from fused_wce.trl_integration import (
     ROLE_CODES,
     TURN_POSITIONS,
     ChatTemplateError,

@@ -1,8 +1,10 @@
-"""TRL integration of ``fused_wce``: per-token weights from chat turns, the shipped dataset and tokenizer.
+"""TRL integration of ``fused_wce``: per-token weights from chat turns, the trainer, the shipped dataset and tokenizer.
 
+Layout: :mod:`.chat_weights` (weights from chats), :mod:`.trainer` (``WeightedSFTTrainer``, its LM-head patch,
+collator, metrics and loss curves), :mod:`.commands` (``fused-wce sft|compare``, entry point :mod:`.cli`),
+:mod:`.chat_data` (the shipped conversations and tokenizer), :mod:`.token_codes` (the per-token codes they share).
 Never imports triton (the loss backend is chosen inside :mod:`fused_wce`).
 """
-from .adaptive import AdaptiveTurnWeights
 from .chat_data import (
     CHATML_TEMPLATE,
     CHATML_TEMPLATE_NO_GENERATION,
@@ -11,13 +13,11 @@ from .chat_data import (
     load_default_dataset,
     load_jsonl_dataset,
 )
-from .weighting import (
-    ROLE_CODES,
-    TURN_POSITIONS,
-    ChatTemplateError,
-    TurnWeighting,
-    tokenize_with_weights,
-)
+from .chat_weights.adaptive import AdaptiveTurnWeights
+from .chat_weights.template_spans import ChatTemplateError
+from .chat_weights.tokenize import tokenize_with_weights
+from .chat_weights.turn_weighting import TurnWeighting
+from .token_codes import ROLE_CODES, TURN_POSITIONS
 
 __all__ = [
     "AdaptiveTurnWeights",
@@ -35,8 +35,8 @@ __all__ = [
 ]
 
 # Trainer and collator: imported on first use, so the weighting helpers load without importing trl.
-_LAZY = {"WeightedDataCollator": "collator", "WeightedSFTTrainer": "trainer", "add_weighted_lm_head": "trainer",
-         "LossCurvesCallback": "curves"}
+_LAZY = {"WeightedDataCollator": "trainer.collator", "WeightedSFTTrainer": "trainer.sft_trainer",
+         "add_weighted_lm_head": "trainer.lm_head", "LossCurvesCallback": "trainer.curves"}
 __all__ += list(_LAZY)
 
 

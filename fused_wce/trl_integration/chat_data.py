@@ -19,6 +19,8 @@ import json
 import random
 from pathlib import Path
 
+from .chat_weights.messages import check_weight, validate_messages
+
 DATA_DIR = Path(__file__).with_name("data")
 DEFAULT_DATASET_PATH = DATA_DIR / "chat_sft.jsonl"
 TOKENIZER_PATH = DATA_DIR / "tokenizer.json"
@@ -208,8 +210,6 @@ def load_jsonl_dataset(path, weight_key: str | None = "weight"):
     """
     from datasets import Dataset
 
-    from .weighting import _check_weight, validate_messages
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no dataset file at {str(path)!r}")
@@ -246,7 +246,7 @@ def load_jsonl_dataset(path, weight_key: str | None = "weight"):
             if weight_key is not None:
                 for index, message in enumerate(messages):
                     if message.get(weight_key) is not None:
-                        _check_weight(message[weight_key], f"message {index} key {weight_key!r}")
+                        check_weight(message[weight_key], f"message {index} key {weight_key!r}")
         except ValueError as error:
             raise ValueError(f"{path}:{where}: {error}") from None
     return Dataset.from_list([row for _, row in numbered])

@@ -2,7 +2,7 @@
 
 :class:`AdaptiveTurnWeights` is the configuration (``TurnWeighting(adaptive=AdaptiveTurnWeights(...))``,
 ``fused-wce sft --adaptive turn``); :class:`AdaptiveWeightState` is the running state a
-:class:`~fused_wce.trl_integration.trainer.WeightedSFTTrainer` keeps while it trains.
+:class:`~fused_wce.trl_integration.trainer.sft_trainer.WeightedSFTTrainer` keeps while it trains.
 
 Groups. ``groups="turn"``: a token's group is the index of its message among the messages of its role (turn 1,
 2, ..., ``max_turn_index`` and later ones together, ``turn_{k}+``); ``groups="role"``: the message's role.
@@ -31,20 +31,9 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from ..token_codes import DEFAULT_MAX_TURN_INDEX, role_names, turn_index_names
+
 GROUPINGS = ("turn", "role")
-DEFAULT_MAX_TURN_INDEX = 5  # turn_1 .. turn_4, turn_5+
-
-
-def turn_index_names(max_turn_index: int = DEFAULT_MAX_TURN_INDEX) -> tuple[str, ...]:
-    """``("turn_1", ..., "turn_{k-1}", "turn_{k}+")`` for ``k = max_turn_index`` (``("turn_1+",)`` for k = 1)."""
-    return tuple(f"turn_{i}" for i in range(1, max_turn_index)) + (f"turn_{max_turn_index}+",)
-
-
-def role_names() -> tuple[str, ...]:
-    """The roles in code order (``system``, ``user``, ``assistant``, ``tool``)."""
-    from .weighting import ROLE_CODES
-
-    return tuple(sorted(ROLE_CODES, key=ROLE_CODES.get))
 
 
 def _number(value, name: str, low: float, high: float, *, low_open=False, high_open=False) -> float:
@@ -136,6 +125,7 @@ class AdaptiveWeightState:
         self.ema_count: list[float] = [0.0] * len(self.names)
         self.updates = 0
         self.multipliers: tuple[float, ...] = (1.0,) * len(self.names)
+        self._factor_table = None  # ((multipliers, device), float32 tensor) of the last factor_table()
 
     def update(self, loss_sums, token_counts) -> bool:
         """One optimizer step's per-group ``sum of token CE`` and ``number of counted tokens`` (sequences of
@@ -195,18 +185,18 @@ class AdaptiveWeightState:
             multipliers[g] = min(max(c * raw[g], lo), hi)
         return tuple(multipliers)
 
-    def mean_multiplier(self) -> float:
-        """The token-weighted mean of the multipliers over the groups seen so far (1 once adapted)."""
-        total = sum(self.ema_count)
-        if total <= 0:
-            return 1.0
-        return sum(count * m for count, m in zip(self.ema_count, self.multipliers)) / total
-
     def factor_table(self, device=None):
-        """Float32 ``[1 + groups]``: index 0 (no group) is 1, index ``g + 1`` the multiplier of group ``g``."""
+        """Float32 ``[1 + groups]``: index 0 (no group) is 1, index ``g + 1`` the multiplier of group ``g``.
+
+        Built (a host-to-device copy) once per multipliers and device, so the micro-batches of a step reuse it.
+        """
         import torch
 
-        return torch.tensor((1.0,) + tuple(self.multipliers), dtype=torch.float32, device=device)
+        key = (tuple(self.multipliers), str(torch.device(device) if device is not None else "cpu"))
+        if self._factor_table is None or self._factor_table[0] != key:
+            table = torch.tensor((1.0,) + key[0], dtype=torch.float32, device=device)
+            self._factor_table = (key, table)
+        return self._factor_table[1]
 
     def group_codes(self, roles, turn_index):
         """Int64 tensor like ``roles``: ``g + 1`` for a token of group ``g``, 0 for none (scaffolding, padding).
@@ -220,15 +210,3 @@ class AdaptiveWeightState:
             return codes.masked_fill((codes < 0) | (codes > len(self.names)), 0)
         index = turn_index.to(torch.int64)
         return torch.where(index >= 0, index.clamp_max(len(self.names) - 1) + 1, torch.zeros_like(index))
-
-    def state_dict(self) -> dict:
-        return {"updates": self.updates, "ema_loss": list(self.ema_loss), "ema_count": list(self.ema_count),
-                "multipliers": list(self.multipliers)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["ema_loss"]) != len(self.names):
-            raise ValueError(f"adaptive state has {len(state['ema_loss'])} groups, expected {len(self.names)}")
-        self.updates = int(state["updates"])
-        self.ema_loss = [None if v is None else float(v) for v in state["ema_loss"]]
-        self.ema_count = [float(v) for v in state["ema_count"]]
-        self.multipliers = tuple(float(v) for v in state["multipliers"])

@@ -2,7 +2,7 @@
 
 TRL's :class:`~trl.trainer.sft_trainer.DataCollatorForLanguageModeling` pads (or, padding-free, flattens)
 ``input_ids`` and ``labels`` only. :class:`WeightedDataCollator` extends it: the per-token columns that
-:class:`~fused_wce.trl_integration.trainer.WeightedSFTTrainer` adds during dataset preparation are padded or
+:class:`~.sft_trainer.WeightedSFTTrainer` adds during dataset preparation are padded or
 flattened exactly like ``labels``, so every position of the batch keeps its weight, role and turn position.
 """
 from __future__ import annotations
@@ -14,13 +14,11 @@ import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import pad
 
+from ..token_codes import TOKEN_ROLES, TOKEN_TURN_INDEX, TOKEN_TURN_POSITIONS, TOKEN_WEIGHTS
+
 # Column name -> (padding value, dtype). Weights are float32 (the loss reads them as float32); roles, turn
 # positions and turn indices are small codes, -1 meaning "none" (scaffolding, padding, or a dataset without
 # messages). The turn index is the 0-based index of the token's message among the messages of its role.
-TOKEN_WEIGHTS = "token_weights"
-TOKEN_ROLES = "token_roles"
-TOKEN_TURN_POSITIONS = "token_turn_positions"
-TOKEN_TURN_INDEX = "token_turn_index"
 PER_TOKEN_COLUMNS: dict[str, tuple[float | int, torch.dtype]] = {
     TOKEN_WEIGHTS: (0.0, torch.float32),
     TOKEN_ROLES: (-1, torch.int64),
@@ -35,8 +33,9 @@ class WeightedDataCollator(DataCollatorForLanguageModeling):
 
     Each example is a dict with ``input_ids`` (list of int) and optionally ``labels``, ``seq_lengths`` (packing),
     ``token_weights`` (list of float, one per token: the weight of *that* token as a prediction target),
-    ``token_roles``, ``token_turn_positions`` and ``token_turn_index`` (lists of int codes, -1 = none). The batch has what the parent
-    returns (``input_ids``, ``labels``, ``attention_mask`` or ``position_ids``/``cu_seq_lens_*``...) plus:
+    ``token_roles``, ``token_turn_positions`` and ``token_turn_index`` (lists of int codes, -1 = none). The batch
+    has what the parent returns (``input_ids``, ``labels``, ``attention_mask`` or ``position_ids``/
+    ``cu_seq_lens_*``...) plus:
 
     - ``token_weights``: float32 ``[B, T]``; 0 on padding and wherever ``labels == -100`` (so the padding-free
       sequence starts, which the parent masks, get no weight either). Without a ``token_weights`` column the

@@ -1,7 +1,7 @@
 """Per-stage loss curves of a training run, saved as CSV and PNG in the output directory.
 
-:class:`LossCurvesCallback` records every log of a :class:`~fused_wce.trl_integration.trainer.WeightedSFTTrainer`
-(train and eval) and writes, on every checkpoint save and at the end of training (main process only):
+:class:`LossCurvesCallback` records every log of a :class:`~.sft_trainer.WeightedSFTTrainer` (train and eval) and
+writes, on every checkpoint save and at the end of training (main process only):
 
 * ``loss_curves.csv``: one row per log, the columns of :data:`CURVE_COLUMNS` in that order whatever was logged
   (an empty cell where a value was not logged, e.g. a role that carries no weight), so files of different runs
@@ -20,17 +20,17 @@ import os
 
 from transformers import TrainerCallback
 
-from .adaptive import role_names
-from .trainer import _ROLE_NAMES, _TURN_INDEX_NAMES, _TURN_NAMES
+from ..token_codes import role_names
+from .metrics import ROLE_GROUPS, TURN_INDEX_GROUPS, TURN_POSITION_GROUPS
 
 CSV_NAME = "loss_curves.csv"
 PNG_NAME = "loss_curves.png"
 CURVE_COLUMNS: tuple[str, ...] = (
     ("step", "epoch", "split", "loss", "mean_token_accuracy", "entropy", "learning_rate", "grad_norm")
-    + tuple(f"loss/{name}" for name in _ROLE_NAMES)
-    + tuple(f"loss/{name}" for name in _TURN_INDEX_NAMES)
-    + tuple(f"loss/{name}" for name in _TURN_NAMES)
-    + tuple(f"weight/{name}" for name in _TURN_INDEX_NAMES + role_names())
+    + tuple(f"loss/{name}" for name in ROLE_GROUPS)
+    + tuple(f"loss/{name}" for name in TURN_INDEX_GROUPS)
+    + tuple(f"loss/{name}" for name in TURN_POSITION_GROUPS)
+    + tuple(f"weight/{name}" for name in TURN_INDEX_GROUPS + role_names())
 )
 _VALUE_COLUMNS = CURVE_COLUMNS[3:]
 
@@ -80,10 +80,10 @@ def plot_curves(rows: list[dict], path, title: str | None = None) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("loss", [("loss", "train loss")]),
-              ("per role", [(f"loss/{name}", name) for name in _ROLE_NAMES]),
-              ("per turn index (k-th message of its role)", [(f"loss/{name}", name) for name in _TURN_INDEX_NAMES]),
-              ("per turn position (within its role)", [(f"loss/{name}", name) for name in _TURN_NAMES])]
-    weights = [(f"weight/{name}", name) for name in _TURN_INDEX_NAMES + role_names()]
+              ("per role", [(f"loss/{name}", name) for name in ROLE_GROUPS]),
+              ("per turn index (k-th message of its role)", [(f"loss/{name}", name) for name in TURN_INDEX_GROUPS]),
+              ("per turn position (within its role)", [(f"loss/{name}", name) for name in TURN_POSITION_GROUPS])]
+    weights = [(f"weight/{name}", name) for name in TURN_INDEX_GROUPS + role_names()]
     if any(column in row for row in rows for column, _ in weights):
         panels.append(("adaptive multipliers", weights))
     columns = 3

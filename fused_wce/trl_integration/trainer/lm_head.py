@@ -1,0 +1,301 @@
+"""The LM-head patch: a model whose forward, given the loss inputs, returns the fused weighted loss.
+
+:func:`add_weighted_lm_head` patches ``model.forward``: with ``fused_wce_loss=WeightedLossInputs(target, weight,
+normalizer)`` it runs the backbone only and computes ``sum(w_i * CE_i) / normalizer`` with
+:func:`fused_wce.linear_cross_entropy` from the final hidden states and ``lm_head.weight``, without building the
+logits, inside a call of the head module (so FSDP1, FSDP2 and ZeRO-3 treat it as the head's computation).
+"""
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+
+import torch
+from transformers.utils import ModelOutput
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+import fused_wce
+
+try:  # FSDP2 exposes sharded parameters as DTensors
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch builds without distributed
+    DTensor = ()
+
+
+@dataclass
+class WeightedLMOutput(ModelOutput):
+    """What the patched forward (:func:`add_weighted_lm_head`) returns when given the loss inputs.
+
+    ``loss``: 0-d float32, ``sum(w_i l_i) / normalizer``. Per target position (shaped like the shifted targets,
+    ``[B, T-1]``, detached): ``token_loss`` (float32, unweighted CE), ``entropy`` (float32), ``is_top1`` (bool),
+    ``counted`` (bool: target != -100 and weight > 0). All zero/False where not counted. ``aux_loss``: the MoE
+    load-balancing loss (0-d) when router logits were requested, else None.
+    """
+
+    loss: torch.Tensor | None = None
+    token_loss: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    counted: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def _logit_scale(text_config) -> float:
+    """The constant the model multiplies its logits by (1.0 for most models); see TRL's ``add_fused_lm_head``."""
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if text_config.model_type == "hyperclovax" else 1.0 / scaling
+    return 1.0 if scale is None else float(scale)
+
+
+def check_model_supported(model) -> None:
+    """Raise NotImplementedError for models without an output head to fuse the loss with."""
+    if model.get_output_embeddings() is None:
+        raise NotImplementedError(f"{type(model).__name__} has no output embeddings (LM head) to fuse the loss with")
+
+
+class WeightedLossInputs:
+    """One batch's inputs of the fused loss: ``target``, per-token ``weight`` and ``normalizer``.
+
+    Args:
+        target: int64 (or int32) ``[B, T-1]``: the shifted labels (``labels[:, 1:]``), -100 where not a target.
+        weight: floating ``[B, T-1]`` (float32 in the trainer), >= 0: each target's weight.
+        normalizer: 0-d tensor or float > 0 (the loss is ``sum(w_i l_i) / normalizer``), or None for ``sum(w_i)``.
+
+    Passed as ``model(**inputs, fused_wce_loss=WeightedLossInputs(...))``. A plain class with ``__slots__`` on
+    purpose, not a dict, tuple, dataclass or namedtuple: FSDP1's ``MixedPrecision`` (``cast_root_forward_inputs``,
+    ``cast_forward_inputs``) and FSDP2's ``MixedPrecisionPolicy(cast_forward_inputs=True)`` cast every floating
+    tensor they find in a module's args and kwargs to the parameter dtype, and they walk exactly those containers.
+    They do not enter other objects, so the weights and the normalizer reach the loss in float32 (bf16 keeps 8
+    significant bits: a normalizer of 1234.5 would become 1232).
+    """
+
+    __slots__ = ("target", "weight", "normalizer")
+
+    def __init__(self, target: torch.Tensor, weight: torch.Tensor, normalizer: float | torch.Tensor | None):
+        if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex():
+            raise TypeError(f"target must be an integer tensor, got {_describe(target)}")
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating tensor, got {_describe(weight)}")
+        if weight.shape != target.shape:
+            raise ValueError(f"weight must have target's shape {tuple(target.shape)}, got {tuple(weight.shape)}")
+        if normalizer is not None and not isinstance(normalizer, (float, int, torch.Tensor)):
+            raise TypeError(f"normalizer must be a float, a 0-d tensor or None, got {_describe(normalizer)}")
+        self.target, self.weight, self.normalizer = target, weight, normalizer
+
+    def __repr__(self) -> str:
+        return (f"WeightedLossInputs(target={_describe(self.target)}, weight={_describe(self.weight)}, "
+                f"normalizer={_describe(self.normalizer)})")
+
+
+def loss_inputs_on(inputs: WeightedLossInputs, device: torch.device) -> WeightedLossInputs:
+    """``inputs`` on ``device``, the device of the LM head's weight: ``target`` (its integer dtype), ``weight`` as
+    float32 and a tensor ``normalizer`` (its dtype); a float or None normalizer as is.
+
+    With ``device_map`` the head can sit on another device than the labels, from which the trainer builds the
+    targets, weights and normaliser; :func:`fused_wce.linear_cross_entropy` wants every tensor on the head's device
+    (a normaliser on another accelerator is rejected).
+    """
+    normalizer = inputs.normalizer
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(device)
+    return WeightedLossInputs(inputs.target.to(device), inputs.weight.to(device=device, dtype=torch.float32),
+                              normalizer)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{type(value).__name__}(shape={tuple(value.shape)}, dtype={value.dtype})"
+    return type(value).__name__
+
+
+class _HeadLossCall:
+    """What the model's forward hands to the LM head's forward: the batch's inputs and the model's loss options.
+
+    A plain ``__slots__`` class for the reason given in :class:`WeightedLossInputs` (no mixed-precision cast).
+    """
+
+    __slots__ = ("inputs", "logit_scale", "softcap", "label_smoothing", "dft", "lean_memory")
+
+    def __init__(self, inputs: WeightedLossInputs, logit_scale: float, softcap: float | None,
+                 label_smoothing: float, dft: bool, lean_memory: bool = False):
+        self.inputs, self.logit_scale, self.softcap = inputs, logit_scale, softcap
+        self.label_smoothing, self.dft, self.lean_memory = label_smoothing, dft, lean_memory
+
+
+def _innermost_head(head: torch.nn.Module) -> torch.nn.Module:
+    """The module under FSDP1's ``FullyShardedDataParallel`` and activation-checkpoint wrappers (their forward
+    calls it with the same args and kwargs)."""
+    while True:
+        inner = getattr(head, "_fsdp_wrapped_module", None)
+        if inner is None:
+            inner = getattr(head, "_checkpoint_wrapped_module", None)
+        if inner is None:
+            return head
+        head = inner
+
+
+def _head_forward(self, input, *args, fused_wce_loss: _HeadLossCall | None = None, **kwargs):
+    """The LM head's forward once :func:`_install_head_forward` ran (``functools.partial(_head_forward, head)``).
+
+    Without ``fused_wce_loss`` the head's class forward runs (``F.linear``: generation, evaluation with logits).
+    With it, ``input`` is the hidden states ``[B, T-1, H]`` and the fused loss runs here, *inside* the head's call,
+    so the distributed wrappers treat it as the head's computation: FSDP2's pre/post-forward hooks and FSDP1's
+    wrapper forward unshard the head's parameters before and reduce-scatter its gradient after, ZeRO-3 gathers
+    them. Returns ``(loss, token_loss, entropy, is_top1)``: a tuple, which every wrapper's output traversal
+    enters (to hook the loss for the pre-backward unshard).
+    """
+    if fused_wce_loss is None:
+        return type(self).forward(self, input, *args, **kwargs)
+    if args or kwargs:
+        raise TypeError(f"the fused loss call of the LM head takes only the hidden states, got extra arguments "
+                        f"{len(args)} positional, {sorted(kwargs)} keyword")
+    if not isinstance(fused_wce_loss, _HeadLossCall):
+        raise TypeError(f"fused_wce_loss must be a _HeadLossCall, got {type(fused_wce_loss).__name__}")
+    out = _fused_head_loss(self, input, fused_wce_loss)
+    return out.loss, out.token_loss, out.entropy, out.is_top1
+
+
+def _install_head_forward(head: torch.nn.Module) -> bool:
+    """Give the (innermost) LM head :func:`_head_forward` as an instance-level forward; idempotent.
+
+    Returns False for heads that are not an ``nn.Linear`` running its class's forward (a PEFT adapter wrapper, a
+    forward replaced by someone else): the loss then reads their weight directly. An accelerate hook
+    (``device_map``/offload) keeps its wrapper as ``forward`` and calls ``_old_forward``: the dispatch goes there,
+    so the hook still moves the inputs and loads offloaded weights. A ``functools.partial`` of a module-level
+    function, not a bound method, so the head still pickles and deep-copies (the copy dispatches to itself).
+    """
+    if not isinstance(head, torch.nn.Linear):
+        return False
+    slot = "_old_forward" if hasattr(head, "_hf_hook") and hasattr(head, "_old_forward") else "forward"
+    current = getattr(head, slot)
+    if isinstance(current, functools.partial) and current.func is _head_forward:
+        return True
+    if getattr(current, "__func__", None) is not type(head).forward:
+        return False
+    setattr(head, slot, functools.partial(_head_forward, head))
+    return True
+
+
+def _fused_head_loss(head: torch.nn.Module, hidden_states: torch.Tensor, call: _HeadLossCall):
+    """``fused_wce.linear_cross_entropy`` of ``hidden_states`` with ``head.weight`` (and bias) -> ``LossOutput``.
+
+    Runs in the head's forward (see :func:`_head_forward`) or, for heads that cannot be called that way, directly.
+    """
+    # ZeRO-3 shards the head to numel 0 outside its own forward: gather it (no-op when the hooks already did).
+    with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if isinstance(weight, DTensor) or isinstance(bias, DTensor):
+            # full_tensor() would run, but its gradient is not reduce-scattered the way FSDP's post-backward
+            # reduces a parameter's: silently wrong head gradients. Inside FSDP's own forward of the head the
+            # parameters are plain unsharded tensors; a DTensor here means a layout this loss cannot use.
+            sharded = weight if isinstance(weight, DTensor) else bias
+            raise RuntimeError(
+                f"the LM head's parameters are DTensors (placements {sharded.placements}) where the fused loss "
+                f"reads them: the head ({type(head).__name__}) was not unsharded. Shard the head "
+                "with FSDP (fully_shard / FullyShardedDataParallel, as its own unit or inside its parent's) and let "
+                "the loss run through the head's forward; tensor-parallel (vocab-sharded) heads are not supported")
+        if getattr(head, "lora_A", None):  # a PEFT LoRA layer on the head itself: its weight is the base weight
+            raise NotImplementedError(
+                "LoRA adapters on the LM head are not supported by the fused loss, which reads the head's weight "
+                "directly (the adapter's update would be ignored): keep lm_head out of `target_modules`")
+        device = weight.device  # with `device_map` the backbone can end on another device than the head
+        hidden_states = hidden_states.to(device)
+        inputs = loss_inputs_on(call.inputs, device)
+        return fused_wce.linear_cross_entropy(
+            hidden_states, weight, inputs.target, inputs.weight, bias=bias,
+            normalizer=inputs.normalizer, return_stats=True, logit_scale=call.logit_scale, softcap=call.softcap,
+            label_smoothing=call.label_smoothing, dft=call.dft, compute_dtype=_compute_dtype(weight),
+            lean_memory=call.lean_memory,
+        )
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``nn.Linear`` would compute in: the active autocast's on the weight's device (e.g. bf16 under
+    AMP, like the stock head), otherwise the weight's. The cast happens inside the loss, so fp32 master weights
+    receive their fp32 gradient with no extra ``[V, H]`` copy."""
+    device_type = weight.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = False,
+                         lean_memory: bool = False) -> None:
+    """Patch ``model.forward``: with ``fused_wce_loss=...`` it runs the backbone and returns the fused weighted loss.
+
+    ``model(**inputs, fused_wce_loss=WeightedLossInputs(target, weight, normalizer))`` (see
+    :class:`WeightedLossInputs`) returns a :class:`WeightedLMOutput`. The LM head never runs over all tokens: the
+    last hidden states ``[B, T-1, H]`` go to :func:`fused_wce.linear_cross_entropy` with ``lm_head.weight`` (and
+    bias), inside a call of the head module (its forward dispatches on a ``fused_wce_loss`` keyword), so FSDP1,
+    FSDP2 and ZeRO-3 unshard/gather the head's parameters and reduce its gradient as for any forward of the head,
+    also when the head is its own FSDP unit. Without ``fused_wce_loss`` the previous forwards run unchanged
+    (generation, TRL's fused head). Apply to the unwrapped ``PreTrainedModel``, before or after FSDP wraps it.
+    The model's own logit transforms are reproduced inside the loss: a constant logit scale (Cohere, Granite...)
+    and ``final_logit_softcapping`` (Gemma-2); ``label_smoothing`` and ``dft`` (TRL's ``loss_type="dft"``) too.
+    ``lean_memory``: see :func:`fused_wce.linear_cross_entropy` (bf16 heads: no fp32 ``[V, H]`` accumulator).
+    """
+    check_model_supported(model)
+    previous_forward = model.forward
+    text_config = model.config.get_text_config()
+    logit_scale = _logit_scale(text_config)
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    _install_head_forward(_innermost_head(model.get_output_embeddings()))
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_wce_loss=None, **kwargs):
+        if fused_wce_loss is None:
+            return previous_forward(*args, **kwargs)
+        if not isinstance(fused_wce_loss, WeightedLossInputs):
+            raise TypeError(f"fused_wce_loss must be a WeightedLossInputs, got {type(fused_wce_loss).__name__}")
+        hidden_states, aux_loss = _backbone_hidden_states(self, text_config, args, kwargs)
+        call = _HeadLossCall(fused_wce_loss, logit_scale, softcap, label_smoothing, dft, lean_memory)
+        loss, token_loss, entropy, is_top1 = _head_loss(self, hidden_states, call)
+        target, token_weight = fused_wce_loss.target.to(loss.device), fused_wce_loss.weight.to(loss.device)
+        counted = (target != -100) & (token_weight > 0)
+        return WeightedLMOutput(loss=loss, token_loss=token_loss, entropy=entropy, is_top1=is_top1,
+                                counted=counted, aux_loss=aux_loss)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _backbone_hidden_states(model, text_config, args, kwargs):
+    """(the backbone's last hidden states but the last position ``[B, T-1, H]``, the MoE load-balancing loss or
+    None) for the model's forward arguments (labels and the like dropped)."""
+    for unused in ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep"):
+        kwargs.pop(unused, None)
+    kwargs["use_cache"] = False
+    backbone = model.base_model  # looked up per call: PEFT and FSDP replace modules after patching
+    if backbone is model:
+        raise NotImplementedError(f"{type(model).__name__} exposes no backbone (`base_model_prefix`) to run")
+    # MoE models: like the model's own forward, return router logits when the config asks for them
+    if getattr(text_config, "output_router_logits", False):
+        kwargs.setdefault("output_router_logits", True)
+    backbone_outputs = backbone(*args, **kwargs)
+    hidden_states = backbone_outputs.last_hidden_state[:, :-1]
+    aux_loss = None
+    if kwargs.get("output_router_logits"):
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        num_experts = getattr(text_config, "num_experts", None) or text_config.num_local_experts
+        # Padding-free rows have no attention mask: every token is real.
+        aux_loss = load_balancing_loss_func(backbone_outputs.router_logits, num_experts,
+                                            text_config.num_experts_per_tok, kwargs.get("attention_mask"))
+    return hidden_states, aux_loss
+
+
+def _head_loss(model, hidden_states: torch.Tensor, call: _HeadLossCall):
+    """``(loss, token_loss, entropy, is_top1)`` of the fused loss, computed in a call of the model's LM head."""
+    # The head as it is now: FSDP1 may have wrapped it (the call goes through the wrapper, the dispatching
+    # forward sits on the module inside).
+    lm_head = model.get_output_embeddings()
+    if _install_head_forward(_innermost_head(lm_head)):
+        return lm_head(hidden_states, fused_wce_loss=call)
+    out = _fused_head_loss(lm_head, hidden_states, call)
+    return out.loss, out.token_loss, out.entropy, out.is_top1
