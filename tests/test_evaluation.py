@@ -56,7 +56,7 @@ def _reference_losses(model, tokenizer, messages, ordinal):
 
 
 def test_context_dependence_by_hand(model, tokenizer):
-    tally = conversation_tally(model, tokenizer, CONVERSATION, EvaluationOptions(generate=False)).entries
+    tally = conversation_tally(model, tokenizer, CONVERSATION, EvaluationOptions(answers="none")).entries
     # Message 6 (3rd assistant, needs history): its exchange is "That is wrong." only.
     with_history = _reference_losses(model, tokenizer, CONVERSATION[:7], 2)
     without = _reference_losses(model, tokenizer, [CONVERSATION[0]] + CONVERSATION[5:7], 0)
@@ -74,7 +74,7 @@ def test_context_dependence_by_hand(model, tokenizer):
 
 
 def test_losses_per_group_by_hand(model, tokenizer):
-    tally = conversation_tally(model, tokenizer, CONVERSATION, EvaluationOptions(generate=False)).entries
+    tally = conversation_tally(model, tokenizer, CONVERSATION, EvaluationOptions(answers="none")).entries
     first = _reference_losses(model, tokenizer, CONVERSATION[:3], 0)
     assert tally[("loss", "turn/turn_1")] == pytest.approx((first.sum(), len(first), 1), rel=1e-5)
     assert tally[("loss", "history/not_needed")] == pytest.approx((first.sum(), len(first), 1), rel=1e-5)
@@ -91,7 +91,7 @@ def test_max_length_cuts_the_measurement(model, tokenizer):
     encoded = tokenize_with_weights(tokenizer, CONVERSATION, TurnWeighting(full_sequence=True))
     limit = len(encoded["input_ids"]) - 3  # the last message is cut off
     tally = conversation_tally(model, tokenizer, CONVERSATION, EvaluationOptions(max_length=limit,
-                                                                                 generate=False)).entries
+                                                                                 answers="none")).entries
     assert tally[("loss", "full_sequence")][1] == sum(w > 0 for w in encoded["token_weights"][1:limit])
     assert tally[("context_dependence", "all")][2] == 1  # only message 6 fits
 
@@ -174,8 +174,8 @@ def test_measurements_are_ratios_of_sums():
 def test_evaluate_conversations_restores_training_mode(model, tokenizer):
     model.train()
     measured = evaluate_conversations(model, tokenizer, [CONVERSATION, CONVERSATION[:3]],
-                                      EvaluationOptions(generate=False))
+                                      EvaluationOptions(answers="none"))
     assert model.training and measured.conversations == 2
     model.eval()
-    single = conversation_tally(model, tokenizer, CONVERSATION, EvaluationOptions(generate=False)).entries
+    single = conversation_tally(model, tokenizer, CONVERSATION, EvaluationOptions(answers="none")).entries
     assert measured.sums[("loss", "role/user")][0] == pytest.approx(single[("loss", "role/user")][0], rel=1e-6)

@@ -23,7 +23,7 @@ held out. ``--eval_dataset`` names another held-out jsonl; otherwise ``--holdout
 off ``--dataset_name``. Measured on the held-out conversations before training (the initial model) and after each
 scheme and seed, with :mod:`~fused_wce.trl_integration.evaluation`: loss per role, per assistant turn index and per
 ``needs_history`` label; context dependence (loss without the history minus with it); greedy answers against the
-``expected`` facts (``--no_generation`` skips them). Every cell is the mean over seeds with a bootstrap 95%
+``expected`` facts (``--answers needs_history|none`` for fewer). Every cell is the mean over seeds with a bootstrap 95%
 interval over the held-out conversations; the report says which differences are outside the noise.
 
 Writes into ``--output_dir`` (default ``outputs/fused-wce-compare``): ``report.md``, ``results.csv``,
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from ..chat_weights.adaptive import AdaptiveTurnWeights
 from ..chat_weights.turn_weighting import TurnWeighting
 from ..evaluation.intervals import resample_counts
-from ..evaluation.measure import EvaluationOptions
+from ..evaluation.measure import ANSWERS, EvaluationOptions
 from .compare_report import BEFORE, format_report, plot, write_results
 from .data import prepare_data
 from .evaluate import load_conversations, measure_model
@@ -82,8 +82,10 @@ class CompareArguments:
     holdout_size: int | None = field(default=None, metadata={
         "help": "Held-out conversations measured: the first N of the held-out file (default: all), or N split off "
                 "--dataset_name (default 32)."})
-    generation: bool = field(default=True, metadata={
-        "help": "Score greedy answers against the data's `expected` facts (--no_generation: skip, much faster)."})
+    answers: str = field(default="all", metadata={
+        "help": "Greedy replies scored against the data's `expected` facts: on all such messages, only on those "
+                "labelled needs_history, or none (replies are the slow part of a measurement).",
+        "choices": list(ANSWERS)})
     max_new_tokens: int = field(default=EvaluationOptions.max_new_tokens, metadata={
         "help": "Longest greedy reply, in tokens."})
     save_models: bool = field(default=False, metadata={
@@ -176,7 +178,7 @@ def main_compare(argv: list[str]) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from None
     train_dataset, conversations = compare_data(script_args, dataset_args, compare_args, seeds[0])
-    options = EvaluationOptions(max_length=training_args.max_length, generate=compare_args.generation,
+    options = EvaluationOptions(max_length=training_args.max_length, answers=compare_args.answers,
                                 max_new_tokens=compare_args.max_new_tokens)
     one_cpu_thread(training_args.use_cpu)
     started = time.perf_counter()

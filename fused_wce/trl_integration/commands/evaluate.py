@@ -20,7 +20,7 @@ import shlex
 import time
 
 from ..evaluation.intervals import resample_counts
-from ..evaluation.measure import EvaluationOptions, check_labels, evaluate_conversations
+from ..evaluation.measure import ANSWERS, EvaluationOptions, check_labels, evaluate_conversations
 from ..evaluation.report import history_findings, noise_note, tables
 from ..evaluation.results import RESULT_COLUMNS, result_rows, write_csv
 from ..history_data import HELDOUT_PATH
@@ -42,7 +42,9 @@ def evaluation_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_conversations", type=int, default=None, help="measure the first N (default: all)")
     parser.add_argument("--max_length", type=int, default=None,
                         help="tokens of a conversation measured (later ones ignored; default: all)")
-    parser.add_argument("--no_generation", action="store_true", help="skip the greedy answers (the slow part)")
+    parser.add_argument("--answers", choices=ANSWERS, default="all",
+                        help="messages with an `expected` fact whose greedy reply is scored: all, only those labelled "
+                             "needs_history, or none (replies are the slow part)")
     parser.add_argument("--max_new_tokens", type=int, default=EvaluationOptions.max_new_tokens,
                         help="longest greedy reply, in tokens")
     parser.add_argument("--dtype", default=None, help="weights' dtype, e.g. float32 or bfloat16 (default: the "
@@ -84,8 +86,7 @@ def _checked(args, parser) -> EvaluationOptions:
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag} must be >= 1, got {value}")
-    return EvaluationOptions(max_length=args.max_length, generate=not args.no_generation,
-                             max_new_tokens=args.max_new_tokens)
+    return EvaluationOptions(max_length=args.max_length, answers=args.answers, max_new_tokens=args.max_new_tokens)
 
 
 def main_evaluate(argv: list[str]) -> int:
@@ -112,7 +113,8 @@ def main_evaluate(argv: list[str]) -> int:
         f"- command: `{command}`",
         f"- model: {args.model_name_or_path}; data: {args.dataset_name or HELDOUT_PATH.name} "
         f"({len(conversations)} conversations); generation: "
-        + (f"greedy, at most {options.max_new_tokens} tokens" if options.generate else "off"),
+        + (f"greedy, at most {options.max_new_tokens} tokens, on {options.answers} messages with an expected fact"
+           if options.answers != "none" else "off"),
         f"- time {time.perf_counter() - started:.0f} s", "",
         noise_note(None, len(conversations)), "",
         *history_findings(name, [measured], counts), "",

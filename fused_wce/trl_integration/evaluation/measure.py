@@ -45,14 +45,28 @@ HISTORY_GROUPS = {True: "history/needed", False: "history/not_needed"}
 _ASSISTANT = ROLE_CODES["assistant"]
 
 
+ANSWERS = ("all", "needs_history", "none")
+
+
 @dataclass(frozen=True)
 class EvaluationOptions:
-    """``max_length``: tokens of a conversation measured (later ones ignored; None: all); ``generate``: score
-    greedy replies on messages with an ``expected`` fact; ``max_new_tokens``: the longest reply generated."""
+    """``max_length``: tokens of a conversation measured (later ones ignored; None: all); ``answers``: which
+    messages with an ``expected`` fact get a greedy reply scored (``all``, those labelled ``needs_history: true``,
+    or ``none``: the slow part of an evaluation); ``max_new_tokens``: the longest reply generated."""
 
     max_length: int | None = None
-    generate: bool = True
+    answers: str = "all"
     max_new_tokens: int = 20
+
+    def __post_init__(self):
+        if self.answers not in ANSWERS:
+            raise ValueError(f"answers must be one of {list(ANSWERS)}, got {self.answers!r}")
+
+    def scores(self, message: dict, index: int) -> bool:
+        """Whether message ``index`` gets its greedy reply scored."""
+        if self.answers == "none" or expected_fact(message, index) is None:
+            return False
+        return self.answers == "all" or history_label(message, index) is True
 
 
 class Tally:
@@ -172,7 +186,7 @@ def conversation_tally(model, tokenizer, messages: list[dict], options: Evaluati
         return tally
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     measured = [(ordinal, i) for ordinal, i in enumerate(assistants) if not _excluded(messages[i])]
-    targets = [i for _, i in measured if options.generate and expected_fact(messages[i], i) is not None]
+    targets = [i for _, i in measured if options.scores(messages[i], i)]
     if targets:
         (losses,), cache = token_losses(model, [full_ids], keep_cache=True)
     else:
