@@ -92,8 +92,8 @@ class CompareArguments:
         "help": "Save each trained model (final weights and tokenizer, no optimizer state) in <scheme>/seed_<s>."})
 
 
-# A bare run (the tiny demo model): 32 held-out conversations measured.
-COMPARE_DEMO_DEFAULTS = {"holdout_size": 32}
+# A bare run (the tiny demo model): 32 held-out conversations measured, replies scored where the history is needed.
+COMPARE_DEMO_DEFAULTS = {"holdout_size": 32, "answers": "needs_history"}
 
 
 def parse_compare_args(argv: list[str]):

@@ -132,10 +132,10 @@ def comparison_findings(models: dict, counts) -> tuple[list[str], list[dict]]:
                 disagree = "" if cell.outside_noise or not (cell.low > 0 or cell.high < 0) else " (seeds disagree)"
                 found[cell.outside_noise].append(f"{words} {interval_text(cell, True)}{disagree}")
             outside, total = outside + len(found[True]), total + len(found[True]) + len(found[False])
-            lines.append(f"- `{name}` - `{baseline}`: "
-                         + (f"outside the noise: {'; '.join(found[True])}. " if found[True] else
-                            "no difference outside the noise. ")
-                         + (f"Within the noise: {'; '.join(found[False])}." if found[False] else ""))
+            parts = [f"outside the noise: {'; '.join(found[True])}." if found[True] else
+                     "no difference outside the noise."]
+            parts += [f"Within the noise: {'; '.join(found[False])}."] if found[False] else []
+            lines.append(f"- `{name}` - `{baseline}`: " + " ".join(parts))
     if total:
         lines.append(f"- In all, {outside} of {total} differences are outside the noise.")
     return lines, rows
