@@ -102,14 +102,14 @@ def weighted_mean(per_token: torch.Tensor, token_weight: torch.Tensor) -> torch.
 
 
 # --- fused_wce ---------------------------------------------------------------------------------------------------
-def _make_fused_wce(backend: str, lean_memory: bool = False):
+def _make_fused_wce(backend: str, lean_memory: bool = False, logits_gemm: str = "auto"):
     def make(device: str, keywords: dict | None = None):
         fused_wce = _import("fused_wce", "fused_wce")
         variant = dict(keywords or {})
 
         def loss_fn(hidden, weight, target, token_weight):
             return fused_wce.linear_cross_entropy(hidden, weight, target, token_weight, backend=backend,
-                                                  lean_memory=lean_memory, **variant)
+                                                  lean_memory=lean_memory, logits_gemm=logits_gemm, **variant)
 
         return loss_fn
 
@@ -172,10 +172,10 @@ def _make_compiled(device: str, keywords: dict | None = None):
     if device == "cuda":
         _import("triton", "triton (torch.compile's GPU code generator)")
     # One graph per workload shape; recompiles are expected, so raise dynamo's limit instead of falling back.
-    import torch._dynamo
+    import torch._dynamo as dynamo  # (a plain `import torch._dynamo` would make `torch` local to this function)
 
-    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
     return torch.compile(make_eager_loss(keywords), dynamic=False)
 
 
@@ -296,8 +296,12 @@ LIGER_KEYWORDS = {"label_smoothing": "label_smoothing", "z_loss": "lse_square_sc
                   "dft": "use_token_scaling"}
 
 PROVIDERS = [
-    Provider("fused_wce", "fused_wce.linear_cross_entropy (Triton on CUDA, chunked PyTorch on CPU)", "in kernel",
+    Provider("fused_wce", "fused_wce.linear_cross_entropy (Triton on CUDA, blocked PyTorch on CPU); on CUDA the "
+             "default logits plan (cuBLAS fp32 logits + Triton row kernel)", "in kernel",
              True, ("cuda", "cpu"), _make_fused_wce("auto"), is_fused_wce=True),
+    Provider("fused_wce_tiled", "fused_wce.linear_cross_entropy(logits_gemm='triton'): register-tiled Triton "
+             "logits stored tile-relative in bf16", "in kernel",
+             True, ("cuda",), _make_fused_wce("auto", logits_gemm="triton"), is_fused_wce=True),
     Provider("fused_wce_lean", "fused_wce.linear_cross_entropy(lean_memory=True): vocabulary-slab weight gradient",
              "in kernel", True, ("cuda", "cpu"), _make_fused_wce("auto", lean_memory=True), is_fused_wce=True),
     Provider("fused_wce[torch]", "fused_wce.linear_cross_entropy(backend='torch') on CUDA tensors", "in kernel",

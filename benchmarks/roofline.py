@@ -37,12 +37,10 @@ import csv
 import os
 from dataclasses import dataclass, field
 
+from fused_wce import budget as fused_wce_budget
+
 MIB = 2**20
 GIB = 2**30
-# fused_wce.DEFAULT_CHUNK_BUDGET_BYTES (the Triton path's [C, V] buffer) and fused_wce._passes.LEAN_BUDGET_DIVISOR;
-# kept here so the model stays import-free (tests/test_static_report.py checks they agree).
-FUSED_WCE_CHUNK_BUDGET = 256 * MIB
-FUSED_WCE_LEAN_BUDGET_DIVISOR = 4
 FUSED_WCE_VOCAB_TILE = 128  # summaries per row: one per 128-wide vocabulary tile (SM90 configs; sm_80: 64)
 TRL_TOKEN_CHUNK = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
 TRL_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE (TRL 1.16)
@@ -171,77 +169,97 @@ def _gemm(name: str, rows: int, p: Problem, extra_bytes: float, rate: str = "gem
 
 
 # --- providers -----------------------------------------------------------------------------------------------------
-def _fused_wce_chunk_phases(p: Problem, chunks: int, prefix: str = "") -> list[Phase]:
-    """The Triton path's chunk loop up to dX (gather, logits + online lse, combine, softmax_grad, dX GEMM)."""
-    b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
-    tiles = _cdiv(v, FUSED_WCE_VOCAB_TILE)
-    summaries = 3 * m * tiles * 4
-    w, logits = v * h * b, m * v * b
-    return [
-        Phase("gather counted rows", 0, n * h * b + m * h * b),
-        _gemm(f"{prefix}vocab_partials (logits + online lse)", m, p, chunks * w + m * h * b + logits + summaries),
-        Phase(f"{prefix}combine", 0, summaries),
-        Phase(f"{prefix}softmax_grad (in place)", 0, 2 * logits + m * tiles * 4),
-        _gemm(f"{prefix}dX = dlogits @ W", m, p, logits + chunks * w + m * h * b),
-    ]
+# fused_wce's chunk and slab sizes come from fused_wce.budget, the policy the package itself runs.
+def _fused_wce_rows(p: Problem, lean: bool) -> int:
+    """Rows per chunk of the Triton path (both logits plans): the budget's [C, V] in the input dtype; in lean
+    mode (the cuBLAS plan) the quarter budget's [C, V] in fp32."""
+    spend = fused_wce_budget.budget_bytes(cpu=False, lean=lean)
+    bytes_per_element = 4 if lean else p.dtype_bytes
+    return min(fused_wce_budget.chunk_rows(p.vocab, bytes_per_element, budget=spend, multiple=128), max(p.counted, 1))
 
 
-def _fused_wce(p: Problem) -> Algorithm:
-    """Gradients in forward (reduced loss): per chunk of C counted rows, vocab_partials stores tile-relative logits,
-    combine, softmax_grad in place, dX and dW GEMMs; backward scatters dX and casts dW (docs/design.md)."""
+def _fused_wce_chunk_phases(p: Problem, chunks: int, plan: str, prefix: str = "") -> list[Phase]:
+    """The Triton path's chunk loop up to dX, for the logits plan ``plan``: "cublas" (fp32 logits from a cuBLAS
+    GEMM, logit_rows reads each row twice and writes dlogits in place) or "tiled" (vocab_partials stores
+    tile-relative logits in the input dtype, combine, softmax_grad in place)."""
     b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
-    rows_budget = FUSED_WCE_CHUNK_BUDGET // (v * b)
-    chunk = max(1, rows_budget - rows_budget % 128 if rows_budget >= 128 else rows_budget)
-    chunk = min(chunk, max(m, 1))
+    w = v * h * b
+    phases = [Phase("gather counted rows", 0, n * h * b + m * h * b)]
+    if plan == "cublas":
+        logits32 = m * v * 4
+        phases += [
+            _gemm(f"{prefix}logits = X @ W^T (cuBLAS, fp32 out)", m, p, chunks * w + m * h * b + logits32),
+            Phase(f"{prefix}logit_rows (two reads, dlogits in place)", 0, 2 * logits32 + m * v * b),
+        ]
+    else:
+        tiles = _cdiv(v, FUSED_WCE_VOCAB_TILE)
+        summaries = 3 * m * tiles * 4
+        logits = m * v * b
+        phases += [
+            _gemm(f"{prefix}vocab_partials (logits + online lse)", m, p, chunks * w + m * h * b + logits + summaries),
+            Phase(f"{prefix}combine", 0, summaries),
+            Phase(f"{prefix}softmax_grad (in place)", 0, 2 * logits + m * tiles * 4),
+        ]
+    phases.append(_gemm(f"{prefix}dX = dlogits @ W", m, p, m * v * b + chunks * w + m * h * b))
+    return phases
+
+
+def _chunk_buffers(p: Problem, chunk: int, plan: str) -> dict:
+    if plan == "cublas":
+        return {"fp32 logits chunk [C, V]": chunk * p.vocab * 4}
+    return {"logits chunk [C, V]": chunk * p.vocab * p.dtype_bytes,
+            "tile summaries": 3 * chunk * _cdiv(p.vocab, FUSED_WCE_VOCAB_TILE) * 4}
+
+
+def _fused_wce(p: Problem, plan: str = "cublas") -> Algorithm:
+    """Gradients in forward (reduced loss): per chunk of C counted rows, the plan's dlogits, then the dX and dW
+    GEMMs; backward scatters dX and casts dW (docs/design.md)."""
+    b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
+    chunk = _fused_wce_rows(p, lean=False)
     chunks = _cdiv(m, chunk) if m else 0
-    tiles = _cdiv(v, FUSED_WCE_VOCAB_TILE)
-    logits = m * v * b
-    phases = _fused_wce_chunk_phases(p, chunks)
+    phases = _fused_wce_chunk_phases(p, chunks, plan)
     if not p.frozen_head:  # cuBLAS, fp32 output: the first chunk writes dW, later chunks read and write it
         phases.append(_gemm("dW += dlogits^T @ X (fp32)", m, p,
-                            logits + m * h * b + v * h * 4 * max(2 * chunks - 1, 0)))
+                            m * v * b + m * h * b + v * h * 4 * max(2 * chunks - 1, 0)))
         phases.append(Phase("dW fp32 -> input dtype", 0, v * h * (4 + b)))
     phases.append(Phase("scatter dX to [N, H]", 0, n * h * b + m * h * b))
     dw32 = {} if p.frozen_head else {"dW fp32": v * h * 4}
     live = {
-        "forward (chunk loop)": {"logits chunk [C, V]": chunk * v * b, "tile summaries": 3 * chunk * tiles * 4,
-                                 "gathered hidden [M, H]": m * h * b, "dX [M, H]": m * h * b, **dw32,
-                                 "per-token stats": 6 * m * 4},
+        "forward (chunk loop)": {**_chunk_buffers(p, chunk, plan), "gathered hidden [M, H]": m * h * b,
+                                 "dX [M, H]": m * h * b, **dw32, "per-token stats": 6 * m * 4},
         "backward (casts)": {**dw32, "dW": 0 if p.frozen_head else v * h * b, "dX [M, H]": m * h * b,
                              "dX [N, H]": n * h * b},
     }
-    return Algorithm("fused_wce", f"grad in forward on M counted rows, {chunks} chunks of {chunk}", m,
+    name = "fused_wce" if plan == "cublas" else "fused_wce_tiled"
+    return Algorithm(name, f"{plan} logits, grad in forward on M counted rows, {chunks} chunks of {chunk}", m,
                      tuple(phases), live)
 
 
 def _fused_wce_lean(p: Problem) -> Algorithm:
-    """lean_memory=True: the chunk loop of the default plan without its dW GEMM (chunks of a quarter budget), then
-    per vocabulary slab of S columns over all M rows: vocab_partials recomputes the slab's logits, softmax_grad,
-    dW[slab] = dlogits^T @ X written once in the input dtype (docs/design.md). No fp32 [V, H]; 8 M H V FLOPs."""
+    """lean_memory=True (default cuBLAS plan): the chunk loop without its dW GEMM (chunks of a quarter budget),
+    then per vocabulary slab of S columns over all M rows: cuBLAS recomputes the slab's fp32 logits, logit_rows
+    writes dlogits with the known lse, dW[slab] = dlogits^T @ X into an fp32 [S, H] block rounded once into the
+    input dtype (docs/design.md). No fp32 [V, H]; 8 M H V FLOPs."""
     b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
     if p.frozen_head:  # lean mode only changes the weight gradient: without one it is the default plan
         algo = _fused_wce(p)
         return Algorithm("fused_wce_lean", algo.summary, algo.rows, algo.phases, algo.live)
-    budget = FUSED_WCE_CHUNK_BUDGET // FUSED_WCE_LEAN_BUDGET_DIVISOR
-    tile = FUSED_WCE_VOCAB_TILE
-    rows_budget = budget // (v * b)
-    chunk = min(max(1, rows_budget - rows_budget % 128 if rows_budget >= 128 else rows_budget), max(m, 1))
+    chunk = _fused_wce_rows(p, lean=True)
     chunks = _cdiv(m, chunk) if m else 0
-    slab = min(max(tile, rows_budget * v // max(m, 1) // tile * tile), _cdiv(v, tile) * tile)
+    slab = fused_wce_budget.slab_columns(m, v, chunk, extra_rows=h)
     slabs = _cdiv(v, slab)
-    tiles = _cdiv(v, tile)
-    w, logits = v * h * b, m * v * b
-    summaries = 3 * m * tiles * 4
-    phases = _fused_wce_chunk_phases(p, chunks, prefix="chunks: ") + [
-        _gemm("slabs: vocab_partials (recompute logits)", m, p, w + slabs * m * h * b + logits + summaries),
-        Phase("slabs: softmax_grad (in place)", 0, 2 * logits + m * tiles * 4),
-        _gemm("slabs: dW[slab] = dlogits^T @ X", m, p, logits + slabs * m * h * b + w),
+    w, logits32 = v * h * b, m * v * 4
+    phases = _fused_wce_chunk_phases(p, chunks, "cublas", prefix="chunks: ") + [
+        _gemm("slabs: logits (cuBLAS, fp32 out)", m, p, w + slabs * m * h * b + logits32),
+        Phase("slabs: logit_rows (dlogits in place)", 0, logits32 + m * v * b),
+        _gemm("slabs: dW[slab] = dlogits^T @ X (fp32 out)", m, p, m * v * b + slabs * m * h * b + v * h * 4),
+        Phase("slabs: dW fp32 block -> input dtype", 0, v * h * (4 + b)),
         Phase("scatter dX to [N, H]", 0, n * h * b + m * h * b),
     ]
     common = {"gathered hidden [M, H]": m * h * b, "dX [M, H]": m * h * b, "dW": w, "per-token stats": 7 * m * 4}
     live = {
-        "chunk loop": {"logits chunk [C, V]": chunk * v * b, "tile summaries": 3 * chunk * tiles * 4, **common},
-        "slab loop": {"logits slab [M, S]": m * slab * b, "tile summaries": 3 * m * (slab // tile) * 4, **common},
+        "chunk loop": {"fp32 logits chunk [C, V]": chunk * v * 4, **common},
+        "slab loop": {"fp32 logits slab [M, S]": m * slab * 4, "dW slab fp32 [S, H]": slab * h * 4, **common},
         "backward (scatter)": {"dW": w, "dX [M, H]": m * h * b, "dX [N, H]": n * h * b},
     }
     return Algorithm("fused_wce_lean", f"{chunks} chunks of {chunk}, then {slabs} vocabulary slabs of {slab}", m,
@@ -249,23 +267,32 @@ def _fused_wce_lean(p: Problem) -> Algorithm:
 
 
 def _fused_wce_torch(p: Problem) -> Algorithm:
-    """fused_wce(backend="torch") on CUDA: fp32 chunks of budget // (8 V) rows, fp32 GEMMs (weight upcast once)."""
+    """fused_wce(backend="torch") on CUDA: fp32 [C, B] blocks, two passes (statistics, then gradients with the
+    logits recomputed), fp32 GEMMs on blocks upcast on use: 8 M H V FLOPs, dW rows written once per block."""
     b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
-    chunk = min(max(1, FUSED_WCE_CHUNK_BUDGET // (8 * v)), max(m, 1))
-    chunks = _cdiv(m, chunk) if m else 0
+    spend = fused_wce_budget.budget_bytes(cpu=False, lean=False)
+    rows = min(1024, max(m, 1))
+    per_column = 8 * rows + (4 * h if b != 4 else 0)  # two fp32 blocks' rows, the weight block's fp32 copy
+    columns = min(v, max(64, spend // per_column // 64 * 64))
+    blocks = _cdiv(v, columns)
+    chunks = _cdiv(m, rows) if m else 0
     w32, logits32 = v * h * 4, m * v * 4
-    phases = [Phase("gather + weight upcast", 0, n * h * b + m * h * b + v * h * (b + 4)),
-              _gemm("logits (fp32)", m, p, chunks * w32 + m * h * 4 + logits32, rate="fp32"),
-              Phase("loss math on whole rows", 0, 6 * logits32),
-              _gemm("dX (fp32)", m, p, logits32 + chunks * w32 + m * h * 4, rate="fp32")]
+    phases = [Phase("gather counted rows", 0, n * h * b + m * h * b),
+              _gemm("pass 1: logits (fp32)", m, p, chunks * (w32 + v * h * b) + m * h * 4 + logits32, rate="fp32"),
+              Phase("pass 1: online summaries", 0, 3 * logits32),
+              _gemm("pass 2: logits again (fp32)", m, p, w32 + v * h * b + blocks * m * h * 4 + logits32,
+                    rate="fp32"),
+              Phase("pass 2: dlogits", 0, 3 * logits32),
+              _gemm("pass 2: dX (fp32)", m, p, logits32 + w32 + blocks * m * h * 4 * 2, rate="fp32")]
     if not p.frozen_head:
-        phases.append(_gemm("dW (fp32)", m, p, logits32 + m * h * 4 + 2 * chunks * w32, rate="fp32"))
-    dw32 = {} if p.frozen_head else {"dW fp32": v * h * 4}
-    live = {"forward": {"weight fp32": w32, "two fp32 [C, V] blocks": 2 * chunk * v * 4, **dw32,
-                        "dX [M, H]": m * h * b, "gathered hidden": m * h * b},
+        phases.append(_gemm("pass 2: dW (fp32)", m, p, logits32 + blocks * m * h * 4 + w32, rate="fp32"))
+    dw32 = {} if p.frozen_head else {"dW fp32": w32}
+    live = {"pass 2": {"two fp32 [C, B] blocks": 2 * rows * columns * 4,
+                       "weight block fp32": columns * h * 4 if b != 4 else 0,
+                       **dw32, "dX fp32 [M, H]": m * h * 4, "gathered hidden": m * h * b},
             "backward": {**dw32, "dW": 0 if p.frozen_head else v * h * b, "dX [N, H]": n * h * b,
                          "dX [M, H]": m * h * b}}
-    return Algorithm("fused_wce[torch]", f"fp32 chunks of {chunk} counted rows", m, tuple(phases), live)
+    return Algorithm("fused_wce[torch]", f"fp32 blocks of {rows} x {columns}, two passes", m, tuple(phases), live)
 
 
 def _torch_eager(p: Problem) -> Algorithm:
@@ -400,6 +427,7 @@ def _cce(p: Problem, exact: bool) -> Algorithm:
 
 PROVIDERS = {
     "fused_wce": _fused_wce,
+    "fused_wce_tiled": lambda p: _fused_wce(p, plan="tiled"),
     "fused_wce_lean": _fused_wce_lean,
     "fused_wce[torch]": _fused_wce_torch,
     "torch_eager": _torch_eager,

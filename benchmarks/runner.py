@@ -20,7 +20,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Peers first and fused_wce last in each GPU worker: a kernel fault poisons the CUDA context, and the peers'
 # rows of that workload are then already recorded.
 GPU_PROVIDERS = ["torch_eager", "torch_compile", "torch_chunked", "trl_chunked", "liger", "liger_fp32acc", "cce",
-                 "cce_exact", "fused_wce[torch]", "fused_wce_lean", "fused_wce"]
+                 "cce_exact", "fused_wce[torch]", "fused_wce_lean", "fused_wce_tiled", "fused_wce"]
 CPU_PROVIDERS = ["torch_eager", "torch_chunked", "trl_chunked", "fused_wce"]
 # The timed CPU profile keeps to the issue's comparison (TRL's CPU fallback is in the smoke run and with
 # --providers), so that it stays CI-sized on 2 cores.

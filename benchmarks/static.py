@@ -2,7 +2,7 @@
 
     python -m benchmarks.static [--targets 80 90 100] [--out bench_out] [--no-candidates] [--only REGEX] [--jobs N]
 
-For every kernel specialisation fused_wce ships (``fused_wce.kernels.compile_specs.shipped_specs``) at its shipped
+For every kernel specialisation fused_wce ships (``benchmarks.kernel_specs.shipped_specs``) at its shipped
 config, and for a small set of candidate configs per kernel around the defaults, it compiles with Triton for each
 target (sm_80 = A100, sm_90 = H100/H200, sm_100 = B200 when the installed Triton supports it) and reads:
 registers per thread, spill stores/loads and stack (ptxas' own report of that compile), shared memory and tensor
@@ -94,7 +94,7 @@ def occupancy(regs: int, num_warps: int, shared_bytes: int, limits: SmLimits, tm
 
 @dataclass(frozen=True)
 class Job:
-    """One compile: ``spec`` (a fused_wce.kernels.compile_specs.CompileSpec) for ``sm_<capability>``.
+    """One compile: ``spec`` (a benchmarks.kernel_specs.CompileSpec) for ``sm_<capability>``.
     ``family``: the kernel and dtype without the loss-variant flags (what a candidate config is compared within);
     ``shipped``: the config is the one the launchers use on that target; ``role``: "shipped" (from shipped_specs) or
     "candidate"."""
@@ -161,7 +161,7 @@ def candidate_jobs(capability: int) -> list[Job]:
     this target (configs may differ per loss variant, e.g. a narrower vocabulary tile for the heaviest)."""
     import torch
 
-    from fused_wce.kernels import compile_specs as cs
+    from benchmarks import kernel_specs as cs
     from fused_wce.kernels.configs import gpu_configs
 
     shipped_by_name = {spec.name: spec for spec in cs.shipped_specs(capability)}
@@ -201,7 +201,7 @@ def candidate_jobs(capability: int) -> list[Job]:
 
 
 def shipped_jobs(capability: int) -> list[Job]:
-    from fused_wce.kernels.compile_specs import shipped_specs
+    from benchmarks.kernel_specs import shipped_specs
 
     return [Job(capability, spec, family_of(spec.name), True, "shipped") for spec in shipped_specs(capability)]
 
@@ -238,7 +238,7 @@ def mma_family(ptx: str) -> str:
 def compile_job(job: Job) -> dict:
     """Compile one job and read its resources. Needs TRITON_ALWAYS_COMPILE=1 and TRITON_DUMP_PTXAS_LOG=1 (set by
     the worker) so that ptxas runs for this compile and its report (registers, stack, spills) is printed."""
-    from fused_wce.kernels.compile_specs import compile_spec
+    from benchmarks.kernel_specs import compile_spec
 
     log = io.StringIO()
     with contextlib.redirect_stdout(log):

@@ -33,58 +33,11 @@ merge and the per-token outputs; ``softmax_grad``: ``dlogits``), each variant a 
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-
-@dataclass(frozen=True)
-class LossVariant:
-    """Which loss: plain cross-entropy when every field has its default.
-
-    - ``label_smoothing`` (eps, in [0, 1)): as ``F.cross_entropy`` defines it;
-    - ``z_loss`` (lam >= 0): ``lam * lse**2`` added to each counted token's loss (PaLM);
-    - ``softcap`` (> 0 or None): ``z = softcap * tanh(z / softcap)`` (Gemma-2's final_logit_softcapping);
-    - ``logit_scale`` (> 0): multiplies the logits before the softcap (Cohere; a temperature is 1 / scale);
-    - ``dft``: each counted token's loss times stop-gradient ``p(target)`` (Dynamic Fine-Tuning).
-    """
-
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    softcap: float | None = None
-    logit_scale: float = 1.0
-    dft: bool = False
-
-    def __post_init__(self):
-        self.check(label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-                   logit_scale=self.logit_scale, dft=self.dft)
-
-    @staticmethod
-    def check(*, label_smoothing: float, z_loss: float, softcap: float | None, logit_scale: float, dft: bool) -> None:
-        """Raise ValueError/TypeError naming the first invalid field (also used before a variant is built)."""
-        if not (math.isfinite(label_smoothing) and 0.0 <= label_smoothing < 1.0):
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if not (math.isfinite(z_loss) and z_loss >= 0.0):
-            raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")
-        if softcap is not None and not (math.isfinite(softcap) and softcap > 0.0):
-            raise ValueError(f"softcap must be None or finite and > 0, got {softcap}")
-        if not (math.isfinite(logit_scale) and logit_scale > 0.0):
-            raise ValueError(f"logit_scale must be finite and > 0, got {logit_scale}")
-        if not isinstance(dft, bool):
-            raise TypeError(f"dft must be a bool, got {type(dft).__name__}")
-
-    @property
-    def has_logit_scale(self) -> bool:
-        return self.logit_scale != 1.0
-
-    @property
-    def has_softcap(self) -> bool:
-        return self.softcap is not None
-
-
-PLAIN = LossVariant()
+from .options import PLAIN, LossOptions
 
 
 class TokenStats(NamedTuple):
@@ -97,26 +50,27 @@ class TokenStats(NamedTuple):
     z_term: torch.Tensor | None = None  # float32, lam * lse**2 (only with z_loss)
 
 
-def transform_logits_(raw_logits: torch.Tensor, variant: LossVariant) -> torch.Tensor:
+def transform_logits_(raw_logits: torch.Tensor, options: LossOptions) -> torch.Tensor:
     """``z = softcap(scale * r)`` in place on fp32 ``[M, V]`` raw logits; returns them."""
-    if variant.has_logit_scale:
-        raw_logits.mul_(variant.logit_scale)
-    if variant.has_softcap:
-        raw_logits.div_(variant.softcap).tanh_().mul_(variant.softcap)
+    if options.has_logit_scale:
+        raw_logits.mul_(options.logit_scale)
+    if options.has_softcap:
+        raw_logits.div_(options.softcap).tanh_().mul_(options.softcap)
     return raw_logits
 
 
-def tile_summary_(logits: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def tile_summary_(logits: torch.Tensor, exp_out: torch.Tensor | None = None
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """Summarise rows of an fp32 logit tile ``[M, T]`` as ``(m, s, e)``, each ``[M]`` (see module doc).
 
-    Overwrites ``logits`` with ``z - m`` and also returns ``exp(z - m)`` (``[M, T]``), the unnormalised
-    probabilities that :func:`softmax_grad_` turns into ``dlogits``; two ``[M, T]`` buffers in all.
+    Overwrites ``logits`` with ``z - m`` and writes ``exp(z - m)`` into ``exp_out`` (``[M, T]`` fp32; a new
+    tensor when None), which it also returns: two ``[M, T]`` buffers in all.
     """
     row_max = logits.amax(dim=-1)
     # A -inf logit (a banned token) has p = 0 and adds nothing; clamping it to the lowest finite float keeps
     # exp(z - m) (z - m) at 0 instead of 0 * -inf = NaN. NaN stays NaN.
     shifted = logits.sub_(row_max[:, None]).clamp_(min=torch.finfo(logits.dtype).min)
-    exp_shifted = shifted.exp()
+    exp_shifted = torch.exp(shifted, out=exp_out) if exp_out is not None else shifted.exp()
     sum_exp = exp_shifted.sum(-1)
     # sum_v exp(z - m) (z - m) as a batched dot product: no third [M, T] temporary.
     sum_exp_shifted = torch.bmm(exp_shifted[:, None, :], shifted[:, :, None]).view(-1)
@@ -135,7 +89,7 @@ def merge_tile_summaries(a, b):
     return m, s, e
 
 
-def finish_token_stats(summary, target_logit: torch.Tensor, variant: LossVariant = PLAIN,
+def finish_token_stats(summary, target_logit: torch.Tensor, options: LossOptions = PLAIN,
                        sum_logits: torch.Tensor | None = None, vocab_size: int | None = None) -> TokenStats:
     """Per-token outputs from a whole-row summary ``(m, s, e)`` and the target's fp32 logit, all ``[M]``.
 
@@ -147,12 +101,12 @@ def finish_token_stats(summary, target_logit: torch.Tensor, variant: LossVariant
     lse = row_max + log_sum_exp
     entropy = log_sum_exp - sum_exp_shifted / sum_exp
     token_loss = lse - target_logit
-    if variant.label_smoothing:
-        eps = variant.label_smoothing
+    if options.label_smoothing:
+        eps = options.label_smoothing
         token_loss = (1.0 - eps) * token_loss + eps * (lse - sum_logits / vocab_size)
     z_term = None
-    if variant.z_loss:
-        z_term = variant.z_loss * lse * lse
+    if options.z_loss:
+        z_term = options.z_loss * lse * lse
         token_loss = token_loss + z_term
     return TokenStats(token_loss, lse, entropy, target_logit >= row_max, z_term)
 
@@ -168,32 +122,28 @@ def apply_dft(stats: TokenStats, factor: torch.Tensor) -> TokenStats:
     return stats._replace(token_loss=stats.token_loss * factor, z_term=z_term)
 
 
-def softmax_grad_(exp_shifted: torch.Tensor, shifted: torch.Tensor | None, row_max: torch.Tensor,
-                  sum_exp: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, coef: torch.Tensor,
-                  variant: LossVariant = PLAIN, vocab_size: int | None = None) -> torch.Tensor:
-    """Turn ``exp(z - m)`` rows ``[M, T]`` into ``dlogits`` (with respect to the raw logits) in place.
+def softmax_grad_(probs: torch.Tensor, logits: torch.Tensor | None, lse: torch.Tensor, target: torch.Tensor,
+                  coef: torch.Tensor, options: LossOptions = PLAIN, vocab_size: int | None = None) -> torch.Tensor:
+    """Turn probabilities ``p = exp(z - lse)``, rows ``[M, T]``, into ``dlogits`` (with respect to the raw
+    logits) in place, and return them.
 
-    ``p = exp(z - m) / s = exp(z - lse)``; ``coef`` (float32 ``[M]``) already includes the DFT factor.
-    ``shifted`` (``z - m``, ``[M, T]``) is needed only with a softcap, whose derivative depends on ``z``.
-    The rows may be one slab of the vocabulary (``T < V``): ``target`` is then relative to the slab's first
-    column (a target outside ``[0, T)`` is in another slab), ``s = exp(lse - m)`` and ``vocab_size`` is ``V``
-    (label smoothing's ``eps / V``); by default the rows are whole (``T == V``).
+    ``coef`` (float32 ``[M]``) already includes the DFT factor. ``logits`` (``z``, ``[M, T]``) is needed only
+    with a softcap, whose derivative depends on ``z``; it is overwritten. The rows may be one block of the
+    vocabulary (``T < V``): ``target`` is then relative to the block's first column (a target outside
+    ``[0, T)`` is in another block) and ``vocab_size`` is ``V`` (label smoothing's ``eps / V``); by default the
+    rows are whole (``T == V``).
     """
-    row_scale = coef / sum_exp
-    if variant.z_loss:
-        row_scale = row_scale * (1.0 + 2.0 * variant.z_loss * lse)
-    grad = exp_shifted.mul_(row_scale[:, None])
-    eps = variant.label_smoothing
+    row_scale = coef * (1.0 + 2.0 * options.z_loss * lse) if options.z_loss else coef
+    grad = probs.mul_(row_scale[:, None])
+    eps = options.label_smoothing
     width = grad.shape[1]
-    in_slab = (target >= 0) & (target < width)
-    target_step = torch.where(in_slab, -(1.0 - eps) * coef, torch.zeros_like(coef))
+    in_block = (target >= 0) & (target < width)
+    target_step = torch.where(in_block, -(1.0 - eps) * coef, torch.zeros_like(coef))
     grad.scatter_add_(1, target.clamp(0, width - 1)[:, None], target_step[:, None])
     if eps:
         grad.sub_((eps / (vocab_size or width)) * coef[:, None])
-    if variant.has_softcap:
-        # dz/dr = scale * (1 - tanh^2) = scale * (1 - (z / cap)^2), z = (z - m) + m
-        capped = shifted.add_(row_max[:, None]).div_(variant.softcap)
-        grad.mul_(capped.square_().neg_().add_(1.0))
-    if variant.has_logit_scale:
-        grad.mul_(variant.logit_scale)
+    if options.has_softcap:  # dz/dr = scale * (1 - tanh^2) = scale * (1 - (z / cap)^2)
+        grad.mul_(logits.div_(options.softcap).square_().neg_().add_(1.0))
+    if options.has_logit_scale:
+        grad.mul_(options.logit_scale)
     return grad

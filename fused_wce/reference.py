@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .types import LossOutput
+from .outputs import LossOutput
 
 
 def reference_linear_cross_entropy(

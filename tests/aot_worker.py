@@ -11,11 +11,12 @@ import tempfile
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: benchmarks.kernel_specs
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import triton  # noqa: E402
 
-from fused_wce.kernels.compile_specs import compile_spec, shipped_specs  # noqa: E402
+from benchmarks.kernel_specs import compile_spec, shipped_specs  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
@@ -31,7 +32,7 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 # Kernel arguments whose products with a row/column index can pass 2**31: such a product must never be a
 # 32-bit multiply.
-LARGE_OPERANDS = {"M", "stride_hidden_m", "stride_weight_v", "stride_logits_m", "stride_am", "stride_ak",
+LARGE_OPERANDS = {"M", "stride_hidden_m", "stride_weight_v", "stride_logits_m", "stride_grad_m", "stride_am", "stride_ak",
                   "stride_bk", "stride_bn", "stride_cm", "stride_cn"}
 _NARROW_MUL = re.compile(r"\s*(?:mul|mad)\.lo\.[su]32\s+(%r\d+),\s*([^,;]+),\s*([^,;]+)")
 _WIDEN = re.compile(r"\s*(?:cvt\.[su]64\.[su]32|mul\.wide\.[su]32|mad\.wide\.[su]32)\s+%rd\d+,\s*(%r\d+)")

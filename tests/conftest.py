@@ -38,13 +38,30 @@ if HAS_CUDA:
     PATHS += [("cuda", "triton"), ("cuda", "torch")]
 
 
+# The Triton path's gradient pass has two plans for a chunk's logits (LossOptions.logits_gemm): the default
+# ("cublas") runs on every Triton path above; the tests of the loss itself also run the other one, marked by a
+# third element "tiled".
+PLAN_PATHS = PATHS + [(device, "triton", "tiled") for device, backend in PATHS if backend == "triton"]
+
+
 def path_id(path):
-    return f"{path[0]}-{path[1]}"
+    return "-".join(path)
 
 
 @pytest.fixture(params=PATHS, ids=path_id)
 def path(request):
     """``(device, backend)`` of one execution path."""
+    return request.param
+
+
+@pytest.fixture(params=PLAN_PATHS, ids=path_id)
+def every_plan_path(request, monkeypatch):
+    """``path``, plus the Triton path's register-tiled logits plan (``(device, "triton", "tiled")``: "auto"
+    selects it for the duration of the test). Test modules of the loss itself use it as their ``path``."""
+    if len(request.param) == 3:
+        import fused_wce.backends.triton_chunks as triton_chunks
+
+        monkeypatch.setattr(triton_chunks, "DEFAULT_LOGITS_GEMM", "triton")
     return request.param
 
 
@@ -57,7 +74,7 @@ def device(request):
 @pytest.fixture
 def poison(monkeypatch):
     """Fill every buffer a pass must write in full with garbage (NaN / 7), so unwritten elements show."""
-    import fused_wce._passes as passes
+    import fused_wce.passes as passes
 
     def poisoned(*shape, dtype, device):
         fill = float("nan") if dtype.is_floating_point else 7

@@ -82,9 +82,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, yardstick: torch.
 def run_inside_custom_op(mode, func, args, kwargs):
     """For a dispatch mode: run a fused_wce custom op's implementation with ``mode`` active, so the mode sees
     the ops inside it (a mode otherwise sees one opaque op). Returns None for any other op."""
-    from fused_wce.functional import OP_IMPLEMENTATIONS
+    from torch._library.custom_ops import OPDEFS
 
-    implementation = OP_IMPLEMENTATIONS.get(func._schema.name)
+    definition = OPDEFS.get(func._schema.name)
+    if definition is None or not func._schema.name.startswith("fused_wce::"):
+        return None
+    implementation = definition._init_fn  # the Python function the op was defined with
     if implementation is None:
         return None
     with mode:

@@ -52,7 +52,7 @@ CASES = [
 
 @pytest.mark.parametrize("name, overrides, options, error, fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_named(name, overrides, options, error, fragment, monkeypatch):
-    import fused_wce._torch_backend as backend
+    import fused_wce.backends.torch_blocks as backend
 
     def no_launch(request):
         raise AssertionError("a pass ran before the bad input was rejected")

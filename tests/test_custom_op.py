@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fused_wce
-from fused_wce.functional import _loss_backward_op, _loss_op
+from fused_wce.custom_ops import _loss_backward_op, _loss_op
 from helpers import make_problem
 
 OPTIONS = {
@@ -29,10 +29,9 @@ def _op_arguments(problem, option: dict, device: str):
     """Positional tensors and keyword options of the forward op, as linear_cross_entropy passes them."""
     option = dict(option)
     normalizer = option.pop("normalizer", None)
-    keywords = dict(ignore_index=-100, reduction="mean", chunk_size=16, backend="auto", label_smoothing=0.0,
-                    z_loss=0.0, softcap=None, logit_scale=1.0, dft=False, compute_dtype=problem.hidden.dtype,
-                    lean_memory=False, grad_hidden=True, grad_weight=True, grad_bias=True)
-    keywords.update(option)
+    option.setdefault("compute_dtype", problem.hidden.dtype)
+    keywords = dict(fused_wce.LossOptions(chunk_size=16, **option).op_kwargs(), grad_hidden=True, grad_weight=True,
+                    grad_bias=True)
     tensors = (problem.hidden, problem.weight, problem.bias, problem.target, problem.token_weight,
                None if normalizer is None else normalizer.to(device))
     return tensors, keywords
@@ -47,8 +46,7 @@ def test_opcheck_forward(device, option):
 
 def test_opcheck_backward(device):
     problem = make_problem((24,), 16, 200, torch.float32, device, bias=True, seed=2)
-    tensors, keywords = _op_arguments(problem, {}, device)
-    del keywords["reduction"]
+    tensors, keywords = _op_arguments(problem, dict(reduction="none"), device)
     grad_output = torch.randn(24, device=device)
     # It is the backward of the forward op: once differentiable, so its inputs are plain (detached) tensors.
     detached = tuple(t.detach() for t in tensors[:5])
@@ -96,3 +94,23 @@ def test_compiled_reduction_none_runs_the_backward_op(device):
     eager = torch.autograd.grad(per_token(*args), [problem.hidden, problem.weight], upstream)
     for grad, eager_grad in zip(grads, eager):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-6, atol=0)
+
+
+def test_reduce_overhead_compiles_and_runs(device):
+    """``mode="reduce-overhead"`` (CUDA graphs): the ops synchronise with the host, so they are tagged
+    cudagraph_unsafe and the graph is partitioned around them (or not captured); results equal eager."""
+    compiled = torch.compile(_loss_and_entropy, mode="reduce-overhead")
+    if hasattr(torch.Tag, "cudagraph_unsafe"):
+        assert torch.Tag.cudagraph_unsafe in torch.ops.fused_wce.linear_cross_entropy.default.tags
+        assert torch.Tag.cudagraph_unsafe in torch.ops.fused_wce.linear_cross_entropy_backward.default.tags
+    for seed in range(3):  # a different number of counted tokens each time
+        problem = make_problem((3, 8), 16, 120, torch.float32, device, bias=True, seed=seed, ignore_fraction=0.3)
+        inputs = (problem.hidden, problem.weight, problem.target, problem.token_weight, problem.bias)
+        loss, entropy = compiled(*inputs)
+        grads = torch.autograd.grad(loss, [problem.hidden, problem.weight, problem.bias])
+        eager_loss, eager_entropy = _loss_and_entropy(*inputs)
+        eager_grads = torch.autograd.grad(eager_loss, [problem.hidden, problem.weight, problem.bias])
+        torch.testing.assert_close(loss, eager_loss)
+        torch.testing.assert_close(entropy, eager_entropy)
+        for grad, eager_grad in zip(grads, eager_grads):
+            torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-7)

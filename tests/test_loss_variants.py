@@ -27,6 +27,12 @@ COMBINED = {
 ALL = {**ALONE, **COMBINED}
 
 
+@pytest.fixture
+def path(every_plan_path):
+    """Every execution path, and both logits plans of the Triton path."""
+    return every_plan_path
+
+
 @pytest.mark.parametrize("variant", list(ALL), ids=list(ALL))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_variant_fp32(path, variant, reduction, poison):

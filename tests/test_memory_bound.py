@@ -13,6 +13,12 @@ from conftest import INTERPRETING
 from helpers import make_problem, run_inside_custom_op
 
 
+@pytest.fixture
+def path(every_plan_path):
+    """Every execution path, and both logits plans of the Triton path."""
+    return every_plan_path
+
+
 class AllocationRecorder(TorchDispatchMode):
     """Records the shape of every tensor an op produces (every allocation a torch op makes)."""
 
@@ -59,12 +65,12 @@ def test_no_allocation_of_n_times_v(path, reduction, dtype):
 
 
 def test_default_chunk_follows_budget():
-    from fused_wce._passes import DEFAULT_CHUNK_BUDGET_BYTES, PassRequest, chunk_rows
+    from fused_wce.budget import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows
 
-    weight = torch.empty(128256, 8, dtype=torch.bfloat16)
-    request = PassRequest(hidden=torch.empty(0, 8), weight=weight, bias=None, target=torch.empty(0))
-    rows = chunk_rows(request, bytes_per_element=2, multiple=128)
-    assert rows % 128 == 0 and rows * 128256 * 2 <= DEFAULT_CHUNK_BUDGET_BYTES < (rows + 128) * 128256 * 2
+    for bytes_per_logit in (2, 4):
+        rows = chunk_rows(128256, bytes_per_logit, budget=DEFAULT_CHUNK_BUDGET_BYTES, multiple=128)
+        assert rows % 128 == 0
+        assert rows * 128256 * bytes_per_logit <= DEFAULT_CHUNK_BUDGET_BYTES < (rows + 128) * 128256 * bytes_per_logit
 
 
 class LiveBytes(TorchDispatchMode):
@@ -115,13 +121,16 @@ OPTIONS = {
 }
 
 
-def _documented_bound(path, dtype, num_tokens, hidden_size, vocab_size, chunk) -> tuple[int, int]:
+def _documented_bound(path, dtype, num_tokens, hidden_size, vocab_size, budget) -> tuple[int, int]:
     """(chunk term, O(N H + V H + N + V) term) of docs/design.md's allocation formulas, in bytes."""
+    # every plan's chunk (or block) buffers fit the budget, counted in the compute dtype; the cuBLAS plan holds
+    # those rows in fp32, the tiled plan adds its per-tile summaries
     b = torch.tensor([], dtype=dtype).element_size()
-    if path[1] == "torch":
-        chunk_term = 2 * chunk * vocab_size * 4  # two fp32 [C, V] blocks
-    else:
-        chunk_term = chunk * vocab_size * b + 4 * chunk * -(-vocab_size // 128) * 4  # logits chunk + summaries
+    chunk_term = budget
+    if path[1] == "triton" and len(path) == 2:
+        chunk_term = budget * 4 // b
+    if len(path) == 3:
+        chunk_term += 4 * (budget // (vocab_size * b)) * -(-vocab_size // 128) * 4
     # fp32 weight copy + fp32 grad_weight + grad_weight cast, gathered hidden + grad_hidden (fp32 upcast
     # chunk on CPU) + its scatter, per-token vectors (~16 [N] fp32/int64), per-vocabulary vectors ([V] bias terms)
     linear_term = 3 * vocab_size * hidden_size * 4 + 4 * num_tokens * hidden_size * 4 + 64 * num_tokens * 8 \
@@ -133,19 +142,13 @@ def _documented_bound(path, dtype, num_tokens, hidden_size, vocab_size, chunk) -
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_every_option_stays_within_the_budget(path, dtype, option, monkeypatch):
     """No [N, V] allocation on any path and option, and peak live bytes <= chunk budget + O(N H + V H)."""
-    import fused_wce._passes as passes
-
-    if path == ("cpu", "triton") and dtype == torch.float32 and option not in ("mean", "none"):
+    if path[:2] == ("cpu", "triton") and dtype == torch.float32 and option not in ("mean", "none"):
         pytest.skip("the interpreter runs every option in bf16; fp32 only the two gradient plans (time)")
     num_tokens, hidden_size, vocab_size = 320, 8, 900
-    # the default chunk size from a (small) budget: 16 rows of fp32 CPU blocks, 32 rows of interpreter bf16
+    # the default chunk size from a (small) budget: well below the [N, V] logits
     budget = 16 * vocab_size * 8
-    monkeypatch.setattr(passes, "DEFAULT_CHUNK_BUDGET_BYTES", budget)
-    monkeypatch.setattr(passes, "CPU_CHUNK_BUDGET_BYTES", budget)
-    b = torch.tensor([], dtype=dtype).element_size()
-    chunk = budget // (vocab_size * (8 if path[1] == "torch" else b))
-    if path[1] == "triton":
-        chunk = max(chunk - chunk % 32, 32) if chunk >= 32 else chunk  # rounded to the kernel's row block
+    monkeypatch.setattr(fused_wce.budget, "DEFAULT_CHUNK_BUDGET_BYTES", budget)
+    monkeypatch.setattr(fused_wce.budget, "CPU_CHUNK_BUDGET_BYTES", budget)
     kwargs = dict(OPTIONS[option])
     frozen, no_grad, with_bias = kwargs.pop("frozen", None), kwargs.pop("no_grad", False), kwargs.pop("bias", True)
     problem = make_problem((num_tokens,), hidden_size, vocab_size, dtype, path[0], bias=with_bias,
@@ -164,7 +167,7 @@ def test_every_option_stays_within_the_budget(path, dtype, option, monkeypatch):
         del out, loss
     name, shape = shapes.largest()
     assert torch.Size(shape).numel() < num_tokens * vocab_size, f"{name} allocated {shape}"
-    chunk_term, linear_term = _documented_bound(path, dtype, num_tokens, hidden_size, vocab_size, chunk)
+    chunk_term, linear_term = _documented_bound(path, dtype, num_tokens, hidden_size, vocab_size, budget)
     logits_bytes = num_tokens * vocab_size * 4
     assert chunk_term + linear_term < logits_bytes / 2  # the bound discriminates: [N, V] fp32 logits break it
     assert live.peak <= chunk_term + linear_term, (

@@ -170,7 +170,7 @@ def test_vocabulary_262144(path, dtype, monkeypatch):
     if path == ("cpu", "triton"):
         if dtype != torch.float32:
             pytest.skip("one dtype is enough for the interpreter at this size")
-        import fused_wce._triton_backend as backend
+        import fused_wce.backends.triton_chunks as backend
 
         configs = _big_tile_configs()
         monkeypatch.setattr(backend, "configs_for", lambda device, dtype: configs)

@@ -74,20 +74,20 @@ def combine_kernel(
     tl.store(is_top1_ptr + offs_m, (target_logit >= running_max).to(tl.int8), mask=row_mask)
 
 
-def combine(partials: tuple[torch.Tensor, ...], target_logit: torch.Tensor,
-            token_loss: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, is_top1: torch.Tensor,
-            config, *, vocab_size: int, label_smoothing: float = 0.0, z_loss: float = 0.0,
-            z_term: torch.Tensor | None = None) -> None:
-    """Launch :func:`combine_kernel`: ``partials`` three (four with label smoothing) ``[S, M]`` fp32; outputs
-    ``[M]`` (is_top1 int8); ``z_term`` ``[M]`` is written when ``z_loss`` is non-zero."""
+def combine(partials: tuple[torch.Tensor, ...], target_logit: torch.Tensor, stats, config, *, options,
+            vocab_size: int) -> None:
+    """Launch :func:`combine_kernel`: ``partials`` three (four with label smoothing) ``[S, M]`` fp32;
+    ``stats`` (a :class:`fused_wce.passes.TokenStatBuffers` of ``[M]`` rows, is_top1 int8) receives the outputs
+    (``z_term`` with z-loss); ``options`` (:class:`fused_wce.options.LossOptions`) selects the variant."""
     num_splits, num_tokens = partials[0].shape
-    assert (len(partials) == 4) == (label_smoothing != 0.0) and (z_term is not None) == (z_loss != 0.0)
-    for out in (target_logit, token_loss, lse, entropy):
+    assert len(partials) == options.num_summaries and (stats.z_term is not None) == options.has_z_loss
+    for out in (target_logit, stats.token_loss, stats.lse, stats.entropy):
         assert out.shape == (num_tokens,) and out.dtype == torch.float32
-    assert is_top1.shape == (num_tokens,) and is_top1.dtype == torch.int8
+    assert stats.is_top1.shape == (num_tokens,) and stats.is_top1.dtype == torch.int8
     grid = (triton.cdiv(num_tokens, config.block_m),)
-    combine_kernel[grid](*partials[:3], partials[3] if label_smoothing else partials[0], target_logit,
-                         token_loss, lse, entropy, is_top1, z_term if z_term is not None else token_loss,
-                         num_tokens, vocab_size, num_splits, float(label_smoothing), float(z_loss),
-                         HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z_LOSS=z_loss != 0.0,
+    combine_kernel[grid](*partials[:3], partials[3] if options.has_smoothing else partials[0], target_logit,
+                         stats.token_loss, stats.lse, stats.entropy, stats.is_top1,
+                         stats.z_term if stats.z_term is not None else stats.token_loss,
+                         num_tokens, vocab_size, num_splits, options.label_smoothing, options.z_loss,
+                         HAS_SMOOTHING=options.has_smoothing, HAS_Z_LOSS=options.has_z_loss,
                          BLOCK_SIZE_M=config.block_m, BLOCK_SIZE_S=config.block_s, num_warps=config.num_warps)

@@ -24,13 +24,22 @@ class KernelConfig:
     block_s: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    group_m: int = 8
 
     @staticmethod
     def dot_precision(dtype: torch.dtype) -> str:
-        """fp32 inputs follow torch's matmul precision setting (TF32 only when torch allows it)."""
-        if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        """fp32 inputs follow torch's cuBLAS matmul precision (TF32 only where torch allows it), so both plans
+        multiply alike; half-precision inputs ignore it."""
+        if dtype == torch.float32 and not allows_tf32():
             return "ieee"
         return "tf32"
+
+
+def allows_tf32() -> bool:
+    """Whether torch lets fp32 cuBLAS matmuls use TF32, read through the per-backend precision API, which
+    answers whichever API the user set it with (the legacy ``allow_tf32`` flag raises once the newer
+    ``torch.backends.fp32_precision`` API has been used)."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,7 @@ class KernelConfigs:
     vocab_partials: KernelConfig
     combine: KernelConfig
     softmax_grad: KernelConfig
+    logit_rows: KernelConfig
     # vocab_partials when its epilogue also carries a softcap or the label-smoothing sum (more registers);
     # None: the same as vocab_partials.
     vocab_partials_heavy: KernelConfig | None = None
@@ -53,10 +63,12 @@ class KernelConfigs:
 
 _COMBINE = KernelConfig(block_m=32, block_s=64, num_warps=4)
 _SOFTMAX_GRAD = KernelConfig(block_m=16, num_warps=4)
+# One program per row streams 2048-column tiles of fp32 logits: 8 floats per thread per tile.
+_LOGIT_ROWS = KernelConfig(block_m=1, block_n=2048, num_warps=8)
 
 SM90_CONFIGS = KernelConfigs(
     vocab_partials=KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-    combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD,
+    combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD, logit_rows=_LOGIT_ROWS,
     # a softcap's tanh or the smoothing sum on a 128 x 128 tile spills 8-40 bytes; 128 x 64 does not
     vocab_partials_heavy=KernelConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
 )
@@ -64,20 +76,20 @@ SM90_CONFIGS = KernelConfigs(
 # there, 128 x 64 does not.
 SM80_CONFIGS = KernelConfigs(
     vocab_partials=KernelConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
-    combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD,
+    combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD, logit_rows=_LOGIT_ROWS,
 )
 # fp32 multiplies exactly (no TF32 unless torch allows it), with FMAs whose operand fragments live in
 # registers: smaller tiles and BLOCK_SIZE_K keep those kernels free of spills on both architectures.
 FP32_CONFIGS = KernelConfigs(
     vocab_partials=KernelConfig(block_m=64, block_n=128, block_k=16, num_warps=8, num_stages=3),
-    combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD,
+    combine=_COMBINE, softmax_grad=_SOFTMAX_GRAD, logit_rows=_LOGIT_ROWS,
 )
-GPU_CONFIGS = {80: SM80_CONFIGS, 90: SM90_CONFIGS}
 
 INTERPRETER_CONFIGS = KernelConfigs(
     vocab_partials=KernelConfig(block_m=32, block_n=256, block_k=64, num_warps=4, num_stages=1),
     combine=KernelConfig(block_m=64, block_s=4, num_warps=4),
     softmax_grad=KernelConfig(block_m=32, num_warps=4),
+    logit_rows=KernelConfig(block_m=1, block_n=512, num_warps=4),
     target_programs_per_sm=2,
 )
 

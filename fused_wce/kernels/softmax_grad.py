@@ -61,18 +61,18 @@ def softmax_grad_kernel(
 
 
 def softmax_grad(logits: torch.Tensor, tile_max: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
-                 coef: torch.Tensor, config, block_n: int, *, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: float | None = None, logit_scale: float = 1.0, num_classes: int | None = None) -> None:
+                 coef: torch.Tensor, config, block_n: int, *, options, num_classes: int) -> None:
     """Launch :func:`softmax_grad_kernel` over ``logits`` ``[M, V]`` (in place); ``block_n`` is the vocabulary
-    tile width the logits were written with; the keyword options select the loss variant. For one slab of the
-    vocabulary, ``target`` is relative to the slab and ``num_classes`` is the whole vocabulary's size."""
+    tile width the logits were written with; ``options`` (:class:`fused_wce.options.LossOptions`) selects the
+    loss variant. For one slab of the vocabulary, ``target`` is relative to the slab and ``num_classes`` is
+    the whole vocabulary's size."""
     num_tokens, vocab_size = logits.shape
     assert logits.stride(1) == 1
     assert tile_max.shape == (triton.cdiv(vocab_size, block_n), num_tokens)
     grid = (triton.cdiv(num_tokens, config.block_m), triton.cdiv(vocab_size, block_n))
-    softmax_grad_kernel[grid](logits, tile_max, lse, target, coef, num_tokens, vocab_size,
-                              num_classes or vocab_size, logits.stride(0),
-                              float(label_smoothing), float(z_loss), float(softcap or 1.0), float(logit_scale),
-                              HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z_LOSS=z_loss != 0.0,
-                              HAS_SOFTCAP=softcap is not None, HAS_LOGIT_SCALE=logit_scale != 1.0,
+    softmax_grad_kernel[grid](logits, tile_max, lse, target, coef, num_tokens, vocab_size, num_classes,
+                              logits.stride(0), options.label_smoothing, options.z_loss,
+                              float(options.softcap or 1.0), options.logit_scale,
+                              HAS_SMOOTHING=options.has_smoothing, HAS_Z_LOSS=options.has_z_loss,
+                              HAS_SOFTCAP=options.has_softcap, HAS_LOGIT_SCALE=options.has_logit_scale,
                               BLOCK_SIZE_M=config.block_m, BLOCK_SIZE_N=block_n, num_warps=config.num_warps)

@@ -46,11 +46,13 @@ def vocab_partials_kernel(
     tiles_per_split, logit_scale, softcap,
     HAS_BIAS: tl.constexpr, STORE_LOGITS: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SUM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
 ):
     """Summaries ``(max, sum exp, sum exp * shifted)`` of one split of the vocabulary for BLOCK_SIZE_M tokens.
 
-    Program ``(pid_m, pid_split)`` computes the logit tiles ``z = transform(hidden @ weight.T + bias)`` of rows
+    Programs run in grouped order (Triton's matmul tutorial): consecutive program ids walk GROUP_SIZE_M row
+    blocks of one vocabulary split before the next split, so the weight tiles of a split are read from L2 by
+    the row blocks that run together. Program ``(pid_m, pid_split)`` computes the logit tiles ``z = transform(hidden @ weight.T + bias)`` of rows
     ``pid_m * BLOCK_SIZE_M + [0, BLOCK_SIZE_M)`` over vocabulary tiles ``[pid_split * tiles_per_split, ...)``
     of BLOCK_SIZE_N columns, in fp32 registers, and folds them into a running summary (fused_wce.loss_math).
 
@@ -68,8 +70,15 @@ def vocab_partials_kernel(
         target_logit_ptr: ``[M]`` fp32; written by the one program whose split holds the row's target.
     The logit transform (logit_scale, softcap: floats) applies only where its HAS_* flag is set.
     """
-    pid_m = tl.program_id(0)
-    pid_split = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_row_blocks = tl.cdiv(M, BLOCK_SIZE_M)
+    num_splits = tl.cdiv(tl.cdiv(V, BLOCK_SIZE_N), tiles_per_split)
+    programs_per_group = GROUP_SIZE_M * num_splits
+    group = pid // programs_per_group
+    first_row_block = group * GROUP_SIZE_M
+    group_rows = tl.minimum(num_row_blocks - first_row_block, GROUP_SIZE_M)
+    pid_m = first_row_block + (pid % programs_per_group) % group_rows
+    pid_split = (pid % programs_per_group) // group_rows
     offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
     row_mask = offs_m < M
     # int64 offsets: M * H, V * H and M * V can exceed 2**31 for large vocabularies and chunks.
@@ -135,13 +144,13 @@ def vocab_partials_kernel(
 
 def vocab_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                    partials: tuple[torch.Tensor, ...], target_logit: torch.Tensor,
-                   logits: torch.Tensor | None, tiles_per_split: int, config, *, logit_scale: float = 1.0,
-                   softcap: float | None = None) -> None:
+                   logits: torch.Tensor | None, tiles_per_split: int, config, *, options) -> None:
     """Launch :func:`vocab_partials_kernel` over ``hidden`` ``[M, H]``; see its docstring for every tensor.
 
     ``partials`` are three (four with label smoothing: ``sum z``) ``[num_splits, M]`` fp32 tensors with
     ``num_splits = cdiv(cdiv(V, BLOCK_SIZE_N), tiles_per_split)``; ``logits`` (``[M, V]``, unit column
-    stride) is written when given. ``logit_scale != 1`` and ``softcap`` select the logit transform.
+    stride) is written when given. ``options`` (:class:`fused_wce.options.LossOptions`) selects the logit
+    transform (logit_scale, softcap).
     """
     num_tokens, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
@@ -157,17 +166,18 @@ def vocab_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if logits is not None:
         assert tiles_per_split == 1, "tile-relative logits need one tile per split"
         assert logits.shape == (num_tokens, vocab_size) and logits.stride(1) == 1
-    grid = (triton.cdiv(num_tokens, config.block_m), num_splits)
+    grid = (triton.cdiv(num_tokens, config.block_m) * num_splits,)
     vocab_partials_kernel[grid](
         hidden, weight, bias if bias is not None else weight, target,
         logits if logits is not None else hidden, *partials[:3], partials[3] if has_sum_logits else partials[0],
         target_logit, num_tokens, vocab_size, hidden_size,
         hidden.stride(0), weight.stride(0),
         logits.stride(0) if logits is not None else 0,
-        tiles_per_split, float(logit_scale), float(softcap or 1.0),
-        HAS_BIAS=bias is not None, STORE_LOGITS=logits is not None, HAS_LOGIT_SCALE=logit_scale != 1.0,
-        HAS_SOFTCAP=softcap is not None, HAS_SUM_LOGITS=has_sum_logits,
+        tiles_per_split, options.logit_scale, float(options.softcap or 1.0),
+        HAS_BIAS=bias is not None, STORE_LOGITS=logits is not None, HAS_LOGIT_SCALE=options.has_logit_scale,
+        HAS_SOFTCAP=options.has_softcap, HAS_SUM_LOGITS=has_sum_logits,
         DOT_PRECISION=config.dot_precision(hidden.dtype),
         BLOCK_SIZE_M=config.block_m, BLOCK_SIZE_N=config.block_n, BLOCK_SIZE_K=config.block_k,
+        GROUP_SIZE_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

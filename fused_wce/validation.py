@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .types import BACKENDS, REDUCTIONS
+from .options import FLOAT_DTYPES, LossOptions
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
@@ -23,13 +22,13 @@ def _require_tensor(name: str, value) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
-def check_arguments(hidden, weight, target, token_weight, bias, *, ignore_index, reduction, normalizer,
-                    chunk_size, backend, mixed_dtypes: bool = False) -> None:
-    """Check everything that needs no device values; raise TypeError/ValueError naming the argument.
-
-    ``mixed_dtypes``: the matmuls run in an explicit compute dtype (or autocast's), so weight and bias may
-    have any float dtype; otherwise they must have hidden's.
+def check_tensors(hidden, weight, target, token_weight, bias, normalizer, options: LossOptions) -> None:
+    """Check the tensors (and the normalizer) without reading device values; raise TypeError/ValueError
+    naming the argument. With an explicit or autocast compute dtype (``options.compute_dtype`` set before
+    :meth:`LossOptions.resolved`), weight and bias may have any float dtype; otherwise they must have hidden's.
     """
+    mixed_dtypes = options.casts_inputs or (isinstance(hidden, torch.Tensor)
+                                            and torch.is_autocast_enabled(hidden.device.type))
     _require_tensor("hidden", hidden)
     _require_tensor("weight", weight)
     _require_tensor("target", target)
@@ -70,14 +69,8 @@ def check_arguments(hidden, weight, target, token_weight, bias, *, ignore_index,
         if tuple(bias.shape) != (vocab_size,):
             raise ValueError(f"bias must have shape [V] = ({vocab_size},), got {tuple(bias.shape)}")
         _check_same_device("bias", bias, hidden)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not -2**63 <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if normalizer is not None:
-        if reduction == "none":
+        if options.reduction == "none":
             raise ValueError("normalizer applies to reduced losses; it cannot be combined with reduction='none'")
         if isinstance(normalizer, torch.Tensor):
             if normalizer.dim() != 0:
@@ -91,13 +84,6 @@ def check_arguments(hidden, weight, target, token_weight, bias, *, ignore_index,
                 raise ValueError(f"normalizer must be finite and > 0, got {normalizer}")
         else:
             raise TypeError(f"normalizer must be a float or a 0-d tensor, got {type(normalizer).__name__}")
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
-            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _check_same_device(name: str, tensor: torch.Tensor, hidden: torch.Tensor) -> None:

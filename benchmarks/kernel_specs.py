@@ -4,7 +4,7 @@
 kernel for a real GPU with no GPU present. The specs below mirror what the JIT specialises at run time for
 typical training shapes: pointers 16-byte aligned, row strides divisible by 16 (H and V of real models are),
 unit strides as the constant 1. Tests compile them for sm_80 and sm_90; ``benchmarks.static`` reports their
-registers, spills and shared memory.
+registers, spills and shared memory. (Build tooling: it reads the kernels, the runtime never imports it.)
 """
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .combine import combine_kernel
-from .configs import KernelConfig, gpu_configs
-from .softmax_grad import softmax_grad_kernel
-from .vocab_partials import vocab_partials_kernel
+from fused_wce.kernels.combine import combine_kernel
+from fused_wce.kernels.configs import KernelConfig, gpu_configs
+from fused_wce.kernels.logit_rows import logit_rows_kernel
+from fused_wce.kernels.softmax_grad import softmax_grad_kernel
+from fused_wce.kernels.vocab_partials import vocab_partials_kernel
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -86,7 +87,8 @@ def vocab_partials_spec(dtype: torch.dtype, *, store_logits: bool, has_bias: boo
     constexprs = {"HAS_BIAS": has_bias, "STORE_LOGITS": store_logits, "HAS_LOGIT_SCALE": flags.logit_scale,
                   "HAS_SOFTCAP": flags.softcap, "HAS_SUM_LOGITS": flags.smoothing,
                   "DOT_PRECISION": config.dot_precision(dtype),
-                  "BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": config.block_n, "BLOCK_SIZE_K": config.block_k}
+                  "BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": config.block_n, "BLOCK_SIZE_K": config.block_k,
+                  "GROUP_SIZE_M": config.group_m}
     signature.update({name: "constexpr" for name in constexprs})
     mode = "store_logits" if store_logits else "stats_only"
     variant = f"{'bias' if has_bias else 'no_bias'},{flags.tag}"
@@ -124,12 +126,35 @@ def softmax_grad_spec(dtype: torch.dtype, config: KernelConfig, block_n: int,
                        aligned=("logits_ptr", "part_max_ptr", "M", "V", "stride_logits_m"))
 
 
+def logit_rows_spec(dtype: torch.dtype, config: KernelConfig, *, has_bias: bool, known_lse: bool,
+                    flags: VariantFlags = PLAIN_FLAGS, dft: bool = False) -> CompileSpec:
+    """The cuBLAS plan's row kernel writing ``dlogits`` in ``dtype``: a chunk (``known_lse`` False: stats and
+    dlogits) or a lean-mode vocabulary slab (``known_lse``: dlogits from the given lse)."""
+    t = _TRITON_DTYPES[dtype]
+    signature = {"logits_ptr": "*fp32", "grad_ptr": _pointer(t), "bias_ptr": _pointer(t), "target_ptr": "*i64",
+                 "coef_ptr": "*fp32", "lse_ptr": "*fp32", "token_loss_ptr": "*fp32", "entropy_ptr": "*fp32",
+                 "is_top1_ptr": "*i8", "z_term_ptr": "*fp32", "coef_out_ptr": "*fp32", "V": "i32",
+                 "num_classes": "i32", "stride_logits_m": "i32", "stride_grad_m": "i32", "label_smoothing": "fp32",
+                 "z_loss": "fp32", "softcap": "fp32", "logit_scale": "fp32"}
+    constexprs = {"HAS_BIAS": has_bias, "HAS_SMOOTHING": flags.smoothing, "HAS_Z_LOSS": flags.z_loss,
+                  "HAS_SOFTCAP": flags.softcap, "HAS_LOGIT_SCALE": flags.logit_scale, "HAS_DFT": dft and not known_lse,
+                  "KNOWN_LSE": known_lse, "WRITE_GRAD": True, "WRITE_COEF": dft and not known_lse,
+                  "BLOCK_SIZE_N": config.block_n}
+    signature.update({name: "constexpr" for name in constexprs})
+    mode = "slab" if known_lse else "chunk"
+    tag = flags.tag + ("+dft" if dft else "")
+    return CompileSpec(f"logit_rows[{mode},{'bias' if has_bias else 'no_bias'},{tag},{t}]", logit_rows_kernel,
+                       signature, constexprs, config, multiplies=False,
+                       aligned=("logits_ptr", "grad_ptr", "V", "stride_logits_m", "stride_grad_m"))
+
+
 def shipped_specs(capability: int, dtypes=(torch.bfloat16, torch.float16, torch.float32),
                   all_variants_for=(torch.bfloat16,)) -> list[CompileSpec]:
     """The specialisations the Triton path launches on an ``sm_<capability>`` GPU, at its shipped configs.
 
     Every combination of the loss-variant flags for the dtypes in ``all_variants_for`` (bf16, the training
-    dtype); plain and all-variants-on (the most registers) for the others.
+    dtype); plain and all-variants-on (the most registers) for the others; the row kernel (no tensor cores) in
+    its plain and all-on forms, with and without bias, chunk and slab, for every dtype.
     """
     combine_config = gpu_configs(capability, torch.bfloat16).combine
     specs = [combine_spec(combine_config, VariantFlags(smoothing=s, z_loss=z)) for s in (False, True)
@@ -143,6 +168,11 @@ def shipped_specs(capability: int, dtypes=(torch.bfloat16, torch.float16, torch.
                     specs.append(vocab_partials_spec(dtype, store_logits=store_logits, has_bias=has_bias,
                                                      config=vocab_config, flags=flags))
             specs.append(softmax_grad_spec(dtype, configs.softmax_grad, vocab_config.block_n, flags))
+        for flags, dft in ((PLAIN_FLAGS, False), (ALL_FLAGS, True)):
+            for has_bias in (False, True):
+                for known_lse in (False, True):
+                    specs.append(logit_rows_spec(dtype, configs.logit_rows, has_bias=has_bias, known_lse=known_lse,
+                                                 flags=flags, dft=dft))
     return specs
 
 

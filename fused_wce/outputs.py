@@ -1,11 +1,9 @@
-"""Result and option types shared by every execution path."""
+"""What the public functions return."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-
-from .loss_math import PLAIN, LossVariant
 
 
 @dataclass(frozen=True)
@@ -32,25 +30,3 @@ class LossOutput:
     entropy: torch.Tensor
     is_top1: torch.Tensor
     z_loss: torch.Tensor | None = None
-
-
-REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "torch")
-
-
-@dataclass(frozen=True)
-class LossOptions:
-    """The keyword options of one call, validated (built inside the custom op from its arguments).
-
-    ``normalizer``: a 0-d tensor or None; ``compute_dtype``: the dtype of the logit matmuls; ``lean_memory``:
-    vocabulary-slab gradients (see :func:`fused_wce.linear_cross_entropy`).
-    """
-
-    ignore_index: int = -100
-    reduction: str = "mean"
-    chunk_size: int | None = None
-    backend: str = "auto"
-    variant: LossVariant = field(default=PLAIN)
-    compute_dtype: torch.dtype = torch.float32
-    lean_memory: bool = False
-    normalizer: torch.Tensor | None = None

@@ -1,0 +1,43 @@
+"""How many tokens (or vocabulary columns) a pass processes at once: the memory budget, in one place.
+
+Pure arithmetic (no torch): the backends and the roofline model (``benchmarks/roofline.py``) both call it.
+
+A pass over ``M`` counted tokens holds one chunk of ``[C, V]`` logit temporaries at a time; ``C`` is the
+largest row count whose temporaries fit the budget. On a GPU, 256 MiB keeps Llama-3's V = 128256 at 512 fp32
+rows (the cuBLAS plan) or 1024 bf16 rows (the register-tiled plan) per chunk, enough rows for the gradient
+GEMMs to fill the machine, far below the ``N V`` logits a pass replaces (16384 tokens: 4 GiB in bf16). On CPU,
+GEMMs reach their rate with ~100 rows and host memory is what users run out of (docs/design.md has the
+measured sweep). ``lean_memory`` trades FLOPs for memory: its chunks and vocabulary slabs get a quarter of the
+budget, so that at Llama-3-8B (16384 tokens) its peak stays at or below Liger-Kernel's default
+(benchmarks/NOTES.md).
+"""
+from __future__ import annotations
+
+DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
+CPU_CHUNK_BUDGET_BYTES = 32 * 2**20
+LEAN_BUDGET_DIVISOR = 4
+
+
+def budget_bytes(*, cpu: bool, lean: bool) -> int:
+    """The bytes one chunk (or lean slab) of temporaries may take."""
+    budget = CPU_CHUNK_BUDGET_BYTES if cpu else DEFAULT_CHUNK_BUDGET_BYTES
+    return budget // LEAN_BUDGET_DIVISOR if lean else budget
+
+
+def chunk_rows(vocab_size: int, bytes_per_logit: int, *, budget: int, multiple: int = 1) -> int:
+    """Rows of a ``[C, V]`` chunk whose temporaries (``bytes_per_logit`` per element) fit ``budget``,
+    rounded down to ``multiple`` when at least one multiple fits; at least 1."""
+    rows = budget // (vocab_size * bytes_per_logit)
+    if rows >= multiple:
+        rows -= rows % multiple
+    return max(1, rows)
+
+
+def slab_columns(num_tokens: int, vocab_size: int, rows: int, *, multiple: int = 1, extra_rows: int = 0) -> int:
+    """Columns ``S`` of a lean-mode vocabulary slab ``[M, S]`` over all ``num_tokens`` rows that, with
+    ``extra_rows`` more rows per column (the slab's ``[S, H]`` weight-gradient block, in buffer elements),
+    spends the elements of a ``[rows, V]`` chunk: ``rows * V // (M + extra_rows)``, rounded down to
+    ``multiple`` (at least one), at most the vocabulary rounded up to ``multiple``."""
+    columns = rows * vocab_size // max(1, num_tokens + extra_rows)
+    columns = max(multiple, columns - columns % multiple)
+    return min(columns, -(-vocab_size // multiple) * multiple)
