@@ -15,7 +15,7 @@ commands:
            --role_weights "assistant=1,user=0", --full_sequence, --last_n N, --decay D, --adaptive turn|role);
            writes loss_curves.csv/.png; `fused-wce sft --help`
   compare  train the same model under several weightings (full sequence, assistant only, last-N, decay, per-role,
-           adaptive) on the same data and seed; writes report.md, results.csv and compare.png;
+           adaptive) on the same data, for each of --seeds; report.md with intervals, results.csv, compare.png;
            `fused-wce compare --help`
   evaluate held-out loss per role / turn / needs_history label, context dependence and greedy answers of any
            model or checkpoint (.gguf too) on a messages jsonl, with bootstrap intervals; `fused-wce evaluate --help`
@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fused-wce: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
         return 2
     try:
+        if not any(arg in ("-h", "--help") for arg in rest):
+            from .commands.data import check_local_jsonl_early
+
+            check_local_jsonl_early(rest)  # seconds, where parsing the flags first takes a minute of imports
         return _run(command, rest)
     except UsageError as error:
         print(f"fused-wce {command}: error: {error}", file=sys.stderr)
