@@ -14,7 +14,7 @@ budget, so that at Llama-3-8B (16384 tokens) its peak stays at or below Liger-Ke
 from __future__ import annotations
 
 DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
-CPU_CHUNK_BUDGET_BYTES = 32 * 2**20
+CPU_CHUNK_BUDGET_BYTES = 3 * 2**20
 LEAN_BUDGET_DIVISOR = 4
 
 

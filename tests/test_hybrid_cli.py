@@ -40,7 +40,7 @@ def test_bare_run_gets_the_demo_defaults():
 def test_every_trl_grpo_flag_but_its_reward_options_is_accepted():
     from trl.scripts.grpo import make_parser as trl_make_parser
 
-    parser = make_parser(hybrid.PROG, hybrid.HybridArguments, HybridConfig)
+    parser = make_parser(hybrid.PROG, hybrid.HybridArguments, config_class=HybridConfig)
     ours = {action.dest for action in parser._actions}
     theirs = {action.dest for action in trl_make_parser()._actions} - {"reward_model_name_or_path", "reward_funcs"}
     assert theirs <= ours

@@ -18,14 +18,17 @@ Recomputing the logits costs a third more FLOPs than keeping ``[C, V]`` rows, an
 the temporaries stay a few MiB, and ``grad_weight`` is never read back and rewritten per token chunk (with
 small chunks that read-modify-write of ``V H`` floats dominated the time). Reduced-precision inputs are
 multiplied in fp32, upcast one chunk or block at a time (no fp32 copy of the weight).
+
+For one slice of a larger vocabulary (:mod:`fused_wce.vocab_parallel`), ``slice_summaries`` is pass 1 without
+finishing the statistics and ``slice_gradients`` is pass 2 given the whole rows' lse.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import budget, passes
-from ..loss_math import (apply_dft, dft_factor, finish_token_stats, merge_tile_summaries, softmax_grad_,
-                         tile_summary_, transform_logits_)
+from ..loss_math import (SliceSummary, apply_dft, dft_factor, finish_token_stats, merge_tile_summaries,
+                         softmax_grad_, tile_summary_, transform_logits_)
 from ..passes import Gradients, PassRequest, PassResult, TokenStatBuffers, allocate_gradients
 
 # Two fp32 [C, B] blocks are alive at once: the logits and their exponentials (or probabilities).
@@ -44,12 +47,14 @@ class BlockPlan:
     weight-gradient rows (lean mode gets a quarter budget).
     """
 
-    def __init__(self, request: PassRequest):
+    def __init__(self, request: PassRequest, num_classes: int | None = None):
         self.options = request.options
         self.hidden, self.weight, self.bias = request.hidden, request.weight, request.bias
         self.target = request.target
         num_tokens, vocab_size = request.num_tokens, request.vocab_size
         self.vocab_size = vocab_size
+        # The whole vocabulary's size (label smoothing's eps / V): the weight's rows unless they are one slice.
+        self.num_classes = num_classes or vocab_size
         spend = budget.budget_bytes(cpu=request.hidden.device.type == "cpu", lean=request.lean)
         rows = request.options.chunk_size or min(MAX_CHUNK_ROWS, spend // (BYTES_PER_LOGIT * BLOCK_MULTIPLE))
         self.rows = max(1, min(rows, num_tokens))
@@ -107,31 +112,58 @@ def run_pass(request: PassRequest) -> PassResult:
     return PassResult(stats.finish(), gradients)
 
 
+def slice_summaries(request: PassRequest) -> SliceSummary:
+    """The raw summaries of the request's rows over its weight's vocabulary slice (pass 1 without finishing the
+    statistics): ``request.target`` is relative to the slice's first row (outside ``[0, rows)``: another slice
+    holds it). ``request.coef`` is not read."""
+    plan = BlockPlan(request)
+    parts = [_chunk_summary(plan, rows) for rows in plan.chunks()]
+    return SliceSummary(*(None if first is None else torch.cat([part[i] for part in parts])
+                          for i, first in enumerate(parts[0])))
+
+
+def slice_gradients(request: PassRequest, lse: torch.Tensor, num_classes: int) -> Gradients:
+    """Pass 2 alone for the request's vocabulary slice: the gradients given each row's whole-row ``lse`` and
+    final coefficient ``request.coef`` (DFT's factor included); ``num_classes`` is the whole vocabulary's
+    size. ``grad_hidden`` is this slice's part of the hidden gradient."""
+    plan = BlockPlan(request, num_classes=num_classes)
+    gradients = allocate_gradients(request)
+    _gradients(plan, lse, request.coef, gradients)
+    return gradients
+
+
 def _chunk_statistics(plan: BlockPlan, rows: slice, out: TokenStatBuffers, coef: torch.Tensor | None) -> None:
     """Pass 1 for one token chunk: the online summary over vocabulary blocks, then the per-token outputs; with
     DFT, scales the chunk's ``coef`` (in place) by the detached ``p(target)``."""
     options = plan.options
-    target = plan.target[rows]
-    hidden32 = plan.hidden32(rows)
-    summary = target_logit = sum_logits = None
-    for block in plan.blocks():
-        z = plan.block_logits(hidden32, plan.weight32(block), block)
-        if options.has_smoothing:
-            block_sum = z.sum(-1)
-            sum_logits = block_sum if sum_logits is None else sum_logits + block_sum
-        picked = _pick_targets(z, target - block.start)
-        target_logit = picked if target_logit is None else target_logit + picked
-        block_summary, _ = tile_summary_(z, plan.exps_like(z))
-        summary = block_summary if summary is None else merge_tile_summaries(summary, block_summary)
-    token_stats = finish_token_stats(summary, target_logit, options, sum_logits, plan.vocab_size)
+    summary = _chunk_summary(plan, rows)
+    token_stats = finish_token_stats(summary[:3], summary.target_logit, options, summary.sum_logits,
+                                     plan.num_classes)
     if options.dft:
-        factor = dft_factor(token_stats.lse, target_logit)
+        factor = dft_factor(token_stats.lse, summary.target_logit)
         token_stats = apply_dft(token_stats, factor)
         if coef is not None:
             coef.mul_(factor)
     for name, value in token_stats._asdict().items():
         if value is not None:
             getattr(out, name).copy_(value)
+
+
+def _chunk_summary(plan: BlockPlan, rows: slice) -> SliceSummary:
+    """The online summary of one token chunk's rows over the plan's vocabulary blocks."""
+    target = plan.target[rows]
+    hidden32 = plan.hidden32(rows)
+    summary = target_logit = sum_logits = None
+    for block in plan.blocks():
+        z = plan.block_logits(hidden32, plan.weight32(block), block)
+        if plan.options.has_smoothing:
+            block_sum = z.sum(-1)
+            sum_logits = block_sum if sum_logits is None else sum_logits + block_sum
+        picked = _pick_targets(z, target - block.start)
+        target_logit = picked if target_logit is None else target_logit + picked
+        block_summary, _ = tile_summary_(z, plan.exps_like(z))
+        summary = block_summary if summary is None else merge_tile_summaries(summary, block_summary)
+    return SliceSummary(*summary, target_logit, sum_logits)
 
 
 def _pick_targets(z: torch.Tensor, block_target: torch.Tensor) -> torch.Tensor:
@@ -182,7 +214,7 @@ def _block_dlogits(plan: BlockPlan, hidden32: torch.Tensor, weight32: torch.Tens
     z = plan.block_logits(hidden32, weight32, block)
     probs = torch.sub(z, lse[:, None], out=plan.exps_like(z)).exp_()
     return softmax_grad_(probs, z if plan.options.has_softcap else None, lse, plan.target[rows] - block.start,
-                         coef, plan.options, plan.vocab_size)
+                         coef, plan.options, plan.num_classes)
 
 
 def _fold(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:

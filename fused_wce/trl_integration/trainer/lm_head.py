@@ -6,7 +6,9 @@ normalizer)`` it runs the backbone only and computes ``sum(w_i * CE_i) / normali
 :func:`fused_wce.linear_cross_entropy` from the final hidden states and ``lm_head.weight``.
 :func:`~.log_prob_head.add_log_prob_lm_head` adds per-token log-probabilities and entropies (GRPO) the same way.
 Both hand a :class:`HeadCall` to the head's forward (:func:`call_head`), so FSDP1, FSDP2 and ZeRO-3 treat the
-computation as the head's: they unshard/gather its parameters before and reduce its gradient after.
+computation as the head's: they unshard/gather its parameters before and reduce its gradient after. A
+tensor-parallel head (its weight a DTensor sharded by vocabulary rows: ``ColwiseParallel``, transformers'
+``tp_plan``) runs the vocabulary-parallel loss on its local rows instead (:mod:`fused_wce.vocab_parallel`).
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ from transformers.utils import ModelOutput
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 import fused_wce
+from fused_wce.vocab_parallel import is_vocab_sharded
 
 try:  # FSDP2 exposes sharded parameters as DTensors
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch builds without distributed
-    DTensor = ()
+    DTensor = FSDPModule = ()
 
 
 class Float32Values:
@@ -176,6 +180,9 @@ class HeadCall:
     """
 
     __slots__ = ()
+    # Whether ``run`` takes a tensor-parallel head's local vocabulary rows (a DTensor weight sharded ``Shard(0)``).
+    VOCAB_PARALLEL = False
+    DESCRIPTION = "a fused call"  # in error messages
 
     def run(self, hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
         """The fused computation from ``hidden_states`` (on ``weight``'s device) and the head's unsharded
@@ -195,6 +202,8 @@ class _HeadLossCall(HeadCall):
     """
 
     __slots__ = ("inputs", "logit_scale", "softcap", "label_smoothing", "dft", "lean_memory", "chord_phi")
+    VOCAB_PARALLEL = True
+    DESCRIPTION = "the fused weighted loss"
 
     def __init__(self, inputs: WeightedLossInputs, logit_scale: float, softcap: float | None,
                  label_smoothing: float, dft: bool, lean_memory: bool = False, chord_phi: bool = False):
@@ -286,16 +295,24 @@ def _run_in_head(head: torch.nn.Module, hidden_states: torch.Tensor, call: HeadC
     # ZeRO-3 shards the head to numel 0 outside its own forward: gather it (no-op when the hooks already did).
     with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
         weight, bias = head.weight, getattr(head, "bias", None)
-        if isinstance(weight, DTensor) or isinstance(bias, DTensor):
+        tensor_parallel = _tensor_parallel_head(head)
+        if (isinstance(weight, DTensor) or isinstance(bias, DTensor)) and not (tensor_parallel
+                                                                               and call.VOCAB_PARALLEL):
             # full_tensor() would run, but its gradient is not reduce-scattered the way FSDP's post-backward
             # reduces a parameter's: silently wrong head gradients. Inside FSDP's own forward of the head the
-            # parameters are plain unsharded tensors; a DTensor here means a layout this loss cannot use.
+            # parameters are plain unsharded tensors; a DTensor here means a layout this call cannot use.
             sharded = weight if isinstance(weight, DTensor) else bias
+            if tensor_parallel:
+                raise NotImplementedError(
+                    f"{call.DESCRIPTION} does not support tensor-parallel LM heads (a vocabulary-sharded "
+                    f"DTensor weight, placements {sharded.placements}); only the weighted cross-entropy runs on "
+                    "their local rows")
             raise RuntimeError(
                 f"the LM head's parameters are DTensors (placements {sharded.placements}) where the fused loss "
                 f"reads them: the head ({type(head).__name__}) was not unsharded. Shard the head "
                 "with FSDP (fully_shard / FullyShardedDataParallel, as its own unit or inside its parent's) and let "
-                "the loss run through the head's forward; tensor-parallel (vocab-sharded) heads are not supported")
+                "the loss run through the head's forward; tensor-parallel heads must be sharded by vocabulary rows "
+                "(Shard(0), ColwiseParallel) over a 1-D mesh")
         if getattr(head, "lora_A", None):  # a PEFT LoRA layer on the head itself: its weight is the base weight
             raise NotImplementedError(
                 "LoRA adapters on the LM head are not supported by the fused loss, which reads the head's weight "
@@ -310,9 +327,18 @@ def call_head(model, hidden_states: torch.Tensor, call: HeadCall) -> tuple:
     # The head as it is now: FSDP1 may have wrapped it (the call goes through the wrapper, the dispatching
     # forward sits on the module inside).
     lm_head = model.get_output_embeddings()
-    if _install_head_forward(_innermost_head(lm_head)):
+    # A tensor-parallel head's forward hooks turn its output into logits: the call reads its local rows directly.
+    if not _tensor_parallel_head(lm_head) and _install_head_forward(_innermost_head(lm_head)):
         return lm_head(hidden_states, fused_wce_call=call)
     return _run_in_head(lm_head, hidden_states, call)
+
+
+def _tensor_parallel_head(head: torch.nn.Module) -> bool:
+    """Whether ``head`` is a tensor-parallel LM head: its weight (and bias) sharded by vocabulary rows over a 1-D
+    mesh, outside FSDP (whose sharded parameters are DTensors too, until its forward unshards them)."""
+    bias = getattr(head, "bias", None)
+    return (not isinstance(head, FSDPModule) and is_vocab_sharded(head.weight)
+            and (bias is None or is_vocab_sharded(bias)))
 
 
 def compute_dtype_of(weight: torch.Tensor) -> torch.dtype:

@@ -38,6 +38,7 @@ class _HeadLogProbCall(HeadCall):
     float32."""
 
     __slots__ = ("target", "options")
+    DESCRIPTION = "the fused log-probability head"
 
     def __init__(self, target: torch.Tensor, options: _LogProbOptions):
         self.target, self.options = target, options
