@@ -54,7 +54,7 @@ def linear_cross_entropy(
         normalizer: float or 0-d tensor, finite and > 0; if given, the loss is ``sum(w_i l_i) / normalizer``
             (how a trainer normalises over gradient accumulation and ranks).
         chunk_size: counted tokens per chunk; None picks it from ``DEFAULT_CHUNK_BUDGET_BYTES`` (256 MiB of
-            ``[chunk, V]`` temporaries; ``CPU_CHUNK_BUDGET_BYTES``, 32 MiB, for the PyTorch path on CPU).
+            temporaries; ``CPU_CHUNK_BUDGET_BYTES``, 3 MiB, for the PyTorch path on CPU), see fused_wce.budget.
         return_stats: also return per-token lse, entropy, is_top1 and the unweighted loss (:class:`LossOutput`).
         backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch otherwise), ``"triton"`` or ``"torch"``.
         label_smoothing: in [0, 1), as ``F.cross_entropy`` defines it.
