@@ -82,7 +82,8 @@ _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "bf16": 2, "fp16": 2,
 @dataclass(frozen=True)
 class Problem:
     """One loss problem: ``tokens`` (N) rows of hidden size H, vocabulary V, ``counted`` (M <= N) of them counted;
-    ``dtype_bytes`` per element of hidden/weight; ``frozen_head``: the weight needs no gradient."""
+    ``dtype_bytes`` per element of hidden/weight; ``frozen_head``: the weight needs no gradient; ``device``:
+    ``"cuda"`` or ``"cpu"`` (only the budgets differ: the card's rates model a GPU)."""
 
     name: str
     hidden: int
@@ -91,8 +92,11 @@ class Problem:
     counted: int
     dtype_bytes: int = 2
     frozen_head: bool = False
+    device: str = "cuda"
 
     def __post_init__(self):
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
         if not 0 <= self.counted <= self.tokens:
             raise ValueError(f"counted must be in [0, tokens], got {self.counted} of {self.tokens}")
         if min(self.hidden, self.vocab, self.tokens) < 1 or self.dtype_bytes not in (2, 4):
@@ -267,13 +271,11 @@ def _fused_wce_lean(p: Problem) -> Algorithm:
 
 
 def _fused_wce_torch(p: Problem) -> Algorithm:
-    """fused_wce(backend="torch") on CUDA: fp32 [C, B] blocks, two passes (statistics, then gradients with the
-    logits recomputed), fp32 GEMMs on blocks upcast on use: 8 M H V FLOPs, dW rows written once per block."""
+    """fused_wce(backend="torch"): fp32 [C, B] blocks, two passes (statistics, then gradients with the logits
+    recomputed), fp32 GEMMs on blocks upcast on use: 8 M H V FLOPs, dW rows written once per block."""
     b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
-    spend = fused_wce_budget.budget_bytes(cpu=False, lean=False)
-    rows = min(1024, max(m, 1))
-    per_column = 8 * rows + (4 * h if b != 4 else 0)  # two fp32 blocks' rows, the weight block's fp32 copy
-    columns = min(v, max(64, spend // per_column // 64 * 64))
+    spend = fused_wce_budget.budget_bytes(cpu=p.device == "cpu", lean=False)
+    rows, columns = fused_wce_budget.block_shape(max(m, 1), v, h, budget=spend, weight_upcast=b != 4, lean=False)
     blocks = _cdiv(v, columns)
     chunks = _cdiv(m, rows) if m else 0
     w32, logits32 = v * h * 4, m * v * 4

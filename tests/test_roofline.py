@@ -118,7 +118,7 @@ def test_flops_scale_linearly_with_every_dimension():
                          [(256, 64, 2000, 0.5, False), (128, 256, 1000, 0.25, False), (512, 128, 4000, 0.5, True)])
 def test_peak_memory_matches_the_cpu_measurement(provider, tokens, hidden_size, vocab, counted_fraction,
                                                  frozen_head):
-    """bf16, as modelled; shapes small enough for one chunk on CPU as on a GPU."""
+    """bf16, as modelled, with the CPU budget (several [C, B] blocks at the larger shapes)."""
     generator = torch.Generator().manual_seed(1)
     counted = round(tokens * counted_fraction)
     hidden = torch.randn(tokens, hidden_size, generator=generator).bfloat16().requires_grad_(True)
@@ -137,7 +137,7 @@ def test_peak_memory_matches_the_cpu_measurement(provider, tokens, hidden_size, 
     peak = measure.cpu_allocated_peak_above(step)
     assert peak is not None and peak > 0
     prediction = roofline.predict(provider, roofline.Problem("cpu", hidden_size, vocab, tokens, counted, 2,
-                                                             frozen_head), H200)
+                                                             frozen_head, device="cpu"), H200)
     row = roofline.compare(prediction, measured_peak_bytes=peak)
     assert not row["needs_note"], f"measured {peak} B, predicted {prediction.peak_bytes:.0f} B ({row['memory_ratio']}x)"
 

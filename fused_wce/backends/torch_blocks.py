@@ -31,20 +31,12 @@ from ..loss_math import (SliceSummary, apply_dft, dft_factor, finish_token_stats
                          softmax_grad_, tile_summary_, transform_logits_)
 from ..passes import Gradients, PassRequest, PassResult, TokenStatBuffers, allocate_gradients
 
-# Two fp32 [C, B] blocks are alive at once: the logits and their exponentials (or probabilities).
-BYTES_PER_LOGIT = 2 * 4
-# A chunk's rows are the rows of the GEMMs; CPU GEMMs reach their rate well below this many.
-MAX_CHUNK_ROWS = 1024
-BLOCK_MULTIPLE = 64
-
 
 class BlockPlan:
     """The inputs and the block geometry of one pass; blocks of the inputs are upcast to fp32 on use.
 
-    ``C`` (``rows``) is ``chunk_size`` or as many rows (up to ``MAX_CHUNK_ROWS``) as leave room for a block of
-    ``BLOCK_MULTIPLE`` columns; ``B`` (``columns``) spends the rest of the budget on two ``[C, B]`` fp32 blocks,
-    plus the block's fp32 ``[B, H]`` copy of a reduced-precision weight and, in lean mode, its fp32 ``[B, H]``
-    weight-gradient rows (lean mode gets a quarter budget).
+    ``C`` (``rows``) and ``B`` (``columns``) come from :func:`fused_wce.budget.block_shape` (lean mode gets a
+    quarter budget).
     """
 
     def __init__(self, request: PassRequest, num_classes: int | None = None):
@@ -56,15 +48,9 @@ class BlockPlan:
         # The whole vocabulary's size (label smoothing's eps / V): the weight's rows unless they are one slice.
         self.num_classes = num_classes or vocab_size
         spend = budget.budget_bytes(cpu=request.hidden.device.type == "cpu", lean=request.lean)
-        rows = request.options.chunk_size or min(MAX_CHUNK_ROWS, spend // (BYTES_PER_LOGIT * BLOCK_MULTIPLE))
-        self.rows = max(1, min(rows, num_tokens))
-        # per vocabulary column: the two blocks' rows, and the block's fp32 [B, H] copy of a reduced-precision
-        # weight and (lean mode) its fp32 [B, H] weight-gradient rows
-        hidden_size = request.hidden.shape[1]
-        per_column = (BYTES_PER_LOGIT * self.rows + (4 * hidden_size if request.weight.dtype != torch.float32 else 0)
-                      + (4 * hidden_size if request.lean else 0))
-        columns = max(BLOCK_MULTIPLE, spend // per_column // BLOCK_MULTIPLE * BLOCK_MULTIPLE)
-        self.columns = min(columns, vocab_size)
+        self.rows, self.columns = budget.block_shape(
+            num_tokens, vocab_size, request.hidden.shape[1], budget=spend, chunk_size=request.options.chunk_size,
+            weight_upcast=request.weight.dtype != torch.float32, lean=request.lean)
         device = request.hidden.device
         # Flat storage: a partial chunk or block is a contiguous view ([r, c] with row stride c), so the GEMMs
         # write it directly.
@@ -181,21 +167,29 @@ def _gradients(plan: BlockPlan, lse: torch.Tensor, coef: torch.Tensor, gradients
                          else torch.empty(gradients.hidden.shape, dtype=torch.float32,
                                           device=gradients.hidden.device))
     for block_index, block in enumerate(plan.blocks()):
-        weight32 = plan.weight32(block)
-        weight_block = _weight_block_buffer(gradients.weight, block)
-        for chunk_index, rows in enumerate(plan.chunks()):
-            hidden32 = plan.hidden32(rows)
-            dlogits = _block_dlogits(plan, hidden32, weight32, rows, block, lse[rows], coef[rows])
-            if grad_hidden32 is not None:
-                _fold(grad_hidden32[rows], dlogits, weight32, first=block_index == 0)
-            if weight_block is not None:
-                _fold(weight_block, dlogits.T, hidden32, first=chunk_index == 0)
-            if gradients.bias is not None:
-                _sum_into(gradients.bias[block], dlogits, first=chunk_index == 0)
-        if weight_block is not None and weight_block.data_ptr() != gradients.weight[block].data_ptr():
-            gradients.weight[block].copy_(weight_block)  # lean: one rounding to the weight's dtype
+        _block_gradients(plan, block, lse, coef, gradients, grad_hidden32, first_block=block_index == 0)
     if grad_hidden32 is not None and grad_hidden32 is not gradients.hidden:
         gradients.hidden.copy_(grad_hidden32)
+
+
+def _block_gradients(plan: BlockPlan, block: slice, lse: torch.Tensor, coef: torch.Tensor, gradients: Gradients,
+                     grad_hidden32: torch.Tensor | None, *, first_block: bool) -> None:
+    """Pass 2 for one vocabulary block: every chunk's ``dlogits`` folded into the gradients; the block's fp32
+    weight copy and weight-gradient rows die on return, before the next block's are made."""
+    weight32 = plan.weight32(block)
+    weight_block = _weight_block_buffer(gradients.weight, block)
+    for chunk_index, rows in enumerate(plan.chunks()):
+        hidden32 = plan.hidden32(rows)
+        dlogits = _block_dlogits(plan, hidden32, weight32, rows, block, lse[rows], coef[rows])
+        if grad_hidden32 is not None:
+            _fold(grad_hidden32[rows], dlogits, weight32, first=first_block)
+        if weight_block is not None:
+            _fold(weight_block, dlogits.T, hidden32, first=chunk_index == 0)
+        if gradients.bias is not None:
+            _sum_into(gradients.bias[block], dlogits, first=chunk_index == 0)
+        del hidden32, dlogits  # before the next chunk's copy is made
+    if weight_block is not None and weight_block.data_ptr() != gradients.weight[block].data_ptr():
+        gradients.weight[block].copy_(weight_block)  # lean: one rounding to the weight's dtype
 
 
 def _weight_block_buffer(grad_weight: torch.Tensor | None, block: slice) -> torch.Tensor | None:
