@@ -55,12 +55,13 @@ def gradient_scale(coef: Tensor, compute_dtype: torch.dtype) -> Tensor:
 
 
 def _run_counted(hidden, weight, bias, target, token_weight, normalizer, options: LossOptions, coef_of,
-                 need_grads) -> tuple[PassResult, Tensor, Tensor]:
+                 need_grads, extras_of=None) -> tuple[PassResult, Tensor, Tensor]:
     """Count the tokens (the one host synchronisation), gather them and run one pass over them.
 
     ``coef_of(counted_weight, index)`` gives the per-token gradient coefficients (float32 ``[M]``, already
-    divided by their :func:`gradient_scale`), or None for statistics only. Returns
-    ``(result, index, counted_weight)``.
+    divided by their :func:`gradient_scale`), or None for statistics only. ``extras_of(index)``, called after
+    it, gives further :class:`~fused_wce.passes.PassRequest` fields of the counted rows (the log-prob
+    backward's entropy coefficients and known statistics). Returns ``(result, index, counted_weight)``.
     """
     num_tokens = target.shape[0]
     counted = count_tokens(target, token_weight, weight.shape[0], options.ignore_index, normalizer)
@@ -72,12 +73,13 @@ def _run_counted(hidden, weight, bias, target, token_weight, normalizer, options
     # Every token counted (full-sequence SFT): no [N, H] gather copy.
     rows = hidden if counted.n_counted == num_tokens else hidden.index_select(0, index)
     dtype = options.compute_dtype
+    coef = coef_of(counted_weight, index)
     request = PassRequest(
         hidden=rows.to(dtype), weight=weight.to(dtype), bias=None if bias is None else bias.to(dtype),
         target=target.index_select(0, index).long(), options=options,
-        grad_hidden_dtype=hidden.dtype, grad_weight_dtype=weight.dtype,
-        coef=coef_of(counted_weight, index),
+        grad_hidden_dtype=hidden.dtype, grad_weight_dtype=weight.dtype, coef=coef,
         need_grad_hidden=need_grads[0], need_grad_weight=need_grads[1], need_grad_bias=need_grads[2] and bias is not None,
+        **(extras_of(index) if extras_of is not None else {}),
     )
     backend = backend_for(options.backend, hidden.device)
     result = backend.run_pass(request) if counted.n_counted else empty_pass(request)

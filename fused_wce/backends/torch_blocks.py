@@ -14,6 +14,10 @@ A pass over ``M`` counted tokens never holds more than two fp32 ``[C, B]`` block
    block, so they are written once: in fp32, or straight in the weight's dtype with ``lean_memory`` (no
    ``[V, H]`` fp32 accumulator, at no extra cost on this path). ``6 M H V`` more FLOPs, ``8 M H V`` in all.
 
+A request with known row statistics (``request.known``: the log-prob backward, whose forward found them) skips
+pass 1. With an entropy coefficient (``request.entropy_coef``) pass 2 also adds the entropy's gradient; with a
+softcap as well it holds a third ``[C, B]`` block (the softcap's derivative reads ``z`` after that term).
+
 Recomputing the logits costs a third more FLOPs than keeping ``[C, V]`` rows, and buys two things on a CPU:
 the temporaries stay a few MiB, and ``grad_weight`` is never read back and rewritten per token chunk (with
 small chunks that read-modify-write of ``V H`` floats dominated the time). Reduced-precision inputs are
@@ -26,7 +30,7 @@ import torch
 from .. import budget, passes
 from ..loss_math import (apply_dft, dft_factor, finish_token_stats, merge_tile_summaries, softmax_grad_,
                          tile_summary_, transform_logits_)
-from ..passes import Gradients, PassRequest, PassResult, TokenStatBuffers, allocate_gradients
+from ..passes import Gradients, KnownRowStats, PassRequest, PassResult, TokenStatBuffers, allocate_gradients
 
 # Two fp32 [C, B] blocks are alive at once: the logits and their exponentials (or probabilities).
 BYTES_PER_LOGIT = 2 * 4
@@ -49,10 +53,13 @@ class BlockPlan:
         self.target = request.target
         num_tokens, vocab_size = request.num_tokens, request.vocab_size
         self.vocab_size = vocab_size
+        # The entropy's gradient under a softcap needs a third block (loss_math.softmax_grad_'s scratch).
+        third_block = request.entropy_coef is not None and request.options.has_softcap
+        bytes_per_logit = BYTES_PER_LOGIT + (4 if third_block else 0)
         spend = budget.budget_bytes(cpu=request.hidden.device.type == "cpu", lean=request.lean)
-        rows = request.options.chunk_size or min(MAX_CHUNK_ROWS, spend // (BYTES_PER_LOGIT * BLOCK_MULTIPLE))
+        rows = request.options.chunk_size or min(MAX_CHUNK_ROWS, spend // (bytes_per_logit * BLOCK_MULTIPLE))
         self.rows = max(1, min(rows, num_tokens))
-        per_column = BYTES_PER_LOGIT * self.rows + (4 * request.hidden.shape[1] if request.lean else 0)
+        per_column = bytes_per_logit * self.rows + (4 * request.hidden.shape[1] if request.lean else 0)
         columns = max(BLOCK_MULTIPLE, spend // per_column // BLOCK_MULTIPLE * BLOCK_MULTIPLE)
         self.columns = min(columns, vocab_size)
         device = request.hidden.device
@@ -60,6 +67,8 @@ class BlockPlan:
         # write it directly.
         self._logits = passes.uninitialized(self.rows * self.columns, dtype=torch.float32, device=device)
         self._exps = passes.uninitialized(self.rows * self.columns, dtype=torch.float32, device=device)
+        self._scratch = (passes.uninitialized(self.rows * self.columns, dtype=torch.float32, device=device)
+                         if third_block else None)
 
     def chunks(self):
         for start in range(0, self.hidden.shape[0], self.rows):
@@ -89,16 +98,22 @@ class BlockPlan:
     def exps_like(self, logits: torch.Tensor) -> torch.Tensor:
         return self._exps[: logits.numel()].view(logits.shape)
 
+    def scratch_like(self, logits: torch.Tensor) -> torch.Tensor | None:
+        return None if self._scratch is None else self._scratch[: logits.numel()].view(logits.shape)
+
 
 def run_pass(request: PassRequest) -> PassResult:
     plan = BlockPlan(request)
+    gradients = allocate_gradients(request)
+    if request.known is not None:  # gradients only, from the known lse and entropy
+        _gradients(plan, request.known, request.coef, request.entropy_coef, gradients)
+        return PassResult(None, gradients)
     stats = TokenStatBuffers.allocate(request, torch.bool)
     coef = None if request.coef is None else request.coef.clone() if request.options.dft else request.coef
     for rows in plan.chunks():
         _chunk_statistics(plan, rows, stats.rows(rows), None if coef is None else coef[rows])
-    gradients = allocate_gradients(request)
     if request.wants_gradients:
-        _gradients(plan, stats.lse, coef, gradients)
+        _gradients(plan, KnownRowStats(stats.lse, stats.entropy), coef, request.entropy_coef, gradients)
     return PassResult(stats.finish(), gradients)
 
 
@@ -136,7 +151,8 @@ def _pick_targets(z: torch.Tensor, block_target: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, picked, torch.zeros_like(picked))
 
 
-def _gradients(plan: BlockPlan, lse: torch.Tensor, coef: torch.Tensor, gradients: Gradients) -> None:
+def _gradients(plan: BlockPlan, row_stats: KnownRowStats, coef: torch.Tensor, entropy_coef: torch.Tensor | None,
+               gradients: Gradients) -> None:
     """Pass 2: per vocabulary block, ``dlogits`` of every chunk folded into the three gradients."""
     grad_hidden32 = None
     if gradients.hidden is not None:
@@ -148,7 +164,8 @@ def _gradients(plan: BlockPlan, lse: torch.Tensor, coef: torch.Tensor, gradients
         weight_block = _weight_block_buffer(gradients.weight, block)
         for chunk_index, rows in enumerate(plan.chunks()):
             hidden32 = plan.hidden32(rows)
-            dlogits = _block_dlogits(plan, hidden32, weight32, rows, block, lse[rows], coef[rows])
+            dlogits = _block_dlogits(plan, hidden32, weight32, rows, block, row_stats, coef[rows],
+                                     None if entropy_coef is None else entropy_coef[rows])
             if grad_hidden32 is not None:
                 _fold(grad_hidden32[rows], dlogits, weight32, first=block_index == 0)
             if weight_block is not None:
@@ -173,11 +190,14 @@ def _weight_block_buffer(grad_weight: torch.Tensor | None, block: slice) -> torc
 
 
 def _block_dlogits(plan: BlockPlan, hidden32: torch.Tensor, weight32: torch.Tensor, rows: slice, block: slice,
-                   lse: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+                   row_stats: KnownRowStats, coef: torch.Tensor, entropy_coef: torch.Tensor | None) -> torch.Tensor:
+    lse = row_stats.lse[rows]
     z = plan.block_logits(hidden32, weight32, block)
     probs = torch.sub(z, lse[:, None], out=plan.exps_like(z)).exp_()
-    return softmax_grad_(probs, z if plan.options.has_softcap else None, lse, plan.target[rows] - block.start,
-                         coef, plan.options, plan.vocab_size)
+    needs_z = plan.options.has_softcap or entropy_coef is not None
+    return softmax_grad_(probs, z if needs_z else None, lse, plan.target[rows] - block.start, coef, plan.options,
+                         plan.vocab_size, entropy=None if entropy_coef is None else row_stats.entropy[rows],
+                         entropy_coef=entropy_coef, scratch=plan.scratch_like(z))
 
 
 def _fold(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:

@@ -24,6 +24,11 @@ FLOPs; the buffer is bounded by the chunk budget, independent of ``M``.
 slab ``[v0, v1)`` of all ``M`` tokens the plan recomputes the slab's ``dlogits`` with the lse the chunks found,
 and ``grad_weight[v0:v1] = dlogits.T @ X`` is one GEMM with fp32 output, rounded once into the weight's dtype.
 No fp32 ``[V, H]`` exists; ``8 M H V`` FLOPs. Both loops spend a quarter of the chunk budget.
+
+**Known statistics** (``request.known``, the log-prob backward): the same loops, with each chunk's ``dlogits``
+formed from the given lse and entropy (``logit_rows`` in its known-lse mode reads each fp32 row once; the tiled
+plan skips ``combine``), and no per-token outputs. An entropy coefficient (``request.entropy_coef``) adds the
+entropy's gradient in either kernel (their ``HAS_ENTROPY_GRAD`` specialisation).
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from .. import budget, passes
 from ..kernels import combine, configs_for, logit_rows, softmax_grad, vocab_partials
 from ..kernels.configs import multiprocessor_count
 from ..loss_math import dft_factor
-from ..passes import Gradients, PassRequest, PassResult, TokenStatBuffers, allocate_gradients
+from ..passes import Gradients, KnownRowStats, PassRequest, PassResult, TokenStatBuffers, allocate_gradients
 from .gemm import matmul_into
 
 # The plan "auto" selects for the gradient pass (benchmarks/NOTES.md has the measurement behind it).
@@ -46,8 +51,8 @@ def run_pass(request: PassRequest) -> PassResult:
     # The kernels read rows of H (and the bias) with unit stride; a transposed or sliced weight is copied once.
     weight = request.weight if request.weight.stride(1) == 1 else request.weight.contiguous()
     bias = None if request.bias is None else request.bias.contiguous()
-    stats = TokenStatBuffers.allocate(request, torch.int8)
     if not request.wants_gradients:
+        stats = TokenStatBuffers.allocate(request, torch.int8)
         _stats_pass(request, hidden, weight, bias, stats)
         return PassResult(stats.finish(), allocate_gradients(request))
     plan_name = request.options.logits_gemm
@@ -55,11 +60,17 @@ def run_pass(request: PassRequest) -> PassResult:
         plan_name = DEFAULT_LOGITS_GEMM
     plan = PLANS[plan_name](request, hidden, weight, bias)
     gradients = allocate_gradients(request)
+    if request.known is not None:  # gradients only, from the known lse and entropy
+        _chunk_loop(plan, request, request.coef, None, gradients)
+        if request.lean:
+            _slab_loop(plan, request, request.known, request.coef, gradients.weight)
+        return PassResult(None, gradients)
+    stats = TokenStatBuffers.allocate(request, torch.int8)
     # The plans scale each chunk's coefficients by DFT's factor in place; lean mode's slabs read them again.
     coef = request.coef.clone() if request.options.dft else request.coef
     _chunk_loop(plan, request, coef, stats, gradients)
     if request.lean:
-        _slab_loop(plan, request, stats.lse, coef, gradients.weight)
+        _slab_loop(plan, request, KnownRowStats(stats.lse, stats.entropy), coef, gradients.weight)
     return PassResult(stats.finish(), gradients)
 
 
@@ -91,13 +102,14 @@ def _apply_dft(stats: TokenStatBuffers, factor: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------------ gradient loops
-def _chunk_loop(plan, request: PassRequest, coef: torch.Tensor, stats: TokenStatBuffers,
+def _chunk_loop(plan, request: PassRequest, coef: torch.Tensor, stats: TokenStatBuffers | None,
                 gradients: Gradients) -> None:
-    """Per chunk: the plan's ``dlogits`` (and the chunk's stats), folded into the gradients."""
+    """Per chunk: the plan's ``dlogits`` (and the chunk's stats, unless they are known: ``stats`` None), folded
+    into the gradients."""
     hidden, num_tokens = plan.hidden, request.num_tokens
     for start in range(0, num_tokens, plan.rows):
         chunk = slice(start, min(start + plan.rows, num_tokens))
-        dlogits = plan.chunk_dlogits(chunk, stats.rows(chunk), coef[chunk])
+        dlogits = plan.chunk_dlogits(chunk, None if stats is None else stats.rows(chunk), coef[chunk])
         first = start == 0  # the first chunk writes the accumulators: no memset
         if gradients.hidden is not None:
             matmul_into(dlogits, plan.weight, gradients.hidden[chunk], accumulate=False)
@@ -110,15 +122,17 @@ def _chunk_loop(plan, request: PassRequest, coef: torch.Tensor, stats: TokenStat
                 gradients.bias.add_(dlogits.sum(0, dtype=torch.float32))
 
 
-def _slab_loop(plan, request: PassRequest, lse: torch.Tensor, coef: torch.Tensor, grad_weight: torch.Tensor) -> None:
-    """Lean mode: ``grad_weight`` from vocabulary slabs ``[M, S]`` of all ``M`` tokens, given their ``lse``;
+def _slab_loop(plan, request: PassRequest, row_stats: KnownRowStats, coef: torch.Tensor,
+               grad_weight: torch.Tensor) -> None:
+    """Lean mode: ``grad_weight`` from vocabulary slabs ``[M, S]`` of all ``M`` tokens, given their ``lse`` (and
+    entropy);
     each slab's rows are one fp32-output GEMM over every token, rounded once into the weight's dtype."""
     vocab_size, width = request.vocab_size, plan.slab_width
     product = passes.uninitialized(min(width, vocab_size), plan.hidden.shape[1], dtype=torch.float32,
                             device=plan.hidden.device)
     for first in range(0, vocab_size, width):
         slab = slice(first, min(first + width, vocab_size))
-        dlogits = plan.slab_dlogits(slab, lse, coef)
+        dlogits = plan.slab_dlogits(slab, row_stats, coef)
         rows = product[: slab.stop - slab.start]
         matmul_into(dlogits.T, plan.hidden, rows, accumulate=False)
         grad_weight[slab].copy_(rows)
@@ -154,6 +168,11 @@ class _Plan:
                                               multiple=self.slab_multiple) if request.lean else 0
         self.buffer_rows = max(self.rows, -(-request.num_tokens * self.slab_width // self.vocab_size))
 
+    def entropy_coef(self, rows: slice) -> torch.Tensor | None:
+        """The rows' entropy coefficients, or None when the request has none."""
+        entropy_coef = self.request.entropy_coef
+        return None if entropy_coef is None else entropy_coef[rows]
+
 
 class CublasPlan(_Plan):
     """cuBLAS logits into an fp32 chunk buffer, one ``logit_rows`` kernel for everything per row."""
@@ -176,18 +195,25 @@ class CublasPlan(_Plan):
             return logits, logits
         return logits, logits.view(x.dtype)[:, :columns]
 
-    def chunk_dlogits(self, chunk: slice, stats: TokenStatBuffers, coef: torch.Tensor) -> torch.Tensor:
+    def chunk_dlogits(self, chunk: slice, stats: TokenStatBuffers | None, coef: torch.Tensor) -> torch.Tensor:
         logits, dlogits = self._logits(self.hidden[chunk], self.weight, self.buffer)
-        logit_rows(logits, dlogits, self.bias, self.request.target[chunk], coef, stats.lse, self.config,
+        target, entropy_coef = self.request.target[chunk], self.entropy_coef(chunk)
+        if stats is None:  # known statistics: one read of each row
+            known = self.request.known
+            logit_rows(logits, dlogits, self.bias, target, coef, known.lse[chunk], self.config, options=self.options,
+                       num_classes=self.vocab_size, entropy_coef=entropy_coef, entropy=known.entropy[chunk])
+            return dlogits
+        logit_rows(logits, dlogits, self.bias, target, coef, stats.lse, self.config,
                    options=self.options, num_classes=self.vocab_size, stats=stats,
-                   coef_out=coef if self.options.dft else None)
+                   coef_out=coef if self.options.dft else None, entropy_coef=entropy_coef)
         return dlogits
 
-    def slab_dlogits(self, slab: slice, lse: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    def slab_dlogits(self, slab: slice, row_stats: KnownRowStats, coef: torch.Tensor) -> torch.Tensor:
         # The chunk buffer: a slab [M, S] spends the elements of a chunk (budget.slab_columns).
         logits, dlogits = self._logits(self.hidden, self.weight[slab], self.buffer)
         logit_rows(logits, dlogits, None if self.bias is None else self.bias[slab], self.request.target - slab.start,
-                   coef, lse, self.config, options=self.options, num_classes=self.vocab_size)
+                   coef, row_stats.lse, self.config, options=self.options, num_classes=self.vocab_size,
+                   entropy_coef=self.request.entropy_coef, entropy=row_stats.entropy)
         return dlogits
 
 
@@ -217,28 +243,34 @@ class TritonPlan(_Plan):
                        options=self.options)
         return logits, partials
 
-    def _softmax_grad(self, logits, partials, lse, target, coef):
-        softmax_grad(logits, partials[0], lse, target, coef, self.configs.softmax_grad, self.vocab_config.block_n,
-                     options=self.options, num_classes=self.vocab_size)
+    def _softmax_grad(self, logits, partials, row_stats: KnownRowStats, target, coef, entropy_coef):
+        softmax_grad(logits, partials[0], row_stats.lse, target, coef, self.configs.softmax_grad,
+                     self.vocab_config.block_n, options=self.options, num_classes=self.vocab_size,
+                     entropy=row_stats.entropy, entropy_coef=entropy_coef)
         return logits
 
-    def chunk_dlogits(self, chunk: slice, stats: TokenStatBuffers, coef: torch.Tensor) -> torch.Tensor:
+    def chunk_dlogits(self, chunk: slice, stats: TokenStatBuffers | None, coef: torch.Tensor) -> torch.Tensor:
         target, target_logit = self.request.target[chunk], self.target_logit[chunk]
         logits, partials = self._store_logits(self.hidden[chunk], self.weight, self.bias, target, target_logit)
+        if stats is None:  # known statistics: no combine
+            known = self.request.known
+            row_stats = KnownRowStats(known.lse[chunk], known.entropy[chunk])
+            return self._softmax_grad(logits, partials, row_stats, target, coef, self.entropy_coef(chunk))
         combine(partials, target_logit, stats, self.configs.combine, options=self.options,
                 vocab_size=self.vocab_size)
         if self.options.dft:
             factor = dft_factor(stats.lse, target_logit)
             _apply_dft(stats, factor)
             coef.mul_(factor)
-        return self._softmax_grad(logits, partials, stats.lse, target, coef)
+        return self._softmax_grad(logits, partials, KnownRowStats(stats.lse, stats.entropy), target, coef,
+                                  self.entropy_coef(chunk))
 
-    def slab_dlogits(self, slab: slice, lse: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    def slab_dlogits(self, slab: slice, row_stats: KnownRowStats, coef: torch.Tensor) -> torch.Tensor:
         target = self.request.target - slab.start
         scratch = torch.empty_like(self.target_logit)  # the slab's target logits are not needed again
         logits, partials = self._store_logits(self.hidden, self.weight[slab],
                                               None if self.bias is None else self.bias[slab], target, scratch)
-        return self._softmax_grad(logits, partials, lse, target, coef)
+        return self._softmax_grad(logits, partials, row_stats, target, coef, self.request.entropy_coef)
 
 
 PLANS = {"cublas": CublasPlan, "triton": TritonPlan}
