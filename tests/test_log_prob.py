@@ -14,6 +14,7 @@ from fused_wce.log_prob_ops import _log_prob_backward_op, _log_prob_op
 from fused_wce.options import LOG_PROB_FIELDS, LossOptions
 from fused_wce.passes import KnownRowStats, PassRequest
 from helpers import assert_close, make_problem, run_inside_custom_op, torch_eager_log_prob
+from test_memory_bound import AllocationRecorder
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The logits of make_problem have std ~3: a softcap of 4 bends them, a temperature above and below 1.
@@ -231,6 +232,25 @@ def test_backward_is_one_gradient_pass_with_the_forward_statistics(path, frozen_
     assert (result.gradients.weight is None) == frozen_weight and (result.gradients.bias is None) == frozen_weight
     if path[1] == "torch":  # forward logits, backward logits + dX (+ dW): no second statistics pass
         assert flops.flops == 2 * counted * 32 * 300 * (3 if frozen_weight else 4)
+
+
+@pytest.mark.parametrize("variant", ["plain", "softcap+scale+temperature"])
+def test_no_allocation_of_n_times_v(path, variant):
+    """Forward and backward of both outputs never hold a tensor of N * V elements, and nothing [V]-wide has
+    more than a chunk's rows."""
+    num_tokens, hidden_size, vocab_size, chunk = 64, 24, 700, 16  # N > H: the [V, H] gradients are below N V
+    problem = make_problem((num_tokens,), hidden_size, vocab_size, torch.float32, path[0], bias=True,
+                           ignore_fraction=0.0, weighted=False)
+    recorder = AllocationRecorder()
+    with recorder:
+        log_prob, entropy = fused_wce.linear_log_prob(problem.hidden, problem.weight, problem.target,
+                                                      bias=problem.bias, return_entropy=True, backend=path[1],
+                                                      chunk_size=chunk, **VARIANTS[variant])
+        (log_prob + entropy).sum().backward()
+    name, shape = recorder.largest()
+    assert torch.Size(shape).numel() < num_tokens * vocab_size, f"{name} allocated {shape}"
+    wide = [s for _, s in recorder.shapes if len(s) == 2 and s[1] == vocab_size]
+    assert wide and all(s[0] <= 2 * chunk for s in wide), wide
 
 
 def test_entropy_coefficient_in_a_pass_that_finds_its_statistics(path):
