@@ -332,26 +332,35 @@ def _fused_wce_torch(p: Problem) -> Algorithm:
     return Algorithm("fused_wce[torch]", f"fp32 blocks of {rows} x {columns}, two passes", m, tuple(phases), live)
 
 
-def _torch_eager(p: Problem) -> Algorithm:
-    """benchmarks.providers.eager_loss: bf16 logits [N, V], .float(), F.cross_entropy(reduction="none"), autograd.
-    Every row runs (ignored rows are masked in the loss, not skipped)."""
+def _materialised_log_softmax(p: Problem, name: str, summary: str, between: list[Phase], live: dict) -> Algorithm:
+    """Logits [N, V] in the input dtype, upcast, log_softmax, the phases ``between`` (what is computed from the
+    log-probs and its backward), log_softmax_backward, the gradient's cast and the dX / dW GEMMs, on all N rows;
+    ``live`` adds the caller's peaks to the GEMMs' one."""
     b, h, v, n = p.dtype_bytes, p.hidden, p.vocab, p.tokens
     nv = n * v
     phases = [_gemm("logits = X @ W^T", n, p, v * h * b + n * h * b + nv * b),
               Phase("upcast to fp32", 0, nv * (b + 4)),
               Phase("log_softmax", 0, nv * 8),
-              Phase("nll_loss_backward (dense)", 0, nv * 4),
+              *between,
               Phase("log_softmax_backward", 0, nv * 12),
               Phase("grad cast to input dtype", 0, nv * (4 + b)),
               _gemm("dX = dlogits @ W", n, p, nv * b + v * h * b + n * h * b)]
     if not p.frozen_head:
         phases.append(_gemm("dW = dlogits^T @ X", n, p, nv * b + n * h * b + v * h * b))
+    live = {**live, "backward (GEMMs)": {"logits grad fp32": nv * 4, "logits grad": nv * b, "dX": n * h * b,
+                                         "dW": 0 if p.frozen_head else v * h * b}}
+    return Algorithm(name, summary, n, tuple(phases), live)
+
+
+def _torch_eager(p: Problem) -> Algorithm:
+    """benchmarks.providers.eager_loss: bf16 logits [N, V], .float(), F.cross_entropy(reduction="none"), autograd.
+    Every row runs (ignored rows are masked in the loss, not skipped)."""
+    nv = p.tokens * p.vocab
     live = {"forward (log_softmax)": {"fp32 logits": nv * 4, "log-probs fp32": nv * 4},
             "backward (log_softmax_backward)": {"log-probs fp32": nv * 4, "nll grad fp32": nv * 4,
-                                                "logits grad fp32": nv * 4},
-            "backward (GEMMs)": {"logits grad fp32": nv * 4, "logits grad": nv * b, "dX": n * h * b,
-                                 "dW": 0 if p.frozen_head else v * h * b}}
-    return Algorithm("torch_eager", "materialised [N, V] logits, fp32 upcast, all N rows", n, tuple(phases), live)
+                                                "logits grad fp32": nv * 4}}
+    return _materialised_log_softmax(p, "torch_eager", "materialised [N, V] logits, fp32 upcast, all N rows",
+                                     [Phase("nll_loss_backward (dense)", 0, nv * 4)], live)
 
 
 def _torch_compile(p: Problem) -> Algorithm:
@@ -423,25 +432,13 @@ def _trl(p: Problem, name: str = "trl_chunked") -> Algorithm:
 def _torch_log_softmax(p: Problem) -> Algorithm:
     """benchmarks.providers' naive log-probs: bf16 logits [N, V], .float(), log_softmax, gather, entropy
     ``-(exp(log p) * log p).sum()``, autograd. Every row runs."""
-    b, h, v, n = p.dtype_bytes, p.hidden, p.vocab, p.tokens
-    nv = n * v
-    phases = [_gemm("logits = X @ W^T", n, p, v * h * b + n * h * b + nv * b),
-              Phase("upcast to fp32", 0, nv * (b + 4)),
-              Phase("log_softmax", 0, nv * 8),
-              Phase("entropy: exp, product, sum", 0, nv * 20),
-              Phase("entropy backward", 0, nv * 16),
-              Phase("log_softmax_backward", 0, nv * 12),
-              Phase("grad cast to input dtype", 0, nv * (4 + b)),
-              _gemm("dX = dlogits @ W", n, p, nv * b + v * h * b + n * h * b)]
-    if not p.frozen_head:
-        phases.append(_gemm("dW = dlogits^T @ X", n, p, nv * b + n * h * b + v * h * b))
+    nv = p.tokens * p.vocab
     live = {"forward (entropy)": {"log-probs fp32": nv * 4, "probs fp32": nv * 4, "product fp32": nv * 4},
             "backward (entropy, log_softmax)": {"log-probs fp32": nv * 4, "probs fp32": nv * 4,
-                                                "grad of log-probs fp32": nv * 4, "logits grad fp32": nv * 4},
-            "backward (GEMMs)": {"logits grad fp32": nv * 4, "logits grad": nv * b, "dX": n * h * b,
-                                 "dW": 0 if p.frozen_head else v * h * b}}
-    return Algorithm("torch_log_softmax", "materialised [N, V] logits, fp32 log_softmax and entropy, all N rows", n,
-                     tuple(phases), live)
+                                                "grad of log-probs fp32": nv * 4, "logits grad fp32": nv * 4}}
+    between = [Phase("entropy: exp, product, sum", 0, nv * 20), Phase("entropy backward", 0, nv * 16)]
+    return _materialised_log_softmax(p, "torch_log_softmax", "materialised [N, V] logits, fp32 log_softmax and "
+                                     "entropy, all N rows", between, live)
 
 
 def _liger(p: Problem, fp32_accumulation: bool) -> Algorithm:

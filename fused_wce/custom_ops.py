@@ -222,17 +222,25 @@ _loss_backward_op = torch.library.custom_op(
            "(Tensor, Tensor, Tensor)")
 
 
-@_loss_backward_op.register_fake
-def _loss_backward_op_fake(hidden, weight, bias, target, token_weight, grad_output, *, grad_hidden, grad_weight,
-                           grad_bias, **option_fields):
-    options = LossOptions(**option_fields)
+def fake_gradients(hidden, weight, bias, num_tokens: int, options: LossOptions, grad_hidden: bool,
+                   grad_weight: bool, grad_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """A backward op's outputs for its fake implementation: grad_hidden ``[N, H]`` in hidden's dtype,
+    grad_weight ``[V, H]`` in :meth:`LossOptions.weight_grad_dtype`, grad_bias ``[V]`` float32; ``[0]`` where
+    not wanted."""
     vocab_size, hidden_size = weight.shape
     return (
-        hidden.new_empty((target.shape[0], hidden_size) if grad_hidden else (0,)),
+        hidden.new_empty((num_tokens, hidden_size) if grad_hidden else (0,)),
         hidden.new_empty((vocab_size, hidden_size) if grad_weight else (0,),
                          dtype=options.weight_grad_dtype(weight.dtype)),
         hidden.new_empty((vocab_size,) if grad_bias and bias is not None else (0,), dtype=torch.float32),
     )
+
+
+@_loss_backward_op.register_fake
+def _loss_backward_op_fake(hidden, weight, bias, target, token_weight, grad_output, *, grad_hidden, grad_weight,
+                           grad_bias, **option_fields):
+    return fake_gradients(hidden, weight, bias, target.shape[0], LossOptions(**option_fields), grad_hidden,
+                          grad_weight, grad_bias)
 
 
 # ----------------------------------------------------------------------------------------------- autograd

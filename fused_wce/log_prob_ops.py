@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .custom_ops import _TAGS, _gradient_outputs, _on_device, _run_counted, _scatter_rows, gradient_scale
+from .custom_ops import (_TAGS, _gradient_outputs, _on_device, _run_counted, _scatter_rows, fake_gradients,
+                         gradient_scale)
 from .options import LOG_PROB_FIELDS, LossOptions
 from .passes import KnownRowStats
 
@@ -102,14 +103,8 @@ _log_prob_backward_op = torch.library.custom_op(
 @_log_prob_backward_op.register_fake
 def _log_prob_backward_op_fake(hidden, weight, bias, target, lse, entropy, grad_log_prob, grad_entropy, *,
                                grad_hidden, grad_weight, grad_bias, **option_fields):
-    options = _options(option_fields)
-    vocab_size, hidden_size = weight.shape
-    return (
-        hidden.new_empty((target.shape[0], hidden_size) if grad_hidden else (0,)),
-        hidden.new_empty((vocab_size, hidden_size) if grad_weight else (0,),
-                         dtype=options.weight_grad_dtype(weight.dtype)),
-        hidden.new_empty((vocab_size,) if grad_bias and bias is not None else (0,), dtype=torch.float32),
-    )
+    return fake_gradients(hidden, weight, bias, target.shape[0], _options(option_fields), grad_hidden, grad_weight,
+                          grad_bias)
 
 
 # ----------------------------------------------------------------------------------------------- autograd

@@ -151,13 +151,13 @@ class LossOptions:
         (``compute_dtype`` must be resolved)."""
         if self.compute_dtype is None:
             raise ValueError("compute_dtype must be resolved (LossOptions.resolved) before the op is called")
-        return {name: getattr(self, name) for name in names or _field_names()}
+        return {name: getattr(self, name) for name in names or FIELD_NAMES}
 
     @classmethod
     def op_schema(cls, names: tuple[str, ...] | None = None) -> str:
         """The fields (those in ``names``, default all) as keyword-only arguments of a ``torch.library`` schema,
         in field order."""
-        return ", ".join(f"{_SCHEMA_TYPES[name]} {name}" for name in names or _field_names())
+        return ", ".join(f"{_SCHEMA_TYPES[name]} {name}" for name in names or FIELD_NAMES)
 
     # ------------------------------------------------------------------------------------------ temperature
     def tempered(self, temperature: float) -> LossOptions:
@@ -190,15 +190,14 @@ def check_temperature(temperature) -> float:
     return value
 
 
-def _field_names() -> tuple[str, ...]:
-    return tuple(field.name for field in dataclasses.fields(LossOptions))
-
 
 _SCHEMA_TYPES = {
     "ignore_index": "int", "reduction": "str", "chunk_size": "int?", "backend": "str",
     "label_smoothing": "float", "z_loss": "float", "softcap": "float?", "logit_scale": "float", "dft": "bool",
     "compute_dtype": "ScalarType", "lean_memory": "bool", "logits_gemm": "str",
 }
+# Every field, in order (a constant: torch.compile traces op_kwargs, not dataclasses.fields on the class).
+FIELD_NAMES = tuple(field.name for field in dataclasses.fields(LossOptions))
 # The fields a log-prob call sets (fused_wce.linear_log_prob): the loss variants and the reduction keep their
 # defaults (a log-prob is minus the plain cross-entropy of the tempered logits).
 LOG_PROB_FIELDS = ("ignore_index", "chunk_size", "backend", "softcap", "logit_scale", "compute_dtype", "lean_memory",
