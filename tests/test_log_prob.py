@@ -395,3 +395,19 @@ def test_bad_input_is_named(name, overrides, error, fragment, monkeypatch):
     args.update(overrides)
     with pytest.raises(error, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         fused_wce.linear_log_prob(args.pop("hidden"), args.pop("weight"), args.pop("target"), **args)
+
+
+def test_lean_frozen_hidden_runs_only_the_slabs(path, monkeypatch):
+    """With known statistics and only the weight's gradient wanted in lean mode, the slabs are the whole pass."""
+    recorder = _PassRecorder(monkeypatch)
+    problem = make_problem((3, 10), 32, 300, torch.bfloat16, path[0], weighted=False)
+    problem.hidden.requires_grad_(False)
+    log_prob, entropy = fused_wce.linear_log_prob(problem.hidden, problem.weight, problem.target, return_entropy=True,
+                                                  backend=path[1], lean_memory=True)
+    upstream = _upstream("both", problem.target.shape, path[0])
+    grad, = torch.autograd.grad(_objective(log_prob, entropy, upstream), [problem.weight])
+    ref = fused_wce.reference_linear_log_prob(problem.hidden, problem.weight, problem.target, return_entropy=True)
+    ref_grad, = torch.autograd.grad(_objective(*ref, upstream), [problem.weight])
+    assert_close(grad, ref_grad, None, torch.bfloat16, "grad_weight")
+    request, result = recorder.passes[-1]
+    assert request.lean and result.gradients.hidden is None

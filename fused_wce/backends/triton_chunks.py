@@ -61,7 +61,8 @@ def run_pass(request: PassRequest) -> PassResult:
     plan = PLANS[plan_name](request, hidden, weight, bias)
     gradients = allocate_gradients(request)
     if request.known is not None:  # gradients only, from the known lse and entropy
-        _chunk_loop(plan, request, request.coef, None, gradients)
+        if not (request.lean and gradients.hidden is None and gradients.bias is None):  # (lean: dW from slabs)
+            _chunk_loop(plan, request, request.coef, None, gradients)
         if request.lean:
             _slab_loop(plan, request, request.known, request.coef, gradients.weight)
         return PassResult(None, gradients)
