@@ -260,12 +260,13 @@ def _fused_wce_log_prob(p: Problem) -> Algorithm:
     tiles = _cdiv(v, FUSED_WCE_VOCAB_TILE)
     row_blocks = _cdiv(m, FUSED_WCE_ROW_BLOCK) if m else 0
     splits = min(tiles, _cdiv(4 * FUSED_WCE_SMS, max(row_blocks, 1)))
-    # Each split reads its rows' hidden states; a split's weight tiles serve GROUP_M row blocks from L2.
+    # Grouped program order: the GROUP_M row blocks that run together share each split's weight tiles and (across
+    # splits) their hidden rows in L2, so the weight is read once per group and the hidden states once.
     weight_reads = _cdiv(row_blocks, FUSED_WCE_GROUP_M)
     summaries = 3 * splits * m * 4
     phases = [Phase("forward: gather counted rows", 0, n * h * b + m * h * b),
               _gemm("forward: vocab_partials (statistics only)", m, p,
-                    weight_reads * v * h * b + splits * m * h * b + summaries),
+                    weight_reads * v * h * b + m * h * b + summaries),
               Phase("forward: combine, scatter outputs", 0, summaries + 6 * n * 4)]
     chunk, chunks, backward, live = _fused_wce_gradient_pass(p, "cublas", prefix="backward: ", known_lse=True)
     live = {"forward": {"gathered hidden [M, H]": m * h * b, "summaries": summaries, "outputs": 3 * n * 4},
@@ -285,7 +286,7 @@ def _fused_wce_lean(p: Problem) -> Algorithm:
         return Algorithm("fused_wce_lean", algo.summary, algo.rows, algo.phases, algo.live)
     chunk = _fused_wce_rows(p, lean=True)
     chunks = _cdiv(m, chunk) if m else 0
-    slab = fused_wce_budget.slab_columns(m, v, chunk)
+    slab = fused_wce_budget.slab_columns(m, v, chunk, extra_rows=h)
     slabs = _cdiv(v, slab)
     w, logits32 = v * h * b, m * v * 4
     phases = _fused_wce_chunk_phases(p, chunks, "cublas", prefix="chunks: ") + [
@@ -311,7 +312,8 @@ def _fused_wce_torch(p: Problem) -> Algorithm:
     b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
     spend = fused_wce_budget.budget_bytes(cpu=False, lean=False)
     rows = min(1024, max(m, 1))
-    columns = min(v, max(64, spend // (8 * rows) // 64 * 64))
+    per_column = 8 * rows + (4 * h if b != 4 else 0)  # two fp32 blocks' rows, the weight block's fp32 copy
+    columns = min(v, max(64, spend // per_column // 64 * 64))
     blocks = _cdiv(v, columns)
     chunks = _cdiv(m, rows) if m else 0
     w32, logits32 = v * h * 4, m * v * 4
@@ -325,7 +327,8 @@ def _fused_wce_torch(p: Problem) -> Algorithm:
     if not p.frozen_head:
         phases.append(_gemm("pass 2: dW (fp32)", m, p, logits32 + blocks * m * h * 4 + w32, rate="fp32"))
     dw32 = {} if p.frozen_head else {"dW fp32": w32}
-    live = {"pass 2": {"two fp32 [C, B] blocks": 2 * rows * columns * 4, "weight block fp32": columns * h * 4,
+    live = {"pass 2": {"two fp32 [C, B] blocks": 2 * rows * columns * 4,
+                       "weight block fp32": columns * h * 4 if b != 4 else 0,
                        **dw32, "dX fp32 [M, H]": m * h * 4, "gathered hidden": m * h * b},
             "backward": {**dw32, "dW": 0 if p.frozen_head else v * h * b, "dX [N, H]": n * h * b,
                          "dX [M, H]": m * h * b}}

@@ -33,10 +33,11 @@ def chunk_rows(vocab_size: int, bytes_per_logit: int, *, budget: int, multiple: 
     return max(1, rows)
 
 
-def slab_columns(num_tokens: int, vocab_size: int, rows: int, *, multiple: int = 1) -> int:
-    """Columns ``S`` of a lean-mode vocabulary slab ``[M, S]`` over all ``num_tokens`` rows that spends the
-    elements of a ``[rows, V]`` chunk: ``rows * V // M``, rounded down to ``multiple`` (at least one), at most
-    the vocabulary rounded up to ``multiple``."""
-    columns = rows * vocab_size // max(1, num_tokens)
+def slab_columns(num_tokens: int, vocab_size: int, rows: int, *, multiple: int = 1, extra_rows: int = 0) -> int:
+    """Columns ``S`` of a lean-mode vocabulary slab ``[M, S]`` over all ``num_tokens`` rows that, with
+    ``extra_rows`` more rows per column (the slab's ``[S, H]`` weight-gradient block, in buffer elements),
+    spends the elements of a ``[rows, V]`` chunk: ``rows * V // (M + extra_rows)``, rounded down to
+    ``multiple`` (at least one), at most the vocabulary rounded up to ``multiple``."""
+    columns = rows * vocab_size // max(1, num_tokens + extra_rows)
     columns = max(multiple, columns - columns % multiple)
     return min(columns, -(-vocab_size // multiple) * multiple)

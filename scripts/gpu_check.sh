@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check of fused_wce: run it on a lent GPU (the device tool's `run`), in the repository root.
+# The one prepared GPU check of fused_wce: run it on a CUDA machine, in the repository root.
 #
 #   stages (each prints its elapsed time; caps in seconds, all overridable by environment variables):
 #     info     nvidia-smi, python / torch / CUDA / triton / peer versions, torch sees the GPU       (~10 s)
@@ -16,8 +16,7 @@
 #              results.md has measured and roofline-predicted time and memory side by side
 #   GPU_CHECK_TOTAL_S (540): every cap is cut to the time left before it, so the script ends by ~540 s
 #   even when stages run to their caps; expected on an H200 ~10 + ~20 + ~150 + ~270 s. Run it with
-#   timeout_s 570 (benchmarks/README.md, "The prepared GPU run"); a rerun of one stage on the still-warm
-#   machine: GPU_CHECK_STAGES=tests or =bench (and a smaller GPU_CHECK_TOTAL_S).
+#   a command limit of 570 s (benchmarks/README.md, "The prepared GPU run"); a rerun of one stage: GPU_CHECK_STAGES=tests or =bench (and a smaller GPU_CHECK_TOTAL_S).
 #
 #   Files come back under $OUT (at most 8, no deeper than 2 folders): gpu_check.log (everything printed),
 #   results.md, results.csv, results.json, e2e.csv, rows_raw.jsonl, and bench_extra.tar.gz (plots, worker
@@ -26,7 +25,7 @@
 #   GPU_CHECK_DRY_RUN=1   print every stage and command without running the heavy parts (tests do this on CPU)
 #   GPU_CHECK_STAGES="tests bench"   run only these stages (a rerun on the still-warm machine)
 #   GPU_CHECK_FETCH_WHEELS=1   on THIS machine (not the GPU one): download the pure-Python peers that the
-#                              H200 image lacks into .whl/ (git-ignored) so that `run` can carry them
+#                              CUDA image lacks into .whl/ (git-ignored), to copy along to the GPU machine
 #
 # Never touches the card's settings: no reset, clocks, power, persistence, compute or MIG mode.
 set -uo pipefail
@@ -42,7 +41,7 @@ BENCH_S="${GPU_CHECK_BENCH_S:-270}"
 BENCH_BUDGET_S="${GPU_CHECK_BENCH_BUDGET_S:-140}"
 TOTAL_S="${GPU_CHECK_TOTAL_S:-540}"
 WORKERS="${GPU_CHECK_WORKERS:-8}"
-# Not on the H200 image (/work/.library/device/KINDS.md): TRL and what it imports, and two peers. All pure Python.
+# Often missing from a bare CUDA image: TRL and what it imports, and two peers. All pure Python.
 WHEELS="trl==1.16.0 datasets dill multiprocess liger-kernel cut-cross-entropy"
 
 if [ "${GPU_CHECK_FETCH_WHEELS:-0}" = 1 ]; then
@@ -143,7 +142,7 @@ EOF
         run $(( INSTALL_S * 2 / 3 )) "$PY" -m pip install -q -c "$WORK/constraints.txt" -e ".[dev]" || say "pip install -e .[dev] failed (carrying on with PYTHONPATH)"
         run $(( INSTALL_S / 3 )) "$PY" -m pip install -q -c "$WORK/constraints.txt" liger-kernel cut-cross-entropy || say "optional peers not installed (their rows are skipped with the reason)"
     else
-        say "no package registry (expected on the lent H200): the project runs from PYTHONPATH; missing peers are skipped"
+        say "no package registry: the project runs from PYTHONPATH; missing peers are skipped"
     fi
     run 30 "$PY" -c "
 import importlib

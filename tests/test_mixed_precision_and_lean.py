@@ -112,9 +112,10 @@ TRITON_PEAK_BOUNDS = {"default": 6, "lean": 2, "master": 6, "master_lean": 6}
 
 def test_weight_gradient_memory(path, monkeypatch):
     vocab, hidden = 2048, 64
-    # The CPU path's lean mode accumulates each vocabulary block's [B, H] rows in fp32: a budget that makes a
+    # The PyTorch path's lean mode accumulates each vocabulary block's [B, H] rows in fp32: a budget that makes a
     # block an eighth of the vocabulary (at this small V * H the default budget would cover all of it).
-    monkeypatch.setattr(fused_wce.budget, "CPU_CHUNK_BUDGET_BYTES", 4 * 256 * (8 * 4 + 4 * hidden))
+    for budget in ("CPU_CHUNK_BUDGET_BYTES", "DEFAULT_CHUNK_BUDGET_BYTES"):  # (the PyTorch path on CUDA: DEFAULT)
+        monkeypatch.setattr(fused_wce.budget, budget, 4 * 256 * (8 * 4 + 4 * hidden))
     vh = vocab * hidden
     # chunk and slab buffers (the interpreter's 256-wide vocabulary tiles make a slab [M, 256]), a slab's fp32
     # [S, H] GEMM output (0.5 V * H for S = 256 here), the CPU emulation's fp32 upcast blocks of the GEMM

@@ -1,7 +1,7 @@
 """Robustness: every way an argument can be wrong has a documented outcome, and nothing is silently wrong.
 
-``CASES`` is the bad-input matrix of README.md (``python tests/test_robustness.py`` prints it as
-markdown; a test checks the document holds every row). Each case is run on every path: a wrong argument must
+``CASES`` is the bad-input matrix: ``python tests/test_robustness.py`` prints it as markdown, and
+``python tests/test_robustness.py --write-docs`` writes it into docs/robustness.md. Each case is run on every path: a wrong argument must
 raise a TypeError/ValueError naming it *before any pass runs*; an unusual but valid one must give the float64
 reference's loss and gradients (finite), or the documented defined result (a 0.0 loss connected to the graph,
 a non-finite loss for non-finite inputs). No case may crash, hang, read out of bounds or return a silent NaN.
@@ -308,9 +308,25 @@ CASES = [
 def markdown_table() -> str:
     lines = ["| argument | what is wrong | outcome |", "|---|---|---|"]
     for case in CASES:
-        gap = f" (open bug on the {' and '.join(sorted(case.xfail))} path: see Known gaps)" if case.xfail else ""
+        gap = "".join(f" (open bug on the {backend} path: {reason})" for backend, reason in sorted(case.xfail.items()))
         lines.append(f"| `{case.argument}` | {case.wrong} | {case.outcome.doc}{gap} |")
     return "\n".join(lines)
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
+TABLE_BEGIN = "<!-- bad-input table: generated from tests/test_robustness.py CASES by " \
+              "`python tests/test_robustness.py --write-docs`; edit the cases, not the table -->"
+TABLE_END = "<!-- end of the generated table -->"
+
+
+def write_table(document: Path) -> None:
+    """Replace what lies between ``TABLE_BEGIN`` and ``TABLE_END`` in ``document`` with :func:`markdown_table`."""
+    text = document.read_text(encoding="utf-8")
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        raise SystemExit(f"{document}: the markers of the generated table are missing:\n{TABLE_BEGIN}\n{TABLE_END}")
+    head, rest = text.split(TABLE_BEGIN, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    document.write_text(f"{head}{TABLE_BEGIN}\n{markdown_table()}\n{TABLE_END}{tail}", encoding="utf-8")
 
 
 def _prepare(case: Case, path) -> dict:
@@ -414,11 +430,19 @@ def _assert_close_fp32(actual, expected, name):
     assert error <= 2e-5 * scale, f"{name}: max error {error:.3g} > {2e-5 * scale:.3g}"
 
 
-def test_readme_holds_the_matrix():
-    """README.md carries this table verbatim (regenerate it with `python tests/test_robustness.py`)."""
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    missing = [line for line in markdown_table().splitlines() if line not in text]
-    assert not missing, "README.md is missing rows:\n" + "\n".join(missing)
+def test_write_table_puts_one_row_per_case_between_the_markers(tmp_path):
+    document = tmp_path / "doc.md"
+    document.write_text(f"# Title\n\nbefore\n{TABLE_BEGIN}\n| stale |\n{TABLE_END}\nafter\n", encoding="utf-8")
+    for _ in range(2):  # idempotent
+        write_table(document)
+        text = document.read_text(encoding="utf-8")
+        assert text.startswith("# Title\n\nbefore\n") and text.endswith(f"{TABLE_END}\nafter\n")
+        table = text.split(TABLE_BEGIN)[1].split(TABLE_END)[0].strip().splitlines()
+        assert len(table) == 2 + len(CASES) and "| stale |" not in table
+        assert all(row.startswith(f"| `{case.argument}` | {case.wrong} |") for row, case in zip(table[2:], CASES))
+    document.write_text("no markers\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="markers"):
+        write_table(document)
 
 
 # ---- non-finite inputs in detail ------------------------------------------------------------------------------
@@ -553,10 +577,6 @@ def test_minus_inf_bias_entropy_is_finite(path):
     assert_close(out.entropy[counted], entropy, None, torch.float32, "entropy")
 
 
-if __name__ == "__main__":
-    print(markdown_table())
-
-
 # ---- offsets beyond 2**31 --------------------------------------------------------------------------------------
 
 # Row stride, in elements, of views into a sparse file: row 2 starts at 2 * BIG_STRIDE > 2**31 elements, so
@@ -650,3 +670,15 @@ def test_kernels_address_rows_beyond_2_31_elements(tmp_path):
     _assert_close_fp32(row_stats.token_loss, exact_lse - exact.gather(1, target[:, None]).squeeze(1),
                        "logit_rows token_loss")
     _assert_close_fp32(raw, dlogits, "logit_rows dlogits")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The bad-input table, generated from CASES.")
+    parser.add_argument("--write-docs", action="store_true", help=f"write it into {DOCS.relative_to(DOCS.parents[1])}"
+                                                                 " (between its markers) instead of printing it")
+    if parser.parse_args().write_docs:
+        write_table(DOCS)
+    else:
+        print(markdown_table())

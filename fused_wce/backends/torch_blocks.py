@@ -44,7 +44,8 @@ class BlockPlan:
 
     ``C`` (``rows``) is ``chunk_size`` or as many rows (up to ``MAX_CHUNK_ROWS``) as leave room for a block of
     ``BLOCK_MULTIPLE`` columns; ``B`` (``columns``) spends the rest of the budget on two ``[C, B]`` fp32 blocks,
-    plus, in lean mode, the block's fp32 ``[B, H]`` weight-gradient rows (lean mode gets a quarter budget).
+    plus the block's fp32 ``[B, H]`` copy of a reduced-precision weight and, in lean mode, its fp32 ``[B, H]``
+    weight-gradient rows (lean mode gets a quarter budget).
     """
 
     def __init__(self, request: PassRequest):
@@ -59,7 +60,11 @@ class BlockPlan:
         spend = budget.budget_bytes(cpu=request.hidden.device.type == "cpu", lean=request.lean)
         rows = request.options.chunk_size or min(MAX_CHUNK_ROWS, spend // (bytes_per_logit * BLOCK_MULTIPLE))
         self.rows = max(1, min(rows, num_tokens))
-        per_column = bytes_per_logit * self.rows + (4 * request.hidden.shape[1] if request.lean else 0)
+        # per vocabulary column: the blocks' rows, and the block's fp32 [B, H] copy of a reduced-precision
+        # weight and (lean mode) its fp32 [B, H] weight-gradient rows
+        hidden_size = request.hidden.shape[1]
+        per_column = (bytes_per_logit * self.rows + (4 * hidden_size if request.weight.dtype != torch.float32 else 0)
+                      + (4 * hidden_size if request.lean else 0))
         columns = max(BLOCK_MULTIPLE, spend // per_column // BLOCK_MULTIPLE * BLOCK_MULTIPLE)
         self.columns = min(columns, vocab_size)
         device = request.hidden.device

@@ -165,8 +165,10 @@ class _Plan:
         self.rows = max(1, min(rows, request.num_tokens))
         # Lean mode's vocabulary slabs [M, S] reuse the chunk buffers: about the same elements, more when S is
         # rounded up to a whole vocabulary tile.
+        # (the slab's fp32 [S, H] weight-gradient block counts against the same elements)
+        extra_rows = 4 * hidden.shape[1] // (self.buffer_bytes or hidden.element_size())
         self.slab_width = budget.slab_columns(request.num_tokens, self.vocab_size, self.rows,
-                                              multiple=self.slab_multiple) if request.lean else 0
+                                              multiple=self.slab_multiple, extra_rows=extra_rows) if request.lean else 0
         self.buffer_rows = max(self.rows, -(-request.num_tokens * self.slab_width // self.vocab_size))
 
     def entropy_coef(self, rows: slice) -> torch.Tensor | None:

@@ -67,11 +67,12 @@ def logit_rows_kernel(
         if HAS_ENTROPY_GRAD:
             entropy = tl.load(entropy_ptr + row)
     else:
-        running_max = _EMPTY_MAX
-        running_sumexp = 0.0
-        running_sumexp_shifted = 0.0
-        sum_logits = 0.0
-        target_logit = 0.0
+        # 0-d fp32 tensors (not Python floats): loop-carried values keep one type on every Triton version
+        running_max = tl.full([], _EMPTY_MAX, tl.float32)
+        running_sumexp = tl.zeros([], tl.float32)
+        running_sumexp_shifted = tl.zeros([], tl.float32)
+        sum_logits = tl.zeros([], tl.float32)
+        target_logit = tl.zeros([], tl.float32)
         for start in range(0, V, BLOCK_SIZE_N):
             offs_n = start + tl.arange(0, BLOCK_SIZE_N)
             col_mask = offs_n < V
