@@ -190,7 +190,6 @@ def check_temperature(temperature) -> float:
     return value
 
 
-
 _SCHEMA_TYPES = {
     "ignore_index": "int", "reduction": "str", "chunk_size": "int?", "backend": "str",
     "label_smoothing": "float", "z_loss": "float", "softcap": "float?", "logit_scale": "float", "dft": "bool",
