@@ -1,6 +1,7 @@
 """Command line: ``python -m benchmarks [--quick | --smoke] [--out DIR] [--device auto|cuda|cpu]``, and the
-subcommands ``python -m benchmarks static ...`` (benchmarks.static: compiled resources and occupancy, no GPU) and
-``python -m benchmarks roofline ...`` (benchmarks.roofline: predicted time and memory per provider)."""
+subcommands ``python -m benchmarks static ...`` (benchmarks.static: compiled resources and occupancy, no GPU),
+``python -m benchmarks roofline ...`` (benchmarks.roofline: predicted time and memory per provider) and
+``python -m benchmarks tokenization ...`` (benchmarks.tokenization: chat tokenization throughput, CPU)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,8 @@ SUBCOMMANDS = {
                                     "sm_80/sm_90/sm_100, without a GPU"),
     "roofline": ("benchmarks.roofline", "FLOPs, minimum HBM bytes, predicted time and peak memory of every "
                                         "provider's algorithm"),
+    "tokenization": ("benchmarks.tokenization", "conversations/s of tokenize_with_weights against TRL's own "
+                                                "tokenization, for 2 to 1000 messages (CPU)"),
 }
 
 

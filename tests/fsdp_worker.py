@@ -6,11 +6,15 @@ Each rank builds the same tiny causal LM (seeded, fp32, untied head), patches it
 shards it, runs the patched forward on its half of a global batch with per-token weights and the global
 normalizer (``sum`` of the weights over both ranks, as the trainer computes it), and backward. The main process
 writes ``OUT_DIR/<scenario>.pt``: ``{"grads": full gradient of every parameter (name -> fp32 tensor), "loss": the
-global loss, "seen": what reached fused_wce.linear_cross_entropy on rank 0, "structure": str(model)}``, or
-``{"error": traceback}`` when the scenario raised. Scenarios:
+global loss, "seen": what reached fused_wce.linear_cross_entropy on rank 0, "structure": str(model),
+"returned_dtype": the loss's dtype as the model returned it, "loss_dtype", "token_loss", "entropy": rank 0's after
+``WeightedLMOutput.in_float32()`` (what the trainer logs)}``, or ``{"error": traceback}`` when the scenario
+raised. Scenarios:
 
 - ``fsdp2``: ``fully_shard`` on each decoder layer, on ``lm_head`` separately, then on the root (fp32);
 - ``fsdp2_bf16``: the same with ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``;
+- ``fsdp2_bf16_output``: the same with ``output_dtype=bfloat16`` too (every unit's outputs cast, the head's
+  returned tuple and the root's output included);
 - ``fsdp2_head_in_root``: ``fully_shard`` on each decoder layer and the root only (the head's parameters are
   the root's, unsharded during the root's forward: accelerate's transformer-layer policy);
 - ``fsdp1``: ``FullyShardedDataParallel`` with ``size_based_auto_wrap_policy`` (the head is its own unit),
@@ -95,11 +99,11 @@ class _Spy:
         return self.function(hidden, weight, target, token_weight, **kwargs)
 
 
-def _shard_fsdp2(model, mesh, mixed: bool, head_unit: bool = True):
+def _shard_fsdp2(model, mesh, mixed: bool, head_unit: bool = True, output_dtype=None):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed
-              else MixedPrecisionPolicy())
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=output_dtype)
+              if mixed else MixedPrecisionPolicy())
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     if head_unit:
@@ -146,9 +150,11 @@ def run_scenario(scenario: str, rank: int, mesh) -> dict:
     spy = _Spy(fused_wce.linear_cross_entropy)
     fused_wce.linear_cross_entropy = spy
     try:
-        if scenario in ("fsdp2", "fsdp2_bf16", "fsdp2_head_in_root"):
+        if scenario in ("fsdp2", "fsdp2_bf16", "fsdp2_bf16_output", "fsdp2_head_in_root"):
             add_weighted_lm_head(model)  # as the trainer does: patched before sharding
-            runner = _shard_fsdp2(model, mesh, scenario == "fsdp2_bf16", head_unit=scenario != "fsdp2_head_in_root")
+            runner = _shard_fsdp2(model, mesh, scenario.startswith("fsdp2_bf16"),
+                                  head_unit=scenario != "fsdp2_head_in_root",
+                                  output_dtype=torch.bfloat16 if scenario == "fsdp2_bf16_output" else None)
         elif scenario in ("fsdp1", "fsdp1_bf16"):
             runner = _wrap_fsdp1(model, scenario == "fsdp1_bf16")
             add_weighted_lm_head(model)  # patched after wrapping: the head is found through its FSDP wrapper
@@ -169,13 +175,17 @@ def run_scenario(scenario: str, rank: int, mesh) -> dict:
             raise
         if scenario == "tp_head":
             raise AssertionError("a tensor-parallel (DTensor) head inside its forward did not raise")
+        returned_dtype = str(output.loss.dtype)
+        output = output.in_float32()  # as the trainer reads it
         # FSDP averages gradients over ranks; the normalizer already covers every rank's weights.
         (output.loss * WORLD_SIZE).backward()
         loss = output.loss.detach().clone()
         dist.all_reduce(loss)
         grads = _full_grads_fsdp1(runner) if scenario.startswith("fsdp1") else _full_grads_fsdp2(model)
         return {"grads": grads, "loss": loss.item(), "seen": spy.seen, "structure": str(runner),
-                "sent_weight": mine["weight"], "sent_normalizer": normalizer}
+                "sent_weight": mine["weight"], "sent_normalizer": normalizer, "returned_dtype": returned_dtype,
+                "loss_dtype": str(output.loss.dtype), "token_loss": output.token_loss.clone(),
+                "entropy": output.entropy.clone()}
     finally:
         fused_wce.linear_cross_entropy = spy.function
 

@@ -8,13 +8,19 @@ token by token.
 """
 from __future__ import annotations
 
+import functools
 import json
+import random
 import re
 
 import pytest
 
 from chat_template_helpers import family_tokenizer, read_template
 from fused_wce.trl_integration import ROLE_CODES, ChatTemplateError, TurnWeighting, tokenize_with_weights
+from fused_wce.trl_integration.chat_weights import template_spans
+from fused_wce.trl_integration.chat_weights import tokenize as tokenize_module
+from fused_wce.trl_integration.chat_weights.rendering import ChatTemplate
+from fused_wce.trl_integration.chat_weights.template_spans import message_spans
 from fused_wce.trl_integration.token_codes import turn_position_code
 
 SYSTEM = "You are a terse calculator."
@@ -348,6 +354,88 @@ def test_template_that_cannot_render_the_conversation(tokenizers):
         tokenize_with_weights(tokenizers("gemma", "gemma"), conversation(tools=False), WEIGHTING)
     with pytest.raises(ChatTemplateError, match="cannot render this conversation"):
         tokenize_with_weights(tokenizers("mistral_small_3_1", "mistral"), conversation(tools=False), WEIGHTING)
+
+
+# ------------------------------------------------------------------ long conversations: windows against prefixes
+WORDS = ("alpha", "beta", "2 + 3", "delta", "Answer:", "ok", "ünï", "東京", "x")
+
+
+def long_conversation(seed: int, rounds: int, *, system=True, tools=True, reasoning=False, think_in_content=False,
+                      string_args=False, whitespace=False, **unused):
+    """``rounds`` user turns, each answered (some through tool calls and tool results, some with reasoning and
+    weight 0), contents drawn at random; ``whitespace``: some contents with leading/trailing spaces or newlines."""
+    rng = random.Random(seed)
+
+    def text(k):
+        body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4))) + f" {k}"  # distinct contents
+        if whitespace and rng.random() < 0.3:
+            body = rng.choice([" ", "\n", "  "]) + body
+        if whitespace and rng.random() < 0.3:
+            body += rng.choice([" ", "\n", "\n\n"])
+        return body
+
+    messages = [{"role": "system", "content": text(0)}] if system else []
+    for r in range(rounds):
+        messages.append({"role": "user", "content": text(len(messages))})
+        for c in range(rng.choice([0, 0, 1, 2]) if tools else 0):  # tool calls, one at a time (as Llama-3.1 wants)
+            call_id, a, b = f"call{r:03d}{c:02d}", rng.randint(1, 99), rng.randint(1, 99)  # 9 characters: Mistral
+            arguments = {"a": a, "b": b}
+            messages.append({"role": "assistant", "content": "", "tool_calls": [{
+                "type": "function", "id": call_id,
+                "function": {"name": "multiply", "arguments": json.dumps(arguments) if string_args else arguments}}]})
+            messages.append({"role": "tool", "tool_call_id": call_id, "name": "multiply", "content": str(a * b)})
+        answer = {"role": "assistant", "content": text(len(messages))}
+        if reasoning and rng.random() < 0.6:
+            answer["reasoning_content"] = text(-1)
+        if think_in_content and rng.random() < 0.6:
+            answer["content"] = f"<think>\n{text(-1)}\n</think>\n\n" + answer["content"]
+        if rng.random() < 0.1:
+            answer["weight"] = 0
+        messages.append(answer)
+    return messages
+
+
+def _spans(chat, messages, full_text, **options):
+    """The spans, or the error that says why there are none."""
+    try:
+        return [(span.weighted, span.body, span.piece_end)
+                for span in message_spans(chat, messages, full_text, **options)]
+    except ChatTemplateError as error:
+        return str(error)
+
+
+@pytest.mark.parametrize("whitespace", [False, True], ids=["plain", "whitespace"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_windows_find_the_spans_of_every_prefix(tokenizers, monkeypatch, name, whitespace):
+    """On 12-round conversations (tools, reasoning, weight-0 turns) every family's spans from windows equal those
+    from rendering every prefix; without surrounding whitespace the windows answer without falling back on it."""
+    template, family, kwargs, with_tools, _, _ = FAMILIES[name]
+    messages = long_conversation(sum(map(ord, name)), 12, whitespace=whitespace, **kwargs)
+    chat = ChatTemplate(tokenizers(template, family), TOOLS if with_tools else None, None, None)
+    full_text = chat.render(messages)
+    expected = _spans(chat, messages, full_text, exhaustive=True)
+    if not whitespace:  # no fallback: a rendering of every prefix would fail here
+        assert isinstance(expected, list), expected
+        monkeypatch.setattr(template_spans, "_Prefixes", None)
+    assert _spans(chat, messages, full_text) == expected
+    assert chat.render_prepared(chat.prepare(messages)) == full_text  # the fast rendering is apply_chat_template's
+    assert chat.render_prepared(chat.prepare(messages[:-1]), add_generation_prompt=True) == \
+        chat.render(messages[:-1], add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", [name for name, spec in FAMILIES.items() if spec[5] is not None])
+def test_long_conversation_tokens_on_training_templates(tokenizers, monkeypatch, name):
+    """tokenize_with_weights end to end on TRL's training template (its {% generation %} blocks checked against
+    the spans): the same columns as with the spans of every prefix."""
+    template, family, kwargs, with_tools, _, training = FAMILIES[name]
+    tokenizer = tokenizers(template, family)
+    messages = long_conversation(7, 10, **kwargs)
+    arguments = dict(tools=TOOLS if with_tools else None, chat_template=read_template(training))
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "tool": 0.5}, decay=0.9)
+    windows = tokenize_with_weights(tokenizer, messages, weighting, **arguments)
+    monkeypatch.setattr(tokenize_module, "message_spans", functools.partial(message_spans, exhaustive=True))
+    assert windows == tokenize_with_weights(tokenizer, messages, weighting, **arguments)
+    assert sum(w > 0 for w in windows["token_weights"]) > 50
 
 
 # ----------------------------------------------------------------------- trainer: TRL's training-template swap

@@ -19,7 +19,7 @@ from fused_wce.trl_integration.chat_data import build_tokenizer, load_default_da
 ROOT = Path(__file__).parent.parent
 
 
-def run_cli(*args, cwd, timeout=300):
+def run_cli(*args, cwd, timeout=3600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
     return subprocess.run([sys.executable, "-m", "fused_wce.trl_integration.cli", *args], cwd=cwd, env=env,
@@ -108,6 +108,24 @@ def test_adaptive_flags_build_the_weighting():
     assert flags.turn_weighting().adaptive is None and flags.curves
 
 
+@pytest.mark.parametrize("argv, error", [
+    (["--frobnicate", "3"], "unrecognized arguments: --frobnicate 3"),
+    (["--max_steps", "abc"], "argument --max_steps/--max-steps: invalid int value: 'abc'"),
+])
+def test_unknown_or_malformed_flag_is_a_usage_line_and_exit_2(capsys, argv, error):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sft", *argv])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "usage: fused-wce sft [--flag value ...]  (fused-wce sft --help lists every flag)",
+        f"fused-wce sft: error: {error}"]
+
+
+def test_bad_flag_value_is_said_in_flag_words(capsys):
+    assert cli.main(["sft", "--decay", "-0.5"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["fused-wce sft: error: --decay must be a number in (0, 1], got -0.5"]
+
+
 @pytest.mark.parametrize("line, match", [
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}', "message 1: unknown 'role'"),
     ('{"text": "no messages here"}', "no 'messages' key"),
@@ -176,6 +194,24 @@ def test_jsonl_dataset_local_model_and_yaml(tmp_path):
     step_lines = [line for line in result.stdout.splitlines() if line.startswith("[fused-wce] step")]
     assert len(step_lines) == 3 and all(" user " in line for line in step_lines)
     assert "weighted objective (assistant=1,user=0.5; x message 'weight')" in result.stdout
+
+
+def test_bad_jsonl_is_reported_before_transformers_is_imported(tmp_path):
+    """A fresh process: the bad row is reported (one line, exit 2) before transformers or TRL is imported."""
+    data = tmp_path / "chats.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}\n')
+    code = ("import sys; from fused_wce.trl_integration import cli; "
+            f"status = cli.main(['sft', '--max_steps', '3', '--dataset_name', {str(data)!r}]); "
+            "print(sorted(name for name in ('transformers', 'trl', 'datasets') if name in sys.modules)); "
+            "sys.exit(status)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=3600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+    assert result.stderr.strip().splitlines() == [
+        f"fused-wce sft: error: {data}:1: message 1: unknown 'role' 'bot'; expected one of "
+        "['system', 'user', 'assistant', 'tool']"]
 
 
 def test_jsonl_without_messages_fails_clearly(tmp_path):

@@ -27,7 +27,7 @@ from fused_wce.trl_integration.chat_data import build_tokenizer
 from fused_wce.trl_integration.trainer.lm_head import WeightedLossInputs, add_weighted_lm_head
 
 TESTS = Path(__file__).parent
-SCENARIOS = ("fsdp2", "fsdp2_bf16", "fsdp2_head_in_root", "fsdp1", "fsdp1_bf16", "tp_head")
+SCENARIOS = ("fsdp2", "fsdp2_bf16", "fsdp2_bf16_output", "fsdp2_head_in_root", "fsdp1", "fsdp1_bf16", "tp_head")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def results(tmp_path_factory):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(TESTS / "fsdp_worker.py"), str(out), *SCENARIOS]
     start = time.perf_counter()
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     print(f"fsdp_worker: {len(SCENARIOS)} scenarios in {time.perf_counter() - start:.1f} s")
     loaded = {name: torch.load(out / f"{name}.pt", weights_only=False) for name in SCENARIOS}
@@ -104,6 +104,20 @@ def test_mixed_precision_keeps_weights_and_normalizer_float32(results, reference
     print(scenario, {name: f"{errors[name]:.1e}" for name in ("lm_head.weight", "model.embed_tokens.weight")},
           f"max {max(errors.values()):.1e}")
     assert max(errors.values()) < 3e-2, errors
+
+
+def test_loss_and_stats_stay_float32_under_an_output_dtype_cast(results):
+    """FSDP2 ``MixedPrecisionPolicy(output_dtype=bfloat16)`` casts the head's returned tuple and the root's output:
+    the loss and per-token statistics read through ``in_float32()`` (as the trainer logs them) are the float32
+    values of the same run without the cast, bit for bit, and so are the gradients."""
+    cast, plain = results["fsdp2_bf16_output"], results["fsdp2_bf16"]
+    assert cast["returned_dtype"] == "torch.bfloat16" and plain["returned_dtype"] == "torch.float32"
+    assert cast["loss_dtype"] == "torch.float32" and cast["loss"] == plain["loss"]
+    for stat in ("token_loss", "entropy"):
+        assert cast[stat].dtype == torch.float32 and torch.equal(cast[stat], plain[stat]), stat
+        assert not torch.equal(cast[stat].bfloat16().float(), cast[stat])  # values bf16 would round
+    for name, grad in plain["grads"].items():
+        assert torch.equal(cast["grads"][name], grad), name
 
 
 def test_sharded_head_weight_inside_the_head_is_a_clear_error(results):

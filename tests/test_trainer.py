@@ -289,7 +289,7 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
         out = tmp_path / f"p{processes}"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                    str(worker), str(out), str(batch)]
-        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         results[processes] = (json.loads((out / "losses.json").read_text()), torch.load(out / "params.pt"))
     (losses_2, params_2), (losses_1, params_1) = results[2], results[1]
@@ -351,6 +351,34 @@ def test_logged_metrics_match_a_float64_reference(tokenizer, conversations, tmp_
         assert logged_groups[name] == pytest.approx(value, rel=1e-5), name
     assert logged_values["eval_entropy"] == pytest.approx(entropy, rel=1e-5)
     assert logged_values["eval_mean_token_accuracy"] == pytest.approx(accuracy, rel=1e-9)
+
+
+def _cast_outputs_to_bf16(module, args, output):
+    """What FSDP2's ``MixedPrecisionPolicy(output_dtype=torch.bfloat16)`` does after a unit's forward."""
+    from torch.distributed.utils import _apply_to_tensors
+
+    return _apply_to_tensors(lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t, output)
+
+
+def test_logged_values_stay_float32_when_a_policy_casts_the_outputs(tokenizer, conversations, tmp_path):
+    """With the model's and the head's outputs cast to bf16 (FSDP2 ``output_dtype``), the logged loss, group
+    losses, entropy and gradient norm are those of the run without the cast, bit for bit."""
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5})
+    runs = []
+    for cast in (False, True):
+        trainer = WeightedSFTTrainer(tiny_model("llama", tokenizer), weighting=weighting,
+                                     args=sft_config(tmp_path / str(cast)), train_dataset=conversations,
+                                     processing_class=tokenizer)
+        if cast:
+            trainer.model.register_forward_hook(_cast_outputs_to_bf16)
+            trainer.model.lm_head.register_forward_hook(_cast_outputs_to_bf16)
+        trainer.train()
+        runs.append(trainer)
+    plain, cast = runs
+    for key in ("loss", "loss/assistant", "loss/user", "entropy", "grad_norm"):
+        values = logged(plain, key)
+        assert len(values) == 3 and logged(cast, key) == values, key
+        assert any(float(torch.tensor(v).bfloat16()) != v for v in values), key  # bf16 would have rounded them
 
 
 class _HostSyncs:
@@ -567,6 +595,19 @@ def test_lean_memory_trains_like_the_default(tokenizer, conversations, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ bad data
+@pytest.mark.parametrize("bad, match", [
+    ({"role": "assistant", "content": "x", "weight": -1}, "train dataset row 5: message 1 key 'weight'"),
+    ({"role": "bot", "content": "x"}, "train dataset row 5: message 1: unknown 'role' 'bot'"),
+])
+def test_bad_row_in_a_dataset_names_its_index(tokenizer, conversations, tmp_path, bad, match):
+    rows = [[{"role": "user", "content": f"hi {k}"}, {"role": "assistant", "content": "hello"}] for k in range(8)]
+    rows[5] = [{"role": "user", "content": "hi"}, bad]
+    with pytest.raises(ValueError, match=match):
+        WeightedSFTTrainer(tiny_model("llama", tokenizer), args=sft_config(tmp_path, max_steps=1),
+                           train_dataset=Dataset.from_dict({"messages": rows}), processing_class=tokenizer,
+                           weighting=TurnWeighting())
+
+
 def test_conversation_without_weighted_token_is_dropped_with_a_warning(tokenizer, conversations, tmp_path):
     no_assistant = [{"role": "system", "content": "you are helpful"}, {"role": "user", "content": "hello"}]
     dataset = Dataset.from_dict({"messages": list(conversations["messages"][:8]) + [no_assistant]})

@@ -90,6 +90,21 @@ def test_alignment_token_by_token(tokenizer, plain_tokenizer, template):
     assert set(map(len, out.values())) == {len(ids)}
 
 
+@pytest.mark.parametrize("template", ["generation", "no_generation"])
+def test_content_with_private_use_characters(tokenizer, plain_tokenizer, template):
+    """Private-use characters (which tracing wraps around fields) in the content: traced with others, no error."""
+    tok = tokenizer if template == "generation" else plain_tokenizer
+    private = "".join(chr(code) for code in range(0xE000, 0xE010))
+    messages = [{"role": "user", "content": f"Echo {private}."}, {"role": "assistant", "content": f"{private} \ue001"},
+                {"role": "user", "content": "\ue000"}, {"role": "assistant", "content": "ok \U000f0000"}]
+    weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5})
+    out = tokenize_with_weights(tok, messages, weighting)
+    ids, weights, roles, owner = expected_alignment(tok, messages, weighting.message_weights(messages))
+    assert out["input_ids"] == ids and out["token_weights"] == weights and out["token_roles"] == roles
+    for index, message in enumerate(messages):
+        assert tok.decode([t for t, o in zip(ids, owner) if o == index]) == message["content"] + "<|im_end|>"
+
+
 def test_generation_mask_agrees_with_assistant_tokens(tokenizer):
     """Assistant-only weights are TRL's assistant_masks (from the {% generation %} blocks), token for token."""
     out = tokenize_with_weights(tokenizer, CONVERSATION, TurnWeighting(message_weight_key=None))
@@ -261,13 +276,15 @@ def test_from_cli():
     assert weighting == TurnWeighting(role_weights={"assistant": 1.0, "user": 0.1, "tool": 0.0},
                                       full_sequence=True, last_n=3, decay=0.5)
     for bad, match in [("assistant", "role=weight"), ("assistant=x", "not a number"),
-                       ("bot=1", "unknown role 'bot'"), ("user=1,user=2", "twice"), ("user=-1", "role_weights")]:
+                       ("bot=1", "unknown role 'bot'"), ("user=1,user=2", "twice"),
+                       ("user=-1", r"^--role_weights: the weight of 'user' must be a finite number >= 0, got -1.0$")]:
         with pytest.raises(ValueError, match=match):
             TurnWeighting.from_cli(bad, False, None, None)
-    with pytest.raises(ValueError, match="--last_n"):
+    # In the words of the flags (the Python API's messages say "must be None or ...")
+    with pytest.raises(ValueError, match=r"^--last_n must be an int >= 1, got 0$"):
         TurnWeighting.from_cli(None, False, 0, None)
-    with pytest.raises(ValueError, match="--decay"):
-        TurnWeighting.from_cli(None, False, None, 1.5)
+    with pytest.raises(ValueError, match=r"^--decay must be a number in \(0, 1\], got -0.5$"):
+        TurnWeighting.from_cli(None, False, None, -0.5)
 
 
 # ---------------------------------------------------------------------------------------------------- bad data
@@ -401,3 +418,71 @@ def test_template_refusing_prefixes(tokenizer):
     weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.5, "system": 0.25})
     out = tokenize_with_weights(strict, messages, weighting)
     assert out == tokenize_with_weights(_with_template(CHATML_TEMPLATE_NO_GENERATION), messages, weighting)
+
+
+# ------------------------------------------------------------------------------------ span and token bookkeeping
+def test_token_ranges_match_a_scan_of_the_offsets():
+    """The tokens under a character span (bisection over rising offsets, a scan otherwise) are those of the
+    definition: from the first non-empty token ending after the start through the tokens starting before the end."""
+    import random
+
+    from fused_wce.trl_integration.chat_weights.tokenize import _TokenRanges
+
+    def by_definition(offsets, start, end):
+        if end <= start:
+            return []
+        first = next((t for t, (a, b) in enumerate(offsets) if b > start and b > a), None)
+        if first is None or offsets[first][0] >= end:
+            return []
+        last = first
+        while last + 1 < len(offsets) and offsets[last + 1][0] < end:
+            last += 1
+        return list(range(first, last + 1))
+
+    rng = random.Random(0)
+    for trial in range(300):
+        offsets, at = [], 0
+        for _ in range(rng.randint(0, 12)):
+            width = rng.choice([0, 1, 2, 3])
+            offsets.append((at, at + width))
+            at += width + rng.choice([0, 0, 1])
+        if trial % 3 == 0 and offsets:  # special tokens at (0, 0) in the middle: not sorted
+            offsets.insert(rng.randrange(len(offsets)), (0, 0))
+        ranges = _TokenRanges(offsets)
+        for _ in range(10):
+            start, end = rng.randint(0, at + 1), rng.randint(0, at + 2)
+            assert list(ranges.overlapping(start, end)) == by_definition(offsets, start, end), (offsets, start, end)
+
+
+def test_common_prefix_never_ends_inside_an_added_token(tokenizer):
+    """ChatTemplate.common_prefix against its definition: the common prefix, moved back to the start of an added
+    token that straddles its end in either text (longest token first), until none does."""
+    import random
+
+    from fused_wce.trl_integration.chat_weights.rendering import ChatTemplate
+
+    chat = ChatTemplate(tokenizer, None, None, None)
+    tokens = chat.atomic + ["<|im", "_end|>", "<", "|", "a", "\n"]
+
+    def snap(text, k):
+        moved = True
+        while moved and k > 0:
+            moved = False
+            for token in chat.atomic:
+                at = text.find(token, max(0, k - len(token) + 1), k + len(token) - 1)
+                if 0 <= at < k:
+                    k, moved = at, True
+                    break
+        return k
+
+    def by_definition(a, b):
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        while snap(b, snap(a, k)) != k:
+            k = snap(b, snap(a, k))
+        return k
+
+    rng = random.Random(1)
+    for _ in range(3000):
+        a = "".join(rng.choice(tokens) for _ in range(rng.randint(0, 6)))
+        b = a[:rng.randint(0, len(a))] + "".join(rng.choice(tokens) for _ in range(rng.randint(0, 4)))
+        assert chat.common_prefix(a, b) == by_definition(a, b), (a, b)

@@ -196,20 +196,32 @@ def load_default_dataset():
 
 
 def load_jsonl_dataset(path, weight_key: str | None = "weight"):
-    """A local ``.jsonl`` (or ``.json`` list) of ``{"messages": [{"role", "content", ...}, ...], ...}`` rows.
+    """A local ``.jsonl`` (or ``.json`` list) of ``{"messages": [{"role", "content", ...}, ...], ...}`` rows, as a
+    :class:`datasets.Dataset`, every row checked first by :func:`read_jsonl_rows`.
 
-    Every row is checked before a dataset is built, so bad data fails here (before any model is loaded) with one
-    line naming the place: ``chats.jsonl:3: message 1: unknown 'role' 'bot'; expected one of [...]`` (``.json``
-    lists name the 1-based row, ``chats.json:row 3: ...``). Checked: valid JSON, an object per row, a ``messages``
-    list of objects with a known ``role``, ``content`` a string (or null), and the per-message ``weight_key``
-    (OpenAI chat fine-tuning format; ``None`` skips it) absent, null or a finite number >= 0.
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the first bad row, naming the file and line.
+    """
+    rows = read_jsonl_rows(path, weight_key)
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
+
+
+def read_jsonl_rows(path, weight_key: str | None = "weight") -> list[dict]:
+    """The rows of a local ``.jsonl`` (or ``.json`` list), each checked, without importing ``datasets``.
+
+    Bad data fails here (before any model is loaded, and, from the command line, before transformers is imported)
+    with one line naming the place: ``chats.jsonl:3: message 1: unknown 'role' 'bot'; expected one of [...]``
+    (``.json`` lists name the 1-based row, ``chats.json:row 3: ...``). Checked: valid JSON, an object per row, a
+    ``messages`` list of objects with a known ``role``, ``content`` a string (or null), and the per-message
+    ``weight_key`` (OpenAI chat fine-tuning format; ``None`` skips it) absent, null or a finite number >= 0.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the first bad row, as above.
     """
-    from datasets import Dataset
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no dataset file at {str(path)!r}")
@@ -249,7 +261,7 @@ def load_jsonl_dataset(path, weight_key: str | None = "weight"):
                         check_weight(message[weight_key], f"message {index} key {weight_key!r}")
         except ValueError as error:
             raise ValueError(f"{path}:{where}: {error}") from None
-    return Dataset.from_list([row for _, row in numbered])
+    return [row for _, row in numbered]
 
 
 # -------------------------------------------------------------------------------------------------- tokenizer

@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fused-wce: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
         return 2
     try:
+        if not any(arg in ("-h", "--help") for arg in rest):
+            from .commands.data import check_local_jsonl_early
+
+            check_local_jsonl_early(rest)  # seconds, where parsing the flags first takes a minute of imports
         if command == "compare":
             from .commands.compare import main_compare
 

@@ -185,6 +185,22 @@ class AdaptiveWeightState:
             multipliers[g] = min(max(c * raw[g], lo), hi)
         return tuple(multipliers)
 
+    def state_dict(self) -> dict:
+        """The running state as plain Python values (JSON-safe floats, exact), for a training checkpoint."""
+        return {"groups": self.config.groups, "names": list(self.names), "ema_loss": list(self.ema_loss),
+                "ema_count": list(self.ema_count), "updates": self.updates, "multipliers": list(self.multipliers)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s values; ValueError when they belong to other groups."""
+        names = tuple(state.get("names", ()))
+        if state.get("groups") != self.config.groups or names != self.names:
+            raise ValueError(f"the saved adaptive weights have groups {state.get('groups')!r} {list(names)}, this run "
+                             f"has {self.config.groups!r} {list(self.names)}")
+        self.ema_loss = [None if value is None else float(value) for value in state["ema_loss"]]
+        self.ema_count = [float(value) for value in state["ema_count"]]
+        self.updates = int(state["updates"])
+        self.multipliers = tuple(float(value) for value in state["multipliers"])
+
     def factor_table(self, device=None):
         """Float32 ``[1 + groups]``: index 0 (no group) is 1, index ``g + 1`` the multiplier of group ``g``.
 

@@ -7,12 +7,37 @@ a message's end-of-turn marker is what follows its fields when it ends a rendere
 is ``messages[:i]`` rendered with ``add_generation_prompt=True`` minus ``messages[:i]``. A template that cannot be
 segmented (messages rendered out of order, fields it branches on) raises :class:`ChatTemplateError` naming what is
 wrong.
+
+Linear cost. Rendering every prefix costs time quadratic in the conversation's length (a 1000-message
+conversation took over a minute). Instead the prefix ending with message ``i`` is stood for by a *window*:
+``messages[:a] + messages[s:i + 1]``, the conversation's head through a first user message ``a - 1`` and the
+messages from ``s`` on, where ``a`` and ``s`` lie right after a user message, ``s`` before the user message that
+opens ``i``'s round (so a round's messages share their window and its renderings), and the block dropped between
+them holds an even number of messages and of plain user/assistant ones (a template that checks role alternation
+sees the same parity). Everything the segmentation compares lies after the fields of the message before ``i`` or
+within one rendering, so a window answers as the prefix does wherever the template renders a message from the
+messages around it and the conversation's head, as every template in tests/chat_templates does (the tests compare
+both on long conversations). Each message has its own pair of markers: one rendering of the whole conversation,
+every message traced, gives where each message's fields lie in the full text, and a window's rendering traces the
+message it ends with. Windows are rendered straight with the compiled template (:class:`.rendering.ChatTemplate`).
+Checked: the traced full rendering less its markers must be the rendering itself (tracing changes nothing else),
+and a window that renders more of a message than the full rendering does (Qwen3 renders the reasoning of the last
+turn only) must be its plain rendering plus markers. Where a check fails (a template that trims or transforms the
+fields it is given: Llama-3 and Gemma trim the content, which matters when it has surrounding whitespace), and
+where a window cannot answer (an untraceable message, a segmentation error), the prefixes themselves are rendered
+(:func:`message_spans` with ``exhaustive=True``). One difference: tracing every message of a window at once also
+segments conversations where tracing one message alone changes how a template treats the others (Mistral v0.3
+renders its tools before every user message *equal* to the last one, so a repeated user message cannot be traced
+alone), which the prefixes refuse.
 """
 from __future__ import annotations
 
-import os
+import bisect
+import itertools
 import re
 from dataclasses import dataclass
+
+from .rendering import ChatTemplate, common_length
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -21,80 +46,99 @@ class ChatTemplateError(ValueError):
     """The chat template cannot give the per-message token spans needed (names the missing template feature)."""
 
 
-# Private-use characters wrapped around a message's fields to trace where the template renders them.
-_OPEN, _CLOSE = "\ue000", "\ue001"
+# Private-use characters: pairs that the conversation does not use are wrapped around messages' fields to trace
+# where the template renders them (BMP first, then the supplementary planes 15 and 16).
+_PRIVATE_USE = (range(0xE000, 0xF900), range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE))
 _REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 _ABSENT, _UNCLEAR = "absent", "unclear"  # a traced message that changes nothing / that changes more than its fields
 
 
-class ChatTemplate:
-    """Renders conversations with one chat template (and tools / template kwargs) and compares renderings.
-
-    Comparisons never end inside an added token (``<|im_end|>`` and ``<|im_start|>`` share ``<|``): a common
-    prefix that would split one is shortened to the token's start.
-    """
-
-    def __init__(self, tokenizer, tools, chat_template, template_kwargs):
-        self.tokenizer, self.tools, self.chat_template = tokenizer, tools, chat_template
-        self.kwargs = dict(template_kwargs or {})
-        added = getattr(tokenizer, "added_tokens_decoder", {}).values()
-        self.atomic = sorted({token.content for token in added if len(token.content) > 1}, key=len, reverse=True)
-        special = {token.content for token in added if token.special} | set(tokenizer.all_special_tokens)
-        special = sorted((token for token in special if token), key=len, reverse=True)
-        self.special = re.compile("|".join(map(re.escape, special))) if special else None
-
-    def render(self, messages, add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tools=self.tools, chat_template=self.chat_template, tokenize=False,
-            add_generation_prompt=add_generation_prompt, **self.kwargs)
-
-    def render_or_none(self, messages, add_generation_prompt: bool = False) -> str | None:
-        """:meth:`render`, or ``None`` where the template refuses the conversation: a template may refuse a prefix
-        ("must end with the assistant", "tools need a user message") or a traced field."""
-        try:
-            return self.render(messages, add_generation_prompt=add_generation_prompt)
-        except Exception:  # noqa: BLE001 - any refusal of the template; such renderings are not used
-            return None
-
-    def _snap(self, text: str, k: int) -> int:
-        """The largest position <= k of ``text`` that does not lie strictly inside an added token."""
-        moved = True
-        while moved and k > 0:
-            moved = False
-            for token in self.atomic:
-                at = text.find(token, max(0, k - len(token) + 1), k + len(token) - 1)
-                if 0 <= at < k:
-                    k, moved = at, True
-                    break
-        return k
-
-    def common_prefix(self, a: str, b: str) -> int:
-        """Length of the common prefix of ``a`` and ``b``, cut back to the start of any added token it splits."""
-        k = len(os.path.commonprefix([a, b]))
-        while True:
-            snapped = self._snap(b, self._snap(a, k))
-            if snapped == k:
-                return k
-            k = snapped
-
-    def through_first_special(self, text: str) -> int:
-        """Length of ``text`` up to and including its first special token (all of it, less trailing whitespace,
-        when it has none): the end-of-turn part of a non-assistant message's trailer."""
-        match = self.special.search(text) if self.special is not None else None
-        return match.end() if match else len(text.rstrip())
+def _strings(value):
+    """Every string in ``value`` (nested dicts, lists and tuples; keys too)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
 
 
-def _wrap(text: str) -> str:
-    return _OPEN + text + _CLOSE
+class _NotLocal(Exception):
+    """The windows cannot stand for this conversation's prefixes: render the prefixes themselves."""
 
 
-def _traced(message: dict) -> dict | None:
-    """A copy of ``message`` with :data:`_OPEN`/:data:`_CLOSE` around each string field the template may render
-    (content, reasoning, tool-call names and string arguments); ``None`` when it has none."""
+class Markers:
+    """Pairs of private-use characters that the conversation, its tools, the template, the tokenizer's special
+    tokens and the rendering never contain: a message's own text can never be taken for a marker. Pair ``m`` goes
+    around the traced fields of message ``m``, so one rendering traces every message at once."""
+
+    def __init__(self, characters: list[str]):
+        self.characters = characters
+        self._owner = {character: index // 2 for index, character in enumerate(characters)}
+        # A character class of exactly these characters (runs of consecutive code points as ranges), so that
+        # splitting at it finds the markers and nothing else.
+        runs, codes = [], sorted(map(ord, characters))
+        for code in codes:
+            if runs and runs[-1][1] == code - 1:
+                runs[-1][1] = code
+            else:
+                runs.append([code, code])
+        self._pattern = re.compile("([" + "".join(
+            re.escape(chr(low)) + ("-" + re.escape(chr(high)) if high > low else "") for low, high in runs) + "])")
+
+    @classmethod
+    def unused_in(cls, pairs: int, *values) -> "Markers":
+        """``pairs`` pairs of characters found in none of the strings of ``values``."""
+        used = set()
+        for value in values:
+            for text in _strings(value):
+                used.update(text)
+        free = list(itertools.islice((chr(code) for block in _PRIVATE_USE for code in block
+                                      if chr(code) not in used), 2 * pairs))
+        if len(free) < 2 * pairs:
+            raise ChatTemplateError(f"tracing needs {2 * pairs} private-use characters the conversation does not "
+                                    f"use (U+E000-U+F8FF and planes 15 and 16); only {len(free)} are free")
+        return cls(free)
+
+    def pair(self, index: int) -> tuple[str, str]:
+        return self.characters[2 * index], self.characters[2 * index + 1]
+
+    def strip(self, text: str) -> str:
+        return self.read(text)[0]
+
+    def read(self, traced: str) -> tuple[str, dict[int, tuple[int, int, int]]]:
+        """``traced`` without its markers, and for each traced message the positions in that text of its first and
+        last marker (where its fields start and end) and the number of its markers."""
+        parts = self._pattern.split(traced)  # text, marker, text, marker, ..., text
+        fields, position, owner_of = {}, 0, self._owner
+        for k in range(1, len(parts), 2):
+            position += len(parts[k - 1])
+            owner = owner_of[parts[k]]
+            first, _, count = fields.get(owner, (position, 0, 0))
+            fields[owner] = (first, position, count + 1)
+        return "".join(parts[0::2]), fields
+
+
+def _markers(template: ChatTemplate, messages: list[dict], full_text: str, pairs: int) -> Markers:
+    return Markers.unused_in(pairs, messages, full_text, template.tools, template.kwargs, template.source(),
+                             template.special_tokens)
+
+
+def _traced(message: dict, pair: tuple[str, str]) -> dict | None:
+    """A copy of ``message`` with ``pair`` around each string field the template may render (content, reasoning,
+    tool-call names and string arguments); ``None`` when it has none."""
+    open_, close = pair
+
+    def wrap(text):
+        return open_ + text + close
+
     traced, changed = dict(message), False
     for key in _REASONING_KEYS:
         if isinstance(message.get(key), str) and message[key]:
-            traced[key], changed = _wrap(message[key]), True
+            traced[key], changed = wrap(message[key]), True
     calls = message.get("tool_calls")
     if isinstance(calls, (list, tuple)):
         traced_calls = []
@@ -105,7 +149,7 @@ def _traced(message: dict) -> dict | None:
                 inner = dict(inner)
                 for key in ("name", "arguments"):
                     if isinstance(inner.get(key), str) and inner[key]:
-                        inner[key], changed = _wrap(inner[key]), True
+                        inner[key], changed = wrap(inner[key]), True
                 if isinstance(call.get("function"), dict):
                     call["function"] = inner
                 else:
@@ -115,21 +159,20 @@ def _traced(message: dict) -> dict | None:
     content = message.get("content")
     # Empty content is traced only when nothing else is: wrapping it would flip `if content` tests in templates.
     if isinstance(content, str) and (content or not changed):
-        traced["content"], changed = _wrap(content), True
+        traced["content"], changed = wrap(content), True
     return traced if changed else None
 
 
-def _locate(base: str, traced: str):
-    """Where the traced fields lie in ``base``: ``(start, end)``, :data:`_ABSENT` when the template does not render
-    them, :data:`_UNCLEAR` when tracing changed more than the fields (the template branches on them)."""
+def _locate(base: str, traced: str, markers: Markers):
+    """Where the traced fields of one message lie in ``base``: ``(start, end)``, :data:`_ABSENT` when the template
+    does not render them, :data:`_UNCLEAR` when tracing changed more than the fields (the template branches on
+    them)."""
     if base == traced:
         return _ABSENT
-    if _OPEN in base or _CLOSE in base:
-        return _UNCLEAR
-    p = len(os.path.commonprefix([base, traced]))
-    s = len(os.path.commonprefix([base[p:][::-1], traced[p:][::-1]]))
+    p = common_length(base, traced)
+    s = common_length(base[p:][::-1], traced[p:][::-1])
     region, traced_region = base[p:len(base) - s], traced[p:len(traced) - s]
-    if traced_region.replace(_OPEN, "").replace(_CLOSE, "").strip() != region.strip():
+    if markers.strip(traced_region).strip() != region.strip():
         return _UNCLEAR
     return p, len(base) - s
 
@@ -144,7 +187,8 @@ class MessageSpan:
     piece_end: int | None
 
 
-def message_spans(template: ChatTemplate, messages: list[dict], full_text: str) -> list[MessageSpan]:
+def message_spans(template: ChatTemplate, messages: list[dict], full_text: str, *,
+                  exhaustive: bool = False) -> list[MessageSpan]:
     """Segment ``full_text`` (the rendering of ``messages``) into per-message spans by differential rendering.
 
     For message ``i``: its *body* is found by rendering the conversation with its fields traced (in the full
@@ -157,10 +201,22 @@ def message_spans(template: ChatTemplate, messages: list[dict], full_text: str) 
     trailer up to its first special token). A message the template folds into another turn (a system prompt
     merged into a user turn) carries weight on its content only.
 
+    The prefixes are stood for by windows (linear cost; see the module docstring); ``exhaustive=True`` renders
+    every prefix itself (quadratic): what the windows fall back on, and the reference they are tested against.
+
     Raises ChatTemplateError when the template refuses a prefix of the conversation, renders messages out of
     order, or renders a message in a way that cannot be traced.
     """
-    segmentation = _Segmentation(template, messages, full_text)
+    if not exhaustive and messages:
+        try:
+            return _segment(template, messages, full_text, _Windows(template, messages, full_text))
+        except (_NotLocal, ChatTemplateError):  # the prefixes give the answer, or the error, themselves
+            pass
+    return _segment(template, messages, full_text, _Prefixes(template, messages, full_text))
+
+
+def _segment(template: ChatTemplate, messages: list[dict], full_text: str, renderings) -> list[MessageSpan]:
+    segmentation = _Segmentation(template, messages, full_text, renderings)
     spans: list[MessageSpan] = []
     cursor: int | None = None  # end of the previous in-order message's piece
     for i in range(len(messages)):
@@ -171,42 +227,209 @@ def message_spans(template: ChatTemplate, messages: list[dict], full_text: str) 
     return spans
 
 
-class _Segmentation:
-    """One conversation's rendering and the renderings of its prefixes, read message by message."""
+class _Prefixes:
+    """The renderings differential rendering reads, rendered as they are: every prefix of the conversation, each
+    message traced alone. One view for all messages, in the full rendering's coordinates."""
+
+    absolute = True
 
     def __init__(self, template: ChatTemplate, messages: list[dict], full_text: str):
         self.template, self.messages, self.full_text = template, messages, full_text
-        # prefixes[k]: messages[:k] rendered on their own (None where the template refuses them).
-        self.prefixes: list[str | None] = (
-            [template.render_or_none(messages[:k]) for k in range(len(messages))] + [full_text])
+        self.markers = _markers(template, messages, full_text, 1)
+        self._prefixes: dict[int, str | None] = {len(messages): full_text}
+
+    def view(self, i: int) -> "_Prefixes":
+        return self
+
+    def prefix(self, k: int) -> str | None:
+        """``messages[:k]`` rendered (the full rendering for ``k = len(messages)``), or None where refused."""
+        if k not in self._prefixes:
+            self._prefixes[k] = self.template.render_or_none(self.messages[:k])
+        return self._prefixes[k]
+
+    def _locate_in(self, m: int, k: int, base: str | None):
+        traced = _traced(self.messages[m], self.markers.pair(0))
+        rendered = None if traced is None or base is None else self.template.render_or_none(
+            self.messages[:m] + [traced] + self.messages[m + 1:k])
+        return _UNCLEAR if rendered is None else _locate(base, rendered, self.markers)
+
+    def locate_in_prefix(self, m: int, k: int):
+        """Where message ``m``'s fields lie in ``prefix(k)``: ``(start, end)``, :data:`_ABSENT` or :data:`_UNCLEAR`."""
+        return self._locate_in(m, k, self.prefix(k))
+
+    def locate_in_full(self, m: int, k: int, in_prefix):
+        """Where message ``m``'s fields lie in the full rendering, given where they lie in ``prefix(k)``."""
+        if k == len(self.messages) or (isinstance(in_prefix, tuple) and self.full_text.startswith(self.prefix(k))):
+            return in_prefix
+        return self._locate_in(m, len(self.messages), self.full_text)
+
+    def generation_render(self, k: int) -> str | None:
+        """``messages[:k]`` rendered with the generation prompt, or None where refused."""
+        return self.template.render_or_none(self.messages[:k], add_generation_prompt=True)
+
+
+class _Windows:
+    """The renderings differential rendering reads, stood for by windows (see the module docstring). Each message
+    has its own markers: one rendering of the whole conversation, every message traced, gives where each message's
+    fields lie in it; a window's rendering traces the message it ends with (as the prefixes are traced).
+
+    Raises _NotLocal when tracing changes the full rendering beyond its markers."""
+
+    def __init__(self, template: ChatTemplate, messages: list[dict], full_text: str):
+        self.template, self.messages, self.full_text = template, messages, full_text
+        n = len(messages)
+        self.markers = _markers(template, messages, full_text, n)
+        traced = [_traced(message, self.markers.pair(m)) for m, message in enumerate(messages)]
+        self.traceable = [message is not None for message in traced]
+        traced = [t if t is not None else message for t, message in zip(traced, messages)]
+        # Rendered straight with the compiled template where that renders the whole conversation as
+        # apply_chat_template does (checked on the traced conversation less its markers), else through it.
+        self.direct = template.prepare([]) is not None
+        if self.direct:
+            self.plain, self.traced = template.prepare(messages), template.prepare(traced)
+            rendered = self._read(self.traced, False)
+        if not self.direct or rendered is None or rendered[0] != full_text:
+            self.direct, self.plain, self.traced = False, messages, traced
+            rendered = self._read(self.traced, False)
+            if rendered is None or rendered[0] != full_text:  # tracing changes more than the markers
+                raise _NotLocal
+        self.fields = rendered[1]
+        self._windows = self._window_choices()
+        self._renders_of, self._renders = None, {}  # the renderings of one window, by (k, traced, generation)
+
+    def _window_choices(self) -> tuple[list[int], dict[tuple[int, int], list[int]]]:
+        """(the indices of the user messages, the positions right after a user message (window boundaries) by
+        parity: of the position and of the number of plain (no tool calls) user and assistant messages before it).
+        The block between two boundaries of one parity holds an even number of messages and of plain ones."""
+        users, by_parity, plain = [], {}, 0
+        for b, message in enumerate(self.messages, start=1):
+            plain += message["role"] in ("user", "assistant") and not message.get("tool_calls")
+            if message["role"] == "user":
+                users.append(b - 1)
+                by_parity.setdefault((b % 2, plain % 2), []).append(b)
+        return users, by_parity
+
+    def view(self, i: int) -> "_WindowView":
+        """Message ``i``'s window: the smallest ``messages[:a] + messages[s:]`` with boundaries ``a < s`` of one
+        parity (the block dropped between them is whole rounds that change no alternation check) and ``s`` before
+        the user message that opens ``i``'s round (so every message of a round has the same window, and the
+        windows of consecutive prefixes are shared); the prefix itself where none is smaller."""
+        users, by_parity = self._windows
+        at = bisect.bisect_right(users, i) - 1
+        best = (i + 1, None, None)
+        if at >= 0:
+            for boundaries in by_parity.values():
+                last = bisect.bisect_right(boundaries, users[at] - 1) - 1
+                if last > 0:
+                    head, start = boundaries[0], boundaries[last]
+                    best = min(best, (head + i + 1 - start, head, start))
+        return _WindowView(self, best[1], best[2])
+
+    def render(self, head: int | None, start: int | None, k: int, traced: int | None, generation: bool = False):
+        """(text, fields) of the window ``messages[:head] + messages[start:k]`` (``messages[:k]`` for ``head``
+        None) with message ``traced`` traced, or None where the template refuses it; _NotLocal where only tracing
+        made it refuse."""
+        if self._renders_of != (head, start):  # messages come in order: an earlier window is not read again
+            self._renders_of, self._renders = (head, start), {}
+        key = (k, traced, generation)
+        if key not in self._renders:
+            def window(source):
+                return source[:k] if head is None else source[:head] + source[start:k]
+
+            messages = window(self.plain)
+            if traced is not None:
+                messages[traced if head is None else head + traced - start] = self.traced[traced]
+            rendered = self._read(messages, generation)
+            if traced is not None and (rendered is None or rendered[1].get(traced, (0, 0, 0))[2] >
+                                       self.fields.get(traced, (0, 0, 0))[2]):
+                # Refused, or fields rendered here that the full rendering drops (Qwen3 renders the reasoning of
+                # the last turn only): where tracing alone changes the text, the prefixes must say what it means.
+                plain = self._read(window(self.plain), generation)
+                if (plain is None) != (rendered is None) or (plain is not None and plain[0] != rendered[0]):
+                    raise _NotLocal
+            self._renders[key] = rendered
+        return self._renders[key]
+
+    def located(self, m: int):
+        """Where message ``m``'s fields lie in the full rendering, or :data:`_ABSENT`."""
+        return self.fields[m][:2] if m in self.fields else _ABSENT
+
+    def _read(self, messages: list[dict], generation: bool):
+        """(text, fields) of ``messages`` (prepared for direct rendering or not), or None where refused."""
+        if self.direct:
+            rendered = self.template.render_prepared(messages, add_generation_prompt=generation)
+        else:
+            rendered = self.template.render_or_none(messages, add_generation_prompt=generation)
+        return None if rendered is None else self.markers.read(rendered)
+
+
+class _WindowView:
+    """The renderings for one message, from its window (coordinates of the window's text, except for the full
+    rendering, ``prefix(len(messages))``; the segmentation compares positions within one rendering only)."""
+
+    def __init__(self, windows: _Windows, head: int | None, start: int | None):
+        self.windows, self.head, self.start = windows, head, start
+        self.absolute = head is None  # nothing dropped: the window is the prefix itself
+
+    def _render(self, k: int, traced: int | None, generation: bool = False):
+        return self.windows.render(self.head, self.start, k, traced, generation)
+
+    def prefix(self, k: int) -> str | None:
+        windows = self.windows
+        if k == len(windows.messages):
+            return windows.full_text
+        rendered = self._render(k, k - 1 if windows.traceable[k - 1] else None)
+        return None if rendered is None else rendered[0]
+
+    def locate_in_prefix(self, m: int, k: int):
+        windows = self.windows
+        if not windows.traceable[m]:
+            return _UNCLEAR
+        if k == len(windows.messages):
+            return windows.located(m)
+        rendered = self._render(k, m)
+        return _UNCLEAR if rendered is None else (rendered[1][m][:2] if m in rendered[1] else _ABSENT)
+
+    def locate_in_full(self, m: int, k: int, in_prefix):
+        return self.windows.located(m) if self.windows.traceable[m] else _UNCLEAR
+
+    def generation_render(self, k: int) -> str | None:
+        rendered = self._render(k, None, generation=True)
+        return None if rendered is None else rendered[0]
+
+
+class _Segmentation:
+    """One conversation's spans, message by message, from the renderings of ``renderings`` (:class:`_Prefixes`
+    or :class:`_Windows`)."""
+
+    def __init__(self, template: ChatTemplate, messages: list[dict], full_text: str, renderings):
+        self.template, self.messages, self.full_text, self.renderings = template, messages, full_text, renderings
 
     def span(self, i: int, cursor: int | None) -> MessageSpan:
         """Message ``i``'s span; ``cursor`` is where the previous in-order message's piece ends."""
+        view = self.renderings.view(i)
         # The shortest renderable prefix that ends with this message (or, where the template refuses that, with
         # the fewest messages after it: its trailer then stops where the next message's fields start).
-        j = next(k for k in range(i + 1, len(self.messages) + 1) if self.prefixes[k] is not None)
-        trailer_limit = self._next_fields_start(i, j) if j > i + 1 else None
-        body_in_prefix, body = self._body(i, j)
+        j = next(k for k in range(i + 1, len(self.messages) + 1) if view.prefix(k) is not None)
+        trailer_limit = self._next_fields_start(view, i, j) if j > i + 1 else None
+        body_in_prefix = view.locate_in_prefix(i, j)
+        body = view.locate_in_full(i, j, body_in_prefix)
         if body == _ABSENT:  # the template drops this message (e.g. a tool turn, an unsupported system prompt)
             return MessageSpan((cursor or 0, cursor or 0), None, None)
         if isinstance(body, tuple) and body_in_prefix == _ABSENT:  # folded into another turn
             return MessageSpan(body, body, None)
-        body, after_body, piece_end = self._piece(i, j, body, body_in_prefix, trailer_limit, cursor)
+        body, after_body, piece_end = self._piece(view, i, j, body, body_in_prefix, trailer_limit, cursor)
         if self.messages[i]["role"] == "assistant":
-            start = self._generation_start(i, cursor, body, piece_end)
+            start = self._generation_start(view, i, cursor, body, piece_end)
             end = (body[1] + len(after_body.rstrip())) if body is not None else \
                 start + len(self.full_text[start:piece_end].rstrip())
         else:
             start, end = body[0], body[1] + self.template.through_first_special(after_body)
         return MessageSpan((start, max(start, end)), body, piece_end)
 
-    def _next_fields_start(self, i: int, j: int) -> int:
+    def _next_fields_start(self, view, i: int, j: int) -> int:
         """Where message ``i + 1``'s fields start in ``prefixes[j]`` (the first renderable prefix past ``i``)."""
-        messages = self.messages
-        following = _traced(messages[i + 1])
-        located = None if following is None else self.template.render_or_none(
-            messages[:i + 1] + [following] + messages[i + 2:j])
-        located = _UNCLEAR if located is None else _locate(self.prefixes[j], located)
+        located = view.locate_in_prefix(i + 1, j)
         if not isinstance(located, tuple):
             raise ChatTemplateError(
                 f"the chat template cannot render the first {i + 1} messages on their own, and message {i + 1} "
@@ -214,21 +437,7 @@ class _Segmentation:
                 "conversation")
         return located[0]
 
-    def _body(self, i: int, j: int):
-        """(where message ``i``'s traced fields lie in ``prefixes[j]``, where they lie in the full rendering):
-        each a ``(start, end)``, :data:`_ABSENT` or :data:`_UNCLEAR`."""
-        messages, prefix = self.messages, self.prefixes[j]
-        traced = _traced(messages[i])
-        if traced is None:
-            return _UNCLEAR, _UNCLEAR
-        traced_prefix = self.template.render_or_none(messages[:i] + [traced] + messages[i + 1:j])
-        body_in_prefix = _UNCLEAR if traced_prefix is None else _locate(prefix, traced_prefix)
-        if j == len(messages) or (isinstance(body_in_prefix, tuple) and self.full_text.startswith(prefix)):
-            return body_in_prefix, body_in_prefix
-        traced_full = self.template.render_or_none(messages[:i] + [traced] + messages[i + 1:])
-        return body_in_prefix, (_UNCLEAR if traced_full is None else _locate(self.full_text, traced_full))
-
-    def _piece(self, i, j, body, body_in_prefix, trailer_limit, cursor):
+    def _piece(self, view, i, j, body, body_in_prefix, trailer_limit, cursor):
         """(body or None, the text after the body up to the piece's end, the piece's end) of message ``i``."""
         message, full_text = self.messages[i], self.full_text
         if isinstance(body, tuple) and isinstance(body_in_prefix, tuple):
@@ -236,11 +445,15 @@ class _Segmentation:
                 raise ChatTemplateError(
                     f"the chat template renders message {i} (role {message['role']!r}) before the end of the message "
                     "before it; messages must be rendered in order for their tokens to be told apart")
-            prefix = self.prefixes[j]
-            trailer = self.template.common_prefix(prefix[body_in_prefix[1]:trailer_limit], full_text[body[1]:])
+            after_fields = view.prefix(j)[body_in_prefix[1]:trailer_limit]
+            trailer = self.template.common_prefix_at(after_fields, full_text, body[1])
             return body, full_text[body[1]:body[1] + trailer], body[1] + trailer
         # Untraceable fields: only a prefix-stable rendering (up to a closing trailer) locates the message.
-        piece_end = self._prefix_end(self.prefixes[j], cursor) if j == i + 1 else None
+        piece_end = None
+        if j == i + 1:
+            if not (view.absolute or j == len(self.messages)):
+                raise _NotLocal  # positions in a window's text are not the full rendering's
+            piece_end = self._prefix_end(view.prefix(j), cursor)
         if piece_end is None or message["role"] != "assistant":
             raise ChatTemplateError(
                 f"cannot locate message {i} (role {message['role']!r}) in the rendered conversation: the chat "
@@ -259,19 +472,19 @@ class _Segmentation:
             return common
         return None
 
-    def _generation_start(self, i, cursor, body, piece_end) -> int:
+    def _generation_start(self, view, i, cursor, body, piece_end) -> int:
         """Where assistant message ``i``'s generated text starts in the full rendering: after the part of the
         template's generation prompt that the rendering repeats, never after the message's own fields."""
         prompt = ""
-        with_prompt = self.template.render_or_none(self.messages[:i], add_generation_prompt=True)
-        if with_prompt is not None and self.prefixes[i] is not None:
-            prompt = with_prompt[self.template.common_prefix(with_prompt, self.prefixes[i]):]
+        with_prompt, without = view.generation_render(i), view.prefix(i)
+        if with_prompt is not None and without is not None:
+            prompt = with_prompt[self.template.common_prefix(with_prompt, without):]
         limit = body[0] if body is not None else piece_end
         start = cursor
         if start is None:  # the first message of the conversation: find the generation prompt before its fields
             found = self.full_text.rfind(prompt, 0, limit + len(prompt)) if prompt else -1
             start = found if found >= 0 else limit
-        return min(start + self.template.common_prefix(prompt, self.full_text[start:]), limit)
+        return min(start + self.template.common_prefix_at(prompt, self.full_text, start), limit)
 
 
 def has_generation_blocks(tokenizer, chat_template: str | None = None) -> bool:

@@ -32,10 +32,13 @@ string, a negative, non-finite or non-numeric ``weight``. A conversation whose w
 """
 from __future__ import annotations
 
+import bisect
+
 from ..token_codes import (ROLE_CODES, SCAFFOLDING, TOKEN_ROLES, TOKEN_TURN_INDEX, TOKEN_TURN_POSITIONS,
                            TOKEN_WEIGHTS, turn_position_code)
 from .messages import role_indices
-from .template_spans import ChatTemplate, ChatTemplateError, MessageSpan, has_generation_blocks, message_spans
+from .rendering import ChatTemplate
+from .template_spans import ChatTemplateError, MessageSpan, has_generation_blocks, message_spans
 from .turn_weighting import TurnWeighting
 
 
@@ -96,13 +99,14 @@ def tokenize_with_weights(tokenizer, messages: list[dict], weighting: TurnWeight
         _assign_generation_blocks_only(codes, encoded["assistant_masks"], error)
         return codes.columns(input_ids)
 
-    offsets = [tuple(pair) for pair in encoded["offset_mapping"]]
-    _assign_spans(codes, spans, offsets)
+    tokens = _TokenRanges([tuple(pair) for pair in encoded["offset_mapping"]])
+    _assign_spans(codes, spans, tokens)
     if generation:  # the generation blocks define the assistant tokens (as TRL uses them); check they fit
-        body_tokens = [set(_token_range(offsets, *span.body)) if span.body else set() for span in spans]
+        body_tokens = [set(tokens.overlapping(*span.body)) if span.body else set() for span in spans]
         _apply_generation_blocks(codes, encoded["assistant_masks"], body_tokens)
+    owners = set(codes.owner)
     for message_index, message in enumerate(messages):
-        if message_weights[message_index] > 0 and message_index not in codes.owner:
+        if message_weights[message_index] > 0 and message_index not in owners:
             raise ChatTemplateError(
                 f"message {message_index} (role {message['role']!r}) has weight {message_weights[message_index]:g} "
                 "but the chat template renders none of it (it drops the message); remove it or give it weight 0")
@@ -116,6 +120,7 @@ class _TokenCodes:
         self.messages, self.message_weights, self.scaffold_weight = messages, message_weights, scaffold_weight
         self.role_indices = role_indices(messages)
         self.assistant_ids = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        self.is_assistant = set(self.assistant_ids)
         self.weights = [scaffold_weight] * n_tokens
         self.roles = [SCAFFOLDING] * n_tokens
         self.positions = [SCAFFOLDING] * n_tokens
@@ -153,10 +158,10 @@ def _assign_generation_blocks_only(codes: _TokenCodes, assistant_masks, error: C
         codes.assign(tokens, message_index)
 
 
-def _assign_spans(codes: _TokenCodes, spans: list[MessageSpan], offsets: list[tuple[int, int]]) -> None:
+def _assign_spans(codes: _TokenCodes, spans: list[MessageSpan], tokens: "_TokenRanges") -> None:
     """Each message's weighted span to its tokens, in text order (a token straddling two stays with the first);
     ChatTemplateError when two spans overlap."""
-    ranges = [_token_range(offsets, *span.weighted) for span in spans]
+    ranges = [tokens.overlapping(*span.weighted) for span in spans]
     for message_index in sorted(range(len(spans)), key=lambda i: spans[i].weighted):
         codes.assign([t for t in ranges[message_index] if codes.owner[t] == SCAFFOLDING], message_index)
     ordered = sorted((span.weighted, i) for i, span in enumerate(spans) if span.weighted[1] > span.weighted[0])
@@ -169,24 +174,35 @@ def _assign_spans(codes: _TokenCodes, spans: list[MessageSpan], offsets: list[tu
 def _apply_generation_blocks(codes: _TokenCodes, assistant_masks, body_tokens: list[set]) -> None:
     """Make the ``{% generation %}`` blocks the assistant tokens, after checking that each lies over exactly one
     assistant message, covers no other message's fields, and covers all of its own."""
+    bodies_at: dict[int, list[int]] = {}  # token -> the messages whose fields it shows, in message order
+    for message_index, body in enumerate(body_tokens):
+        for t in body:
+            if t in bodies_at:
+                bodies_at[t].append(message_index)
+            else:
+                bodies_at[t] = [message_index]
     owned = set()
     for run in _runs(assistant_masks):
-        owners = sorted({codes.owner[t] for t in run if codes.owner[t] in codes.assistant_ids})
+        owners = sorted({codes.owner[t] for t in run if codes.owner[t] in codes.is_assistant})
         if len(owners) != 1:
             raise ChatTemplateError(
                 f"a {{% generation %}} block (tokens {run.start}..{run.stop - 1}) does not lie over exactly one "
                 f"assistant message (it overlaps messages {owners}); the template's generation blocks must wrap "
                 "each assistant turn on its own")
         message_index = owners[0]
-        intruders = [j for j in range(len(codes.messages)) if j != message_index and body_tokens[j] & set(run)]
+        intruders = sorted({j for t in run for j in bodies_at.get(t, ()) if j != message_index})
         if intruders:
             raise ChatTemplateError(
                 f"the {{% generation %}} block of assistant message {message_index} covers the content of "
                 f"message {intruders[0]} (role {codes.messages[intruders[0]]['role']!r})")
         owned |= set(run)
         codes.assign(run, message_index)
+    tokens_of: dict[int, set] = {message_index: set() for message_index in codes.assistant_ids}
+    for t, owner in enumerate(codes.owner):
+        if owner in codes.is_assistant:
+            tokens_of[owner].add(t)
     for message_index in codes.assistant_ids:
-        mine = {t for t, owner in enumerate(codes.owner) if owner == message_index}
+        mine = tokens_of[message_index]
         if not mine:
             continue
         if not mine & owned:
@@ -200,17 +216,36 @@ def _apply_generation_blocks(codes: _TokenCodes, assistant_masks, body_tokens: l
         codes.clear(mine - owned)  # the blocks are authoritative for assistant tokens
 
 
-def _token_range(offsets: list[tuple[int, int]], start: int, end: int) -> range:
-    """Tokens whose character offsets overlap [start, end) (empty range if none)."""
-    if end <= start:
-        return range(0)
-    first = next((i for i, (a, b) in enumerate(offsets) if b > start and b > a), None)
-    if first is None or offsets[first][0] >= end:
-        return range(0)
-    last = first
-    while last + 1 < len(offsets) and offsets[last + 1][0] < end:
-        last += 1
-    return range(first, last + 1)
+class _TokenRanges:
+    """The tokens under character spans of the text, from the tokens' character offsets."""
+
+    def __init__(self, offsets: list[tuple[int, int]]):
+        self.offsets = offsets
+        self.nonempty = [t for t, (a, b) in enumerate(offsets) if b > a]
+        self.ends = [offsets[t][1] for t in self.nonempty]
+        self.starts = [a for a, _ in offsets]
+        # Offsets of one text rise with the token index; otherwise each span is found by a scan
+        self.sorted = all(x <= y for x, y in zip(self.ends, self.ends[1:])) and \
+            all(x <= y for x, y in zip(self.starts, self.starts[1:]))
+
+    def overlapping(self, start: int, end: int) -> range:
+        """Tokens whose character offsets overlap [start, end): from the first non-empty token ending after
+        ``start`` through the tokens that start before ``end`` (empty range if none)."""
+        if end <= start:
+            return range(0)
+        if self.sorted:
+            at = bisect.bisect_right(self.ends, start)
+            first = self.nonempty[at] if at < len(self.nonempty) else None
+        else:
+            first = next((t for t, (a, b) in enumerate(self.offsets) if b > start and b > a), None)
+        if first is None or self.offsets[first][0] >= end:
+            return range(0)
+        if self.sorted:
+            return range(first, bisect.bisect_left(self.starts, end))
+        last = first
+        while last + 1 < len(self.offsets) and self.offsets[last + 1][0] < end:
+            last += 1
+        return range(first, last + 1)
 
 
 def _runs(mask: list[int]) -> list[range]:

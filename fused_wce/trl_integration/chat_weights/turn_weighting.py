@@ -107,11 +107,13 @@ class TurnWeighting:
                     weights[role] = float(value)
                 except ValueError:
                     raise ValueError(f"--role_weights: weight of {role!r} is not a number: {value.strip()!r}") from None
+                check_weight(weights[role], f"--role_weights: the weight of {role!r}")
         try:
             return cls(role_weights=weights, full_sequence=bool(full_sequence), last_n=last_n, decay=decay, **kwargs)
-        except ValueError as error:
-            raise ValueError(f"--{str(error)}" if str(error).startswith(("role_weights", "last_n", "decay"))
-                             else str(error)) from None
+        except ValueError as error:  # in the words of the flags: "--decay must be a number in (0, 1], got -0.5"
+            message = str(error).replace(" must be None or ", " must be ")
+            raise ValueError(f"--{message}" if message.startswith(("role_weights", "last_n", "decay"))
+                             else message) from None
 
     def message_weights(self, messages: list[dict]) -> list[float]:
         """One validated weight (finite float >= 0) per message; raises ValueError naming the message and key."""

@@ -23,7 +23,7 @@ def load_datasets(script_args, dataset_args, holdout_size: int, seed: int):
         loaded = get_dataset(dataset_args)
     elif script_args.dataset_name is None:
         loaded = load_default_dataset()
-    elif os.path.isfile(script_args.dataset_name) and script_args.dataset_name.endswith((".jsonl", ".json")):
+    elif _is_local_jsonl(script_args.dataset_name):
         loaded = load_jsonl_dataset(script_args.dataset_name)
     else:
         loaded = load_dataset(script_args.dataset_name, name=script_args.dataset_config,
@@ -59,6 +59,33 @@ def check_conversations(dataset, weighting, source: str) -> None:
             raise ValueError(f"{source}: row {index}: {error}") from None
 
 
+def _is_local_jsonl(name) -> bool:
+    return isinstance(name, str) and os.path.isfile(name) and name.endswith((".jsonl", ".json"))
+
+
+def check_local_jsonl_early(argv: list[str]) -> None:
+    """A local ``--dataset_name`` jsonl, checked row by row straight from the command line, before the flags are
+    parsed (which imports transformers and TRL, a minute on a busy machine): :class:`UsageError` on a bad row.
+    The full check after parsing still runs (it also covers a dataset named in a ``--config`` file)."""
+    for position, arg in enumerate(argv):
+        flag, has_value, value = arg.partition("=")
+        if flag not in ("--dataset_name", "--dataset-name"):
+            continue
+        if not has_value:
+            value = argv[position + 1] if position + 1 < len(argv) else None
+        if _is_local_jsonl(value):
+            from ..chat_data import read_jsonl_rows
+
+            try:
+                read_jsonl_rows(value)
+            except ValueError as error:
+                raise UsageError(_one_line(error)) from None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
 def prepare_data(script_args, dataset_args, weighting, holdout_size: int, seed: int):
     """(train, held-out): loaded and checked before any model is built; :class:`UsageError` on bad data."""
     source = script_args.dataset_name or "the shipped dataset"
@@ -68,5 +95,5 @@ def prepare_data(script_args, dataset_args, weighting, holdout_size: int, seed: 
         if holdout is not None:
             check_conversations(holdout, weighting, f"{source} (held-out split)")
     except (ValueError, FileNotFoundError) as error:
-        raise UsageError(" ".join(str(error).split())) from None  # one line, whatever the message
+        raise UsageError(_one_line(error)) from None
     return train, holdout

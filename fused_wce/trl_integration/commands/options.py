@@ -37,7 +37,9 @@ def make_parser(prog: str, first):
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
     demo = ", ".join(f"{key}={value}" for key, value in DEMO_DEFAULTS.items())
+    # A one-line usage: argparse prints it above every flag error (the generated one runs to ~150 lines).
     return TrlParser((first, ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog,
+                     usage="%(prog)s [--flag value ...]  (%(prog)s --help lists every flag)",
                      description=_HELP_DESCRIPTION.format(demo=demo))
 
 
@@ -75,12 +77,24 @@ def parse_args(argv: list[str], prog: str, first, extra_defaults=None, demo_defa
     if _wants_help(argv) and not _gives_model(argv):
         parser.set_defaults(**demo)  # argparse prints help and exits here
     with checkpointing_alias_notice_silenced():
-        parsed = parser.parse_args_and_config(list(argv))
+        parsed = _parse_known_only(parser, argv)
         if parsed[3].model_name_or_path is None:
             parser.set_defaults(**demo)
-            parsed = parser.parse_args_and_config(list(argv))
+            parsed = _parse_known_only(parser, argv)
     project, script, training, model, dataset = parsed
     return script, training, model, dataset, project
+
+
+def _parse_known_only(parser, argv):
+    """The parsed dataclasses; an unknown flag (or ``--config`` key) is a usage error: the usage line, one error
+    line and exit status 2, as for any other bad flag."""
+    *parsed, config_unknown, argv_unknown = parser.parse_args_and_config(
+        list(argv), return_remaining_strings=True, separate_remaining_strings=True)
+    if argv_unknown:
+        parser.error(f"unrecognized arguments: {' '.join(argv_unknown)}")
+    if config_unknown:
+        parser.error(f"--config: unrecognized keys: {' '.join(config_unknown)}")
+    return parsed
 
 
 @contextlib.contextmanager

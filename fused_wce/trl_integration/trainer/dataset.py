@@ -17,6 +17,7 @@ from datasets import Dataset
 from trl.data_utils import get_dataset_column_names, maybe_convert_to_chatml, pack_dataset
 from trl.trainer.utils import global_then_local_main_first
 
+from ..chat_weights.template_spans import ChatTemplateError
 from ..chat_weights.tokenize import tokenize_with_weights
 from ..token_codes import TOKEN_ROLES, TOKEN_TURN_INDEX, TOKEN_TURN_POSITIONS, TOKEN_WEIGHTS
 from .collator import PER_TOKEN_COLUMNS
@@ -70,8 +71,9 @@ def _tokenized(dataset, tokenizer, weighting, chat_template, args, dataset_name:
     if "messages" not in get_dataset_column_names(dataset):
         dataset = dataset.map(maybe_convert_to_chatml, remove_columns="conversations",
                               **_map_options(dataset, args, dataset_name, "Converting to ChatML"))
-    return dataset.map(_tokenize_example,
-                       fn_kwargs={"tokenizer": tokenizer, "weighting": weighting, "chat_template": chat_template},
+    return dataset.map(_tokenize_example, with_indices=True,
+                       fn_kwargs={"tokenizer": tokenizer, "weighting": weighting, "chat_template": chat_template,
+                                  "dataset_name": dataset_name},
                        **_map_options(dataset, args, dataset_name, "Tokenizing (with turn weights)"))
 
 
@@ -112,13 +114,18 @@ def _packed(dataset, per_token: list[str], args, dataset_name: str):
 
 
 # ------------------------------------------------------------------------------ dataset.map functions (picklable)
-def _tokenize_example(example, tokenizer, weighting, chat_template=None):
-    tools = example.get("tools")
-    if isinstance(tools, str):
-        tools = json.loads(tools)
-    encoded = tokenize_with_weights(tokenizer, example["messages"], weighting, tools=tools,
-                                    chat_template=chat_template,
-                                    template_kwargs=example.get("chat_template_kwargs") or None)
+def _tokenize_example(example, index, tokenizer, weighting, chat_template=None, dataset_name="train"):
+    """One conversation's tokens and per-token columns; a bad row raises its error prefixed with the row index."""
+    try:
+        tools = example.get("tools")
+        if isinstance(tools, str):
+            tools = json.loads(tools)
+        encoded = tokenize_with_weights(tokenizer, example["messages"], weighting, tools=tools,
+                                        chat_template=chat_template,
+                                        template_kwargs=example.get("chat_template_kwargs") or None)
+    except (ValueError, TypeError) as error:  # bad messages or weights, a template that cannot segment them
+        kind = next(kind for kind in (ChatTemplateError, ValueError, TypeError) if isinstance(error, kind))
+        raise kind(f"{dataset_name} dataset row {index}: {error}") from error
     return {
         "input_ids": encoded["input_ids"],
         TOKEN_WEIGHTS: [float(w) for w in encoded[TOKEN_WEIGHTS]],

@@ -8,7 +8,6 @@ logits, inside a call of the head module (so FSDP1, FSDP2 and ZeRO-3 treat it as
 from __future__ import annotations
 
 import functools
-import types
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,42 @@ except ImportError:  # pragma: no cover - torch builds without distributed
     DTensor = ()
 
 
+class Float32Values:
+    """The loss and per-token statistics in float32, as the fused loss computed them (detached).
+
+    A plain ``__slots__`` class, for the reason :class:`WeightedLossInputs` is one, on the way out: FSDP2's
+    ``MixedPrecisionPolicy(output_dtype=...)`` casts every floating tensor of a module's output (tuples, dicts,
+    dataclass fields) and would round the loss and statistics to bf16; it does not enter this object.
+    """
+
+    __slots__ = ("loss", "token_loss", "entropy", "aux_loss")
+
+    def __init__(self, loss: torch.Tensor, token_loss: torch.Tensor, entropy: torch.Tensor,
+                 aux_loss: torch.Tensor | None = None):
+        self.loss, self.token_loss, self.entropy, self.aux_loss = loss, token_loss, entropy, aux_loss
+
+
+class _ValueOf(torch.autograd.Function):
+    """``exact``'s value with ``cast``'s gradient: a loss that an output cast rounded, restored to the float32 value
+    computed before the cast, while the backward still runs through the cast (and the hooks FSDP put on it)."""
+
+    @staticmethod
+    def forward(ctx, cast: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = cast.dtype
+        return exact.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype), None
+
+
+def _restored(cast: torch.Tensor | None, exact: torch.Tensor | None) -> torch.Tensor | None:
+    """``cast`` with ``exact``'s value (see :class:`_ValueOf`); ``cast`` itself when nothing cast it."""
+    if cast is None or exact is None or (cast.dtype == exact.dtype and cast.data_ptr() == exact.data_ptr()):
+        return cast
+    return _ValueOf.apply(cast, exact) if cast.requires_grad else exact
+
+
 @dataclass
 class WeightedLMOutput(ModelOutput):
     """What the patched forward (:func:`add_weighted_lm_head`) returns when given the loss inputs.
@@ -30,7 +65,8 @@ class WeightedLMOutput(ModelOutput):
     ``loss``: 0-d float32, ``sum(w_i l_i) / normalizer``. Per target position (shaped like the shifted targets,
     ``[B, T-1]``, detached): ``token_loss`` (float32, unweighted CE), ``entropy`` (float32), ``is_top1`` (bool),
     ``counted`` (bool: target != -100 and weight > 0). All zero/False where not counted. ``aux_loss``: the MoE
-    load-balancing loss (0-d) when router logits were requested, else None.
+    load-balancing loss (0-d) when router logits were requested, else None. ``float32``: the same values out of
+    reach of mixed-precision output casts (:class:`Float32Values`); :meth:`in_float32` puts them back.
     """
 
     loss: torch.Tensor | None = None
@@ -39,6 +75,18 @@ class WeightedLMOutput(ModelOutput):
     is_top1: torch.Tensor | None = None
     counted: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    float32: Float32Values | None = None
+
+    def in_float32(self) -> "WeightedLMOutput":
+        """This output with ``loss``, ``token_loss``, ``entropy`` and ``aux_loss`` as computed, in float32, also
+        when a wrapper cast the model's outputs on the way (FSDP2 ``output_dtype``, then accelerate's upcast of
+        the rounded values); the gradients still flow through ``loss`` and ``aux_loss`` as returned."""
+        exact = self.float32
+        if exact is None:
+            return self
+        return WeightedLMOutput(loss=_restored(self.loss, exact.loss), token_loss=exact.token_loss,
+                                entropy=exact.entropy, is_top1=self.is_top1, counted=self.counted,
+                                aux_loss=_restored(self.aux_loss, exact.aux_loss), float32=exact)
 
 
 def _logit_scale(text_config) -> float:
@@ -148,8 +196,8 @@ def _head_forward(self, input, *args, fused_wce_loss: _HeadLossCall | None = Non
     With it, ``input`` is the hidden states ``[B, T-1, H]`` and the fused loss runs here, *inside* the head's call,
     so the distributed wrappers treat it as the head's computation: FSDP2's pre/post-forward hooks and FSDP1's
     wrapper forward unshard the head's parameters before and reduce-scatter its gradient after, ZeRO-3 gathers
-    them. Returns ``(loss, token_loss, entropy, is_top1)``: a tuple, which every wrapper's output traversal
-    enters (to hook the loss for the pre-backward unshard).
+    them. Returns ``(loss, is_top1, Float32Values)``: a tuple, which every wrapper's output traversal enters (to
+    hook the loss for the pre-backward unshard), and the float32 values out of reach of an output cast.
     """
     if fused_wce_loss is None:
         return type(self).forward(self, input, *args, **kwargs)
@@ -158,8 +206,12 @@ def _head_forward(self, input, *args, fused_wce_loss: _HeadLossCall | None = Non
                         f"{len(args)} positional, {sorted(kwargs)} keyword")
     if not isinstance(fused_wce_loss, _HeadLossCall):
         raise TypeError(f"fused_wce_loss must be a _HeadLossCall, got {type(fused_wce_loss).__name__}")
-    out = _fused_head_loss(self, input, fused_wce_loss)
-    return out.loss, out.token_loss, out.entropy, out.is_top1
+    return _head_outputs(_fused_head_loss(self, input, fused_wce_loss))
+
+
+def _head_outputs(out) -> tuple:
+    """``(loss, is_top1, Float32Values)`` of a ``LossOutput``."""
+    return out.loss, out.is_top1, Float32Values(out.loss.detach(), out.token_loss, out.entropy)
 
 
 def _install_head_forward(head: torch.nn.Module) -> bool:
@@ -226,6 +278,69 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+@dataclass(frozen=True)
+class _LossOptions:
+    """The model's loss options, fixed when it is patched: its logit transforms and the trainer's loss settings."""
+
+    logit_scale: float
+    softcap: float | None
+    label_smoothing: float
+    dft: bool
+    lean_memory: bool
+
+
+class _WeightedForward:
+    """``model.forward`` once :func:`add_weighted_lm_head` ran: dispatches on the ``fused_wce_loss`` keyword.
+
+    A module-level class holding the model, the forward it replaced (``None``: the model class's own) and the loss
+    options, not a closure: ``copy.deepcopy`` copies the three with the model, so the copy is a patched model of
+    itself (its plain forward, ``generate`` and fused loss run its own modules and weights), and ``pickle`` /
+    ``torch.save`` keep the patch (a bound method or closure would pickle as the class's unpatched ``forward``).
+    """
+
+    __slots__ = ("model", "previous", "options")
+
+    def __init__(self, model, previous, options: _LossOptions):
+        self.model, self.previous, self.options = model, previous, options
+
+    @property
+    def __signature__(self):
+        """The signature of the forward it replaced (``inspect.signature``: Trainer's column selection,
+        ``generate``'s keyword checks), plus ``fused_wce_loss``."""
+        import inspect
+
+        replaced = inspect.signature(self.previous if self.previous is not None
+                                     else type(self.model).forward.__get__(self.model))
+        parameters = list(replaced.parameters.values())
+        if "fused_wce_loss" not in replaced.parameters:
+            extra = inspect.Parameter("fused_wce_loss", inspect.Parameter.KEYWORD_ONLY, default=None)
+            at = next((k for k, p in enumerate(parameters) if p.kind == inspect.Parameter.VAR_KEYWORD),
+                      len(parameters))
+            parameters.insert(at, extra)
+        return replaced.replace(parameters=parameters)
+
+    def __call__(self, *args, fused_wce_loss=None, **kwargs):
+        model = self.model
+        if fused_wce_loss is None:
+            if self.previous is None:
+                return type(model).forward(model, *args, **kwargs)
+            return self.previous(*args, **kwargs)
+        if not isinstance(fused_wce_loss, WeightedLossInputs):
+            raise TypeError(f"fused_wce_loss must be a WeightedLossInputs, got {type(fused_wce_loss).__name__}")
+        hidden_states, aux_loss = _backbone_hidden_states(model, model.config.get_text_config(), args, kwargs)
+        options = self.options
+        call = _HeadLossCall(fused_wce_loss, options.logit_scale, options.softcap, options.label_smoothing,
+                             options.dft, options.lean_memory)
+        loss, is_top1, exact = _head_loss(model, hidden_states, call)
+        if aux_loss is not None:
+            exact.aux_loss = aux_loss.detach().float()
+        target, token_weight = fused_wce_loss.target.to(loss.device), fused_wce_loss.weight.to(loss.device)
+        counted = (target != -100) & (token_weight > 0)
+        return WeightedLMOutput(loss=_restored(loss, exact.loss), token_loss=exact.token_loss,
+                                entropy=exact.entropy, is_top1=is_top1, counted=counted, aux_loss=aux_loss,
+                                float32=exact)
+
+
 def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = False,
                          lean_memory: bool = False) -> None:
     """Patch ``model.forward``: with ``fused_wce_loss=...`` it runs the backbone and returns the fused weighted loss.
@@ -236,33 +351,22 @@ def add_weighted_lm_head(model, *, label_smoothing: float = 0.0, dft: bool = Fal
     bias), inside a call of the head module (its forward dispatches on a ``fused_wce_loss`` keyword), so FSDP1,
     FSDP2 and ZeRO-3 unshard/gather the head's parameters and reduce its gradient as for any forward of the head,
     also when the head is its own FSDP unit. Without ``fused_wce_loss`` the previous forwards run unchanged
-    (generation, TRL's fused head). Apply to the unwrapped ``PreTrainedModel``, before or after FSDP wraps it.
+    (generation, TRL's fused head). Apply to the unwrapped ``PreTrainedModel``, before or after FSDP wraps it;
+    patching again replaces the options. The patched model deep-copies, pickles and ``torch.save``-s as a patched
+    model of itself (:class:`_WeightedForward`).
     The model's own logit transforms are reproduced inside the loss: a constant logit scale (Cohere, Granite...)
     and ``final_logit_softcapping`` (Gemma-2); ``label_smoothing`` and ``dft`` (TRL's ``loss_type="dft"``) too.
     ``lean_memory``: see :func:`fused_wce.linear_cross_entropy` (bf16 heads: no fp32 ``[V, H]`` accumulator).
     """
     check_model_supported(model)
-    previous_forward = model.forward
     text_config = model.config.get_text_config()
-    logit_scale = _logit_scale(text_config)
-    softcap = getattr(text_config, "final_logit_softcapping", None)
+    options = _LossOptions(_logit_scale(text_config), getattr(text_config, "final_logit_softcapping", None),
+                           float(label_smoothing), bool(dft), bool(lean_memory))
     _install_head_forward(_innermost_head(model.get_output_embeddings()))
-
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, fused_wce_loss=None, **kwargs):
-        if fused_wce_loss is None:
-            return previous_forward(*args, **kwargs)
-        if not isinstance(fused_wce_loss, WeightedLossInputs):
-            raise TypeError(f"fused_wce_loss must be a WeightedLossInputs, got {type(fused_wce_loss).__name__}")
-        hidden_states, aux_loss = _backbone_hidden_states(self, text_config, args, kwargs)
-        call = _HeadLossCall(fused_wce_loss, logit_scale, softcap, label_smoothing, dft, lean_memory)
-        loss, token_loss, entropy, is_top1 = _head_loss(self, hidden_states, call)
-        target, token_weight = fused_wce_loss.target.to(loss.device), fused_wce_loss.weight.to(loss.device)
-        counted = (target != -100) & (token_weight > 0)
-        return WeightedLMOutput(loss=loss, token_loss=token_loss, entropy=entropy, is_top1=is_top1,
-                                counted=counted, aux_loss=aux_loss)
-
-    model.forward = types.MethodType(forward, model)
+    previous = model.__dict__.get("forward")  # an instance-level forward (an accelerate hook's...), else the class's
+    if isinstance(previous, _WeightedForward) and previous.model is model:
+        previous = previous.previous
+    model.forward = _WeightedForward(model, previous, options)
 
 
 def _backbone_hidden_states(model, text_config, args, kwargs):
@@ -291,11 +395,10 @@ def _backbone_hidden_states(model, text_config, args, kwargs):
 
 
 def _head_loss(model, hidden_states: torch.Tensor, call: _HeadLossCall):
-    """``(loss, token_loss, entropy, is_top1)`` of the fused loss, computed in a call of the model's LM head."""
+    """``(loss, is_top1, Float32Values)`` of the fused loss, computed in a call of the model's LM head."""
     # The head as it is now: FSDP1 may have wrapped it (the call goes through the wrapper, the dispatching
     # forward sits on the module inside).
     lm_head = model.get_output_embeddings()
     if _install_head_forward(_innermost_head(lm_head)):
         return lm_head(hidden_states, fused_wce_loss=call)
-    out = _fused_head_loss(lm_head, hidden_states, call)
-    return out.loss, out.token_loss, out.entropy, out.is_top1
+    return _head_outputs(_fused_head_loss(lm_head, hidden_states, call))

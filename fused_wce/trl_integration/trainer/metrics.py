@@ -117,14 +117,28 @@ class MetricSums:
         k = len(TURN_INDEX_GROUPS)
         row = torch.cat([means, role_sums, position_sums[1:], _folded(index_sums, k),
                          role_counts, position_counts[1:], _folded(index_counts, k)])
-        self.sums = row if self.sums is None else self.sums + row
+        self.sums = row if self.sums is None else self.sums.to(row.device) + row
         self.micro_batches += 1
 
     def add_aux_loss(self, value: torch.Tensor) -> None:
         """One micro-batch's MoE load-balancing loss (0-d, averaged over ranks)."""
         value = value.detach().double().reshape(1)
-        self.aux_sum = value if self.aux_sum is None else self.aux_sum + value
+        self.aux_sum = value if self.aux_sum is None else self.aux_sum.to(value.device) + value
         self.aux_losses += 1
+
+    def state_dict(self) -> dict:
+        """The window so far as plain Python values (read back from the device), for a training checkpoint."""
+        return {"micro_batches": self.micro_batches, "aux_losses": self.aux_losses,
+                "sums": None if self.sums is None else self.sums.tolist(),
+                "aux_sum": None if self.aux_sum is None else self.aux_sum.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the window of :meth:`state_dict` (float64 on the CPU until the next micro-batch moves it)."""
+        self.reset()
+        self.micro_batches, self.aux_losses = int(state["micro_batches"]), int(state["aux_losses"])
+        for name in ("sums", "aux_sum"):
+            if state[name] is not None:
+                setattr(self, name, torch.tensor(state[name], dtype=torch.float64))
 
     def flush(self, train_tokens: torch.Tensor | None) -> tuple[dict[str, float], dict[str, float]] | None:
         """The window's values, read with one host synchronisation, and an empty window; None if it is empty.

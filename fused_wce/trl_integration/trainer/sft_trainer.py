@@ -19,6 +19,10 @@ Used exactly as :class:`trl.SFTTrainer`, plus ``weighting=TurnWeighting(...)``. 
   ``turn_5+``: the k-th message of its role) are added: the mean unweighted cross-entropy of the counted target
   tokens of each group over the logging window, so each stage's curve shows in TensorBoard or W&B. They are
   summed on the device and read back once per logging step (:mod:`~.metrics`), never per micro-batch.
+* **Checkpoints.** Beside ``Trainer``'s own, a checkpoint holds the adaptive weighting state, the logged metrics
+  since the last log and the tokens seen (:mod:`~.checkpoint`); ``train(resume_from_checkpoint=...)`` restores
+  them, so a resumed run continues exactly as an uninterrupted one. ``resume_from_checkpoint=True`` takes the
+  last *complete* checkpoint (one cut short by a killed process is skipped).
 * **Adaptive turn weights.** With ``TurnWeighting(adaptive=AdaptiveTurnWeights(...))`` each counted token's weight
   is multiplied, during training, by its turn's (or role's) multiplier, which follows the running per-group loss
   (:mod:`~fused_wce.trl_integration.chat_weights.adaptive`); the normaliser uses the same factors, and
@@ -42,6 +46,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..chat_weights.turn_weighting import TurnWeighting
 from ..token_codes import TOKEN_ROLES, TOKEN_TURN_INDEX, TOKEN_TURN_POSITIONS, TOKEN_WEIGHTS
+from .checkpoint import STATE_NAME, checkpoint_dir, last_complete_checkpoint, read_state, write_state
 from .collator import PER_TOKEN_COLUMNS, WeightedDataCollator
 from .dataset import prepare_weighted_dataset, weighted_dataset_kind
 from .lm_head import WeightedLossInputs, add_weighted_lm_head, check_model_supported
@@ -208,6 +213,58 @@ class WeightedSFTTrainer(SFTTrainer):
         # Tensor/context/sequence-parallel ranks see the same tokens; count them once (as transformers does).
         return total / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
 
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``, resuming also the state this trainer keeps (see :mod:`~.checkpoint`);
+        ``resume_from_checkpoint=True`` resumes from the last complete checkpoint in ``output_dir``."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in output_dir "
+                                 f"{self.args.output_dir!r}")
+        if resume_from_checkpoint:
+            self._load_weighting_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        # Written before Trainer writes trainer_state.json, which marks the checkpoint complete.
+        if self.args.should_save:
+            write_state(checkpoint_dir(self._get_output_dir(trial=trial), self.state.global_step),
+                        self._weighting_state())
+        super()._save_checkpoint(model, trial)
+
+    def _weighting_state(self) -> dict:
+        """What this trainer keeps beside ``Trainer``'s state, as plain Python values (identical on every rank)."""
+        adaptive = self._adaptive_state()
+        pending = self._adaptive_pending if adaptive is not None else None
+        return {"train_tokens": None if self._train_tokens is None else int(self._train_tokens.item()),
+                "adaptive": None if adaptive is None else adaptive.state_dict(),
+                "adaptive_pending": None if pending is None else pending.tolist(),
+                "metric_sums": {mode: sums.state_dict() for mode, sums in self._metric_sums.items()}}
+
+    def _load_weighting_state(self, checkpoint_dir) -> None:
+        state = read_state(checkpoint_dir)
+        adaptive = self._adaptive_state()
+        if state is None:
+            if adaptive is not None:
+                raise ValueError(f"{checkpoint_dir} has no {STATE_NAME}: the adaptive weights' running state "
+                                 "cannot be resumed (the checkpoint was not written by WeightedSFTTrainer)")
+            warnings.warn(f"{checkpoint_dir} has no {STATE_NAME}: the logged num_tokens and metrics restart",
+                          stacklevel=3)
+            return
+        if (state["adaptive"] is None) != (adaptive is None):
+            raise ValueError(f"{checkpoint_dir} was saved {'with' if state['adaptive'] else 'without'} adaptive "
+                             f"weights; this run is {'with' if adaptive is not None else 'without'}")
+        if adaptive is not None:
+            adaptive.load_state_dict(state["adaptive"])
+            pending = state["adaptive_pending"]
+            self._adaptive_pending = None if pending is None else torch.tensor(pending, dtype=torch.float64)
+        tokens = state["train_tokens"]
+        self._train_tokens = None if tokens is None else torch.tensor(tokens, dtype=torch.int64,
+                                                                      device=self.accelerator.device)
+        for mode, sums in self._metric_sums.items():
+            sums.load_state_dict(state["metric_sums"][mode])
+
     # ------------------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -239,7 +296,9 @@ class WeightedSFTTrainer(SFTTrainer):
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
-        outputs = model(**inputs, fused_wce_loss=WeightedLossInputs(target, weight, normalizer))
+        # in_float32: the loss and statistics as computed, also where a mixed-precision policy cast the outputs
+        # (FSDP2's output_dtype): what is logged and summed stays float32.
+        outputs = model(**inputs, fused_wce_loss=WeightedLossInputs(target, weight, normalizer)).in_float32()
         loss = outputs.loss * ranks if ranks != 1 else outputs.loss
         if self.aux_loss_enabled and outputs.aux_loss is not None:
             # A per-micro-batch mean that DDP averages over ranks; with the accumulated normaliser the Trainer
@@ -269,7 +328,8 @@ class WeightedSFTTrainer(SFTTrainer):
         self._metric_sums[mode].add(stats, cap)
         if adaptive is not None:  # same gathered values on every rank: the multipliers stay identical
             sums = adaptive_group_sums(stats, adaptive, cap)
-            self._adaptive_pending = sums if self._adaptive_pending is None else self._adaptive_pending + sums
+            pending = self._adaptive_pending
+            self._adaptive_pending = sums if pending is None else pending.to(sums.device) + sums
         if mode == "train":
             self._count_train_tokens(inputs)
 
