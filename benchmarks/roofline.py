@@ -544,13 +544,17 @@ class Prediction:
 
 
 def predict(provider: str, problem: Problem, card: Card) -> Prediction:
-    algo = algorithm(provider, problem)
+    return predict_algorithm(algorithm(provider, problem), problem, card)
+
+
+def predict_algorithm(algo: Algorithm, problem: Problem, card: Card) -> Prediction:
+    """The prediction of any :class:`Algorithm` (a provider's, or one rank's of a tensor-parallel loss)."""
     moment, peak, tensors = algo.peak()
     phase_times = tuple((ph.name, ph.seconds(card),
                          "compute" if ph.flops / (card.gemm_flops if ph.rate == "gemm" else card.fp32_flops)
                          >= ph.bytes / card.hbm_bytes_per_s else "memory") for ph in algo.phases)
     compute = sum(ph.flops / (card.gemm_flops if ph.rate == "gemm" else card.fp32_flops) for ph in algo.phases)
-    return Prediction(provider, problem, card, algo.summary, algo.flops, algo.hbm_bytes, compute,
+    return Prediction(algo.provider, problem, card, algo.summary, algo.flops, algo.hbm_bytes, compute,
                       algo.hbm_bytes / card.hbm_bytes_per_s, sum(t for _, t, _ in phase_times), peak, moment,
                       tensors, phase_times)
 
@@ -619,7 +623,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.roofli
     parser.add_argument("--provider", action="append", choices=sorted(PROVIDERS), help="default: all")
     parser.add_argument("--out", default="bench_out", help="writes roofline.md and roofline.csv here")
     parser.add_argument("--phases", action="store_true", help="also print each prediction's phases")
+    parser.add_argument("--vocab-parallel", action="store_true",
+                        help="instead: the vocabulary-parallel loss per rank against gathering the head, at TP 2/4/8 "
+                             "(benchmarks/roofline_vocab_parallel.py); writes vocab_parallel.md/.csv")
     args = parser.parse_args(argv)
+    if args.vocab_parallel:
+        from .roofline_vocab_parallel import main as vocab_parallel_main
+
+        return vocab_parallel_main(args.card or ["H200"], args.out)
     predictions = predict_all(providers=args.provider or tuple(PROVIDERS), cards=args.card or ("H200",))
     print(markdown_table([p.row() for p in predictions]))
     if args.phases:

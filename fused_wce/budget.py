@@ -2,19 +2,19 @@
 
 Pure arithmetic (no torch): the backends and the roofline model (``benchmarks/roofline.py``) both call it.
 
-A pass over ``M`` counted tokens holds one chunk of ``[C, V]`` logit temporaries at a time; ``C`` is the
-largest row count whose temporaries fit the budget. On a GPU, 256 MiB keeps Llama-3's V = 128256 at 512 fp32
-rows (the cuBLAS plan) or 1024 bf16 rows (the register-tiled plan) per chunk, enough rows for the gradient
-GEMMs to fill the machine, far below the ``N V`` logits a pass replaces (16384 tokens: 4 GiB in bf16). On CPU,
-GEMMs reach their rate with ~100 rows and host memory is what users run out of (docs/design.md has the
-measured sweep). ``lean_memory`` trades FLOPs for memory: its chunks and vocabulary slabs get a quarter of the
-budget, so that at Llama-3-8B (16384 tokens) its peak stays at or below Liger-Kernel's default
-(benchmarks/NOTES.md).
+The Triton path holds one chunk of ``[C, V]`` logits at a time; ``C`` is the largest row count whose logits,
+counted in the compute dtype, fit the budget: on a GPU, 256 MiB keeps Llama-3's V = 128256 at 1024 rows per
+chunk (the cuBLAS plan holds them in fp32), enough rows for the gradient GEMMs to fill the machine and far
+below the ``N V`` logits a pass replaces (16384 tokens: 4 GiB in bf16). The PyTorch path holds two fp32
+``[C, B]`` blocks of ``C`` tokens by ``B`` vocabulary columns; on CPU its 3 MiB keep ``C`` = 1024 rows (the GEMMs'
+rate) with ``B`` = 384 columns, so that its peak stays at or below torch's chunked ``F.linear_cross_entropy``
+(benchmarks/NOTES.md). ``lean_memory`` trades FLOPs for memory: its chunks and vocabulary slabs get a quarter
+of the budget, so that at Llama-3-8B (16384 tokens) its peak stays at or below Liger-Kernel's default.
 """
 from __future__ import annotations
 
 DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
-CPU_CHUNK_BUDGET_BYTES = 32 * 2**20
+CPU_CHUNK_BUDGET_BYTES = 3 * 2**20
 LEAN_BUDGET_DIVISOR = 4
 
 

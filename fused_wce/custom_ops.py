@@ -54,17 +54,19 @@ def gradient_scale(coef: Tensor, compute_dtype: torch.dtype) -> Tensor:
     return torch.where(largest > 0, torch.exp2(torch.ceil(torch.log2(largest))), torch.ones_like(largest))
 
 
-def _run_counted(hidden, weight, bias, target, token_weight, normalizer, options: LossOptions, coef_of,
-                 need_grads, extras_of=None) -> tuple[PassResult, Tensor, Tensor]:
-    """Count the tokens (the one host synchronisation), gather them and run one pass over them.
+def counted_request(hidden, weight, bias, target, token_weight, normalizer, options: LossOptions, coef_of,
+                    need_grads, vocab_size: int | None = None, extras_of=None) -> tuple[PassRequest, Tensor, Tensor]:
+    """Count the tokens (the one host synchronisation) and gather them into one pass's request.
 
     ``coef_of(counted_weight, index)`` gives the per-token gradient coefficients (float32 ``[M]``, already
-    divided by their :func:`gradient_scale`), or None for statistics only. ``extras_of(index)``, called after
-    it, gives further :class:`~fused_wce.passes.PassRequest` fields of the counted rows (the log-prob
-    backward's entropy coefficients and known statistics). Returns ``(result, index, counted_weight)``.
+    divided by their :func:`gradient_scale`), or None for statistics only. ``vocab_size`` is the vocabulary
+    the targets index (``weight.shape[0]`` by default; the whole vocabulary when ``weight`` is one shard of it).
+    ``extras_of(index)``, called after ``coef_of``, gives further :class:`~fused_wce.passes.PassRequest` fields of
+    the counted rows (the log-prob backward's entropy coefficients and known statistics).
+    Returns ``(request, index, counted_weight)``.
     """
     num_tokens = target.shape[0]
-    counted = count_tokens(target, token_weight, weight.shape[0], options.ignore_index, normalizer)
+    counted = count_tokens(target, token_weight, vocab_size or weight.shape[0], options.ignore_index, normalizer)
     index = counted.index
     if token_weight is None:
         counted_weight = torch.ones(counted.n_counted, dtype=torch.float32, device=hidden.device)
@@ -81,8 +83,17 @@ def _run_counted(hidden, weight, bias, target, token_weight, normalizer, options
         need_grad_hidden=need_grads[0], need_grad_weight=need_grads[1], need_grad_bias=need_grads[2] and bias is not None,
         **(extras_of(index) if extras_of is not None else {}),
     )
+    return request, index, counted_weight
+
+
+def _run_counted(hidden, weight, bias, target, token_weight, normalizer, options: LossOptions, coef_of,
+                 need_grads, extras_of=None) -> tuple[PassResult, Tensor, Tensor]:
+    """Count the tokens, gather them and run one pass over them (:func:`counted_request`). Returns
+    ``(result, index, counted_weight)``."""
+    request, index, counted_weight = counted_request(hidden, weight, bias, target, token_weight, normalizer, options,
+                                                     coef_of, need_grads, extras_of=extras_of)
     backend = backend_for(options.backend, hidden.device)
-    result = backend.run_pass(request) if counted.n_counted else empty_pass(request)
+    result = backend.run_pass(request) if request.num_tokens else empty_pass(request)
     return result, index, counted_weight
 
 
@@ -132,7 +143,10 @@ def _denominator(counted_weight: Tensor, normalizer: Tensor | None, reduction: s
     return torch.ones((), dtype=torch.float32, device=counted_weight.device)
 
 
-def _loss_forward(hidden, weight, bias, target, token_weight, normalizer, options: LossOptions, need_grads):
+def _loss_forward(hidden, weight, bias, target, token_weight, normalizer, options: LossOptions, need_grads,
+                  run=_run_counted):
+    """The forward op's outputs (:data:`FORWARD_OUTPUTS`); ``run`` counts the tokens and runs their pass (the
+    signature of :func:`_run_counted`)."""
     num_tokens = target.shape[0]
     reduced = options.reduction != "none"
     grads_in_forward = reduced and any(need_grads)
@@ -146,8 +160,8 @@ def _loss_forward(hidden, weight, bias, target, token_weight, normalizer, option
         grad_scale = gradient_scale(coef, options.compute_dtype)
         return coef / grad_scale
 
-    result, index, counted_weight = _run_counted(hidden, weight, bias, target, token_weight, normalizer, options,
-                                                 coef_of, need_grads if grads_in_forward else (False,) * 3)
+    result, index, counted_weight = run(hidden, weight, bias, target, token_weight, normalizer, options,
+                                        coef_of, need_grads if grads_in_forward else (False,) * 3)
     stats = result.stats
     if reduced:
         denominator = _denominator(counted_weight, normalizer, options.reduction)
@@ -197,7 +211,14 @@ def _loss_backward_impl(hidden, weight, bias, target, token_weight, grad_output,
     """reduction="none": the gradients for the upstream gradient ``grad_output`` ``[N]`` of the per-token
     losses, from a second pass (the counted tokens are counted again). Outputs as the forward op's gradients,
     already scaled."""
-    options = LossOptions(**option_fields)
+    with torch.autocast(hidden.device.type, enabled=False), _on_device(hidden):
+        return _loss_backward(hidden, weight, bias, target, token_weight, grad_output, LossOptions(**option_fields),
+                              (grad_hidden, grad_weight, grad_bias))
+
+
+def _loss_backward(hidden, weight, bias, target, token_weight, grad_output, options: LossOptions, need_grads,
+                   run=_run_counted) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward op's outputs; ``run`` counts the tokens and runs their pass (as in :func:`_loss_forward`)."""
     grad_scale = None
 
     def coef_of(counted_weight, index):
@@ -206,14 +227,12 @@ def _loss_backward_impl(hidden, weight, bias, target, token_weight, grad_output,
         grad_scale = gradient_scale(coef, options.compute_dtype)
         return coef / grad_scale
 
-    with torch.autocast(hidden.device.type, enabled=False), _on_device(hidden):
-        result, index, _ = _run_counted(hidden, weight, bias, target, token_weight, None, options, coef_of,
-                                        (grad_hidden, grad_weight, grad_bias))
-        outputs = _gradient_outputs(result.gradients, index, target.shape[0], hidden)
-        if options.compute_dtype == torch.float16:
-            for t in outputs:
-                t.mul_(grad_scale)
-        return outputs
+    result, index, _ = run(hidden, weight, bias, target, token_weight, None, options, coef_of, need_grads)
+    outputs = _gradient_outputs(result.gradients, index, target.shape[0], hidden)
+    if options.compute_dtype == torch.float16:
+        for t in outputs:
+            t.mul_(grad_scale)
+    return outputs
 
 
 _loss_backward_op = torch.library.custom_op(
@@ -265,15 +284,17 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
         ctx.save_for_backward(*output[_FIRST_GRADIENT:])  # the gradients computed in the forward pass, and scale
 
 
-def _backward(ctx, grad_loss, *unused_output_grads):
+def _backward(ctx, grad_loss, backward_op):
+    """The forward op's backward; ``backward_op`` is its reduction="none" backward op (same inputs and
+    keyword arguments as the forward op, ``grad_output`` in place of ``normalizer``)."""
     keywords = ctx.keywords
     if grad_loss is None:  # the loss itself was not differentiated (only the statistics were used)
         return None, None, None, None, None, None
     hidden_dtype, weight_dtype = ctx.dtypes
     if keywords["reduction"] == "none":
         hidden, weight, bias, target, token_weight = ctx.saved_tensors
-        grad_hidden, grad_weight, grad_bias = _loss_backward_op(hidden, weight, bias, target, token_weight,
-                                                                grad_loss, **keywords)
+        grad_hidden, grad_weight, grad_bias = backward_op(hidden, weight, bias, target, token_weight, grad_loss,
+                                                          **keywords)
     else:
         *gradients, grad_scale = ctx.saved_tensors
         scale = grad_loss.float() * grad_scale
@@ -293,7 +314,17 @@ def _backward(ctx, grad_loss, *unused_output_grads):
             None, None, None)
 
 
-_loss_op.register_autograd(_backward, setup_context=_setup_context)
+def register_loss_autograd(forward_op, backward_op) -> None:
+    """Make ``forward_op`` (outputs :data:`FORWARD_OUTPUTS`, inputs ``hidden, weight, bias, target,
+    token_weight, normalizer``) differentiable in its loss: reduced losses scale the gradients it computed,
+    reduction="none" runs ``backward_op``."""
+    def backward(ctx, grad_loss, *unused_output_grads):
+        return _backward(ctx, grad_loss, backward_op)
+
+    forward_op.register_autograd(backward, setup_context=_setup_context)
+
+
+register_loss_autograd(_loss_op, _loss_backward_op)
 
 
 def loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, token_weight: Tensor | None,

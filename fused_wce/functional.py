@@ -13,6 +13,7 @@ from .log_prob_ops import log_prob_op
 from .options import LossOptions
 from .outputs import LossOutput
 from .validation import check_tensors
+from .vocab_parallel import local_inputs, vocab_parallel_loss_op
 
 
 def linear_cross_entropy(
@@ -36,6 +37,9 @@ def linear_cross_entropy(
     compute_dtype: torch.dtype | None = None,
     lean_memory: bool = False,
     logits_gemm: str = "auto",
+    process_group=None,
+    vocab_start: int | None = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor | LossOutput:
     """Weighted cross-entropy of ``hidden @ weight.T + bias`` against ``target``, without the full logits.
 
@@ -52,7 +56,7 @@ def linear_cross_entropy(
         normalizer: float or 0-d tensor, finite and > 0; if given, the loss is ``sum(w_i l_i) / normalizer``
             (how a trainer normalises over gradient accumulation and ranks).
         chunk_size: counted tokens per chunk; None picks it from ``DEFAULT_CHUNK_BUDGET_BYTES`` (256 MiB of
-            ``[chunk, V]`` temporaries; ``CPU_CHUNK_BUDGET_BYTES``, 32 MiB, for the PyTorch path on CPU).
+            temporaries; ``CPU_CHUNK_BUDGET_BYTES``, 3 MiB, for the PyTorch path on CPU), see fused_wce.budget.
         return_stats: also return per-token lse, entropy, is_top1 and the unweighted loss (:class:`LossOutput`).
         backend: ``"auto"`` (Triton for CUDA tensors, chunked PyTorch otherwise), ``"triton"`` or ``"torch"``.
         label_smoothing: in [0, 1), as ``F.cross_entropy`` defines it.
@@ -74,6 +78,15 @@ def linear_cross_entropy(
             stores tile-relative logits in the compute dtype), or ``"auto"`` (the one measured faster).
             Same results up to rounding; the CPU path ignores it.
 
+    Vocabulary parallelism (a tensor-parallel LM head, docs/vocab_parallel.md): ``weight`` (and ``bias``) may be
+    a DTensor sharded ``Shard(0)`` on a 1-D mesh, or this rank's rows ``[vocab_start, vocab_start + rows)`` of
+    the vocabulary with ``process_group`` (the ranks' rows must tile ``[0, V)``; uneven is fine). Every rank of
+    the group calls the loss; the ranks exchange per-token fp32 summaries and the hidden gradient, never
+    logits or weights. ``hidden``, ``target`` and ``token_weight`` are the same on every rank, unless
+    ``sequence_parallel=True`` (or hidden is a DTensor sharded along a token dimension): then each rank passes
+    its own tokens. The loss (reduced over every rank's tokens) is the same on every rank; per-token outputs
+    are this rank's tokens'; ``weight``'s gradient is this rank's rows'.
+
     The loss runs as the custom op ``fused_wce::linear_cross_entropy``: ``torch.compile(fullgraph=True)``
     captures it as one node, for any number of counted tokens.
 
@@ -84,13 +97,17 @@ def linear_cross_entropy(
     options = LossOptions(ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
                           label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
                           dft=dft, compute_dtype=compute_dtype, lean_memory=lean_memory, logits_gemm=logits_gemm)
-    return _call(hidden, weight, target, token_weight, bias, normalizer, options, return_stats)
+    return _call(hidden, weight, target, token_weight, bias, normalizer, options, return_stats,
+                 process_group=process_group, vocab_start=vocab_start, sequence_parallel=sequence_parallel)
 
 
 def _call(hidden, weight, target, token_weight, bias, normalizer, options: LossOptions,
-          return_stats: bool) -> torch.Tensor | LossOutput:
+          return_stats: bool, *, process_group=None, vocab_start: int | None = None,
+          sequence_parallel: bool = False) -> torch.Tensor | LossOutput:
     """:func:`linear_cross_entropy` with its keyword options already in ``options`` (also used by
     :class:`fused_wce.LinearCrossEntropy`)."""
+    hidden, weight, target, token_weight, bias, normalizer, shard = local_inputs(
+        hidden, weight, target, token_weight, bias, normalizer, process_group, vocab_start, sequence_parallel)
     check_tensors(hidden, weight, target, token_weight, bias, normalizer, options)
     options = options.resolved(hidden)
     hidden_size = weight.shape[1]
@@ -98,10 +115,10 @@ def _call(hidden, weight, target, token_weight, bias, normalizer, options: LossO
     if normalizer is not None and not isinstance(normalizer, torch.Tensor):
         normalizer = torch.tensor(float(normalizer), dtype=torch.float64)  # a CPU scalar: no device copy here
     grad_enabled = torch.is_grad_enabled()
-    outputs = loss_op(hidden.reshape(-1, hidden_size), weight, bias, target.reshape(-1), flat_weight, normalizer,
-                      options, grad_hidden=grad_enabled and hidden.requires_grad,
-                      grad_weight=grad_enabled and weight.requires_grad,
-                      grad_bias=grad_enabled and bias is not None and bias.requires_grad)
+    grads = dict(grad_hidden=grad_enabled and hidden.requires_grad, grad_weight=grad_enabled and weight.requires_grad,
+                 grad_bias=grad_enabled and bias is not None and bias.requires_grad)
+    flat = (hidden.reshape(-1, hidden_size), weight, bias, target.reshape(-1), flat_weight, normalizer, options)
+    outputs = loss_op(*flat, **grads) if shard is None else vocab_parallel_loss_op(*flat, shard, **grads)
     loss, token_loss, lse, entropy, is_top1, z_term = outputs[:6]
     shape = target.shape
     if options.reduction == "none":

@@ -30,6 +30,13 @@ label smoothing); two summaries merge exactly (:func:`merge_tile_summaries`), so
 exist at once. From the merged summary, ``lse = m + log s`` and ``entropy = log s - e / s``. Keeping ``e``
 relative to the running max (rather than ``sum p z``) avoids the cancellation of ``lse - sum p z``.
 
+Vocabulary slices. The same merge combines slices of the vocabulary held by different processes (a
+vocabulary-parallel LM head, :mod:`fused_wce.vocab_parallel`): each slice summarises its part of every row as
+a :class:`SliceSummary` ``(m, s, e, z[t] or 0, sum z)``, the slices' summaries merge into the whole row's
+(:func:`merge_slice_summaries`), which gives ``lse`` and every per-token output as above; ``dlogits`` of a
+slice's columns then need only the whole row's ``lse`` and the final ``c_i`` (with DFT's factor, known only
+from the whole row), and ``d hidden`` is the sum of the slices' ``dlogits @ weight_slice``.
+
 This module is the PyTorch statement of that math: the CPU path (:mod:`fused_wce._torch_backend`) calls these
 functions on whole chunk rows; the Triton kernels (:mod:`fused_wce.kernels`) implement the same formulas on
 register tiles (``vocab_partials``: logit transforms, tile summaries and the target logit; ``combine``: the
@@ -91,6 +98,37 @@ def merge_tile_summaries(a, b):
     s = scale_a * s_a + scale_b * s_b
     e = scale_a * (e_a + (m_a - m) * s_a) + scale_b * (e_b + (m_b - m) * s_b)
     return m, s, e
+
+
+def merge_stacked_summaries(row_max: torch.Tensor, sum_exp: torch.Tensor, sum_exp_shifted: torch.Tensor):
+    """Merge ``K`` summaries stacked along dim 0 (each ``[K, M]``) into one ``(m, s, e)`` of ``[M]``: the
+    :func:`merge_tile_summaries` formula for ``K`` parts at once (equal to folding it over the parts)."""
+    m = row_max.amax(dim=0)
+    offset = row_max - m
+    scale = offset.exp()
+    return m, (scale * sum_exp).sum(0), (scale * (sum_exp_shifted + offset * sum_exp)).sum(0)
+
+
+class SliceSummary(NamedTuple):
+    """What a pass over one slice of the vocabulary knows of each token's row before the row is complete, all
+    fp32 ``[M]``: the slice's ``(m, s, e)``, the target's logit (0 when the target lies in another slice) and,
+    with label smoothing, ``sum z`` over the slice (None without). The summaries of slices that tile the
+    vocabulary merge into the whole row's (:func:`merge_slice_summaries`)."""
+
+    row_max: torch.Tensor
+    sum_exp: torch.Tensor
+    sum_exp_shifted: torch.Tensor
+    target_logit: torch.Tensor
+    sum_logits: torch.Tensor | None = None
+
+
+def merge_slice_summaries(stacked: SliceSummary) -> SliceSummary:
+    """The whole rows' summary from the summaries of ``K`` vocabulary slices that tile them, stacked along dim
+    0 (``[K, M]`` each): ``(m, s, e)`` merged (:func:`merge_stacked_summaries`), the target logits and
+    ``sum z`` added (exactly one slice holds each target)."""
+    merged = merge_stacked_summaries(stacked.row_max, stacked.sum_exp, stacked.sum_exp_shifted)
+    sum_logits = None if stacked.sum_logits is None else stacked.sum_logits.sum(0)
+    return SliceSummary(*merged, stacked.target_logit.sum(0), sum_logits)
 
 
 def finish_token_stats(summary, target_logit: torch.Tensor, options: LossOptions = PLAIN,

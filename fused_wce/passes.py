@@ -23,7 +23,8 @@ class PassRequest:
     """One pass over ``M`` counted tokens, gathered and contiguous.
 
     ``hidden`` ``[M, H]`` and ``weight`` ``[V, H]`` (and ``bias`` ``[V]``) share the compute dtype; ``target``
-    is int64 ``[M]`` in ``[0, V)``. ``coef`` (float32 ``[M]``) is the per-token gradient coefficient (see
+    is int64 ``[M]`` in ``[0, V)`` (for the backends' ``slice_*`` functions, where ``weight`` is one slice of a
+    larger vocabulary, relative to the slice's first row and possibly outside it). ``coef`` (float32 ``[M]``) is the per-token gradient coefficient (see
     :mod:`fused_wce.loss_math`), divided by the power-of-two scale the caller applies to the gradients
     afterwards; None means stats only, no gradients. ``need_*`` select which gradients.
 

@@ -21,8 +21,9 @@ raised. Scenarios:
   ``use_orig_params=True``; the model is patched after wrapping;
 - ``fsdp1_bf16``: the same with ``MixedPrecision(param_dtype=bfloat16, reduce_dtype=float32,
   cast_forward_inputs=True)`` (the root casts its inputs too: ``cast_root_forward_inputs`` defaults to True);
-- ``tp_head``: the head tensor-parallel (``ColwiseParallel``, a vocab-sharded DTensor weight inside its forward):
-  must raise; the message is written as ``{"raised": str(error)}``.
+- ``tp_head``: the head tensor-parallel along the hidden dimension (``RowwiseParallel``: a DTensor weight sharded
+  ``Shard(1)`` inside its forward, a layout the loss cannot use; vocabulary-sharded heads are
+  tests/test_vocab_parallel.py's): must raise; the message is written as ``{"raised": str(error)}``.
 
 The batch, model and reference live in :func:`make_model` / :func:`make_batch`, imported by the test to compute
 the single-process float64 reference.
@@ -159,10 +160,10 @@ def run_scenario(scenario: str, rank: int, mesh) -> dict:
             runner = _wrap_fsdp1(model, scenario == "fsdp1_bf16")
             add_weighted_lm_head(model)  # patched after wrapping: the head is found through its FSDP wrapper
         elif scenario == "tp_head":
-            from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+            from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 
             add_weighted_lm_head(model)
-            runner = parallelize_module(model, mesh, {"lm_head": ColwiseParallel()})
+            runner = parallelize_module(model, mesh, {"lm_head": RowwiseParallel()})
         else:
             raise ValueError(f"unknown scenario {scenario!r}")
 
@@ -174,7 +175,7 @@ def run_scenario(scenario: str, rank: int, mesh) -> dict:
                 return {"raised": str(error)}
             raise
         if scenario == "tp_head":
-            raise AssertionError("a tensor-parallel (DTensor) head inside its forward did not raise")
+            raise AssertionError("a hidden-sharded (RowwiseParallel) head inside its forward did not raise")
         returned_dtype = str(output.loss.dtype)
         output = output.in_float32()  # as the trainer reads it
         # FSDP averages gradients over ranks; the normalizer already covers every rank's weights.

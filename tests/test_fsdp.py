@@ -121,10 +121,10 @@ def test_loss_and_stats_stay_float32_under_an_output_dtype_cast(results):
 
 
 def test_sharded_head_weight_inside_the_head_is_a_clear_error(results):
-    """A tensor-parallel (vocab-sharded) head still holds a DTensor inside its forward: an error, not
-    full_tensor() with an unreduced gradient."""
+    """A head sharded along its hidden dimension (RowwiseParallel) still holds a DTensor inside its forward: an
+    error naming the layout the loss needs, not full_tensor() with an unreduced gradient."""
     message = results["tp_head"]["raised"]
-    assert "DTensor" in message and "tensor-parallel" in message
+    assert "DTensor" in message and "Shard(dim=1)" in message and "sharded by vocabulary rows" in message
 
 
 # ------------------------------------------------------------------------------------ single process, no FSDP

@@ -87,7 +87,7 @@ def _set(**values):
     def mutate(a):
         for key, value in values.items():
             if key in ("bias", "normalizer", "reduction", "chunk_size", "ignore_index", "backend", "label_smoothing",
-                       "z_loss", "softcap", "logit_scale", "dft"):
+                       "z_loss", "softcap", "logit_scale", "dft", "process_group", "vocab_start", "sequence_parallel"):
                 a["options"][key] = value(a) if callable(value) else value
             else:
                 a[key] = value(a) if callable(value) else value
@@ -302,6 +302,13 @@ CASES = [
     Case("softcap", "0 or negative", _set(softcap=0.0), Raises(ValueError, "softcap")),
     Case("logit_scale", "0 or negative", _set(logit_scale=0.0), Raises(ValueError, "logit_scale")),
     Case("dft", "not a bool", _set(dft="yes"), Raises(TypeError, "dft")),
+    # vocabulary parallelism (a sharded head: tests/test_vocab_parallel.py runs the group cases)
+    Case("process_group", "not a ProcessGroup", _set(process_group="tp", vocab_start=0),
+         Raises(TypeError, "process_group must be a torch.distributed ProcessGroup")),
+    Case("vocab_start", "without process_group", _set(vocab_start=3),
+         Raises(ValueError, "vocab_start and sequence_parallel need process_group")),
+    Case("sequence_parallel", "True without process_group", _set(sequence_parallel=True),
+         Raises(ValueError, "vocab_start and sequence_parallel need process_group")),
 ]
 
 

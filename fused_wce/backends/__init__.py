@@ -1,5 +1,6 @@
 """Execution paths of a pass: each module's ``run_pass(PassRequest) -> PassResult`` computes the same
-:mod:`fused_wce.loss_math` over the counted tokens (:mod:`fused_wce.passes`).
+:mod:`fused_wce.loss_math` over the counted tokens (:mod:`fused_wce.passes`); ``slice_summaries(request)`` and
+``slice_gradients(request, lse, num_classes)`` are its two halves for one slice of the vocabulary.
 
 - :mod:`.triton_chunks`: Triton kernels and cuBLAS GEMMs (CUDA tensors; CPU tensors under TRITON_INTERPRET=1);
 - :mod:`.torch_blocks`: plain PyTorch on ``[C, B]`` logit blocks (CPU tensors, or ``backend="torch"``).

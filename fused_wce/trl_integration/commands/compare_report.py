@@ -1,24 +1,16 @@
-"""The report of ``fused-wce compare``: ``report.md`` (setup and tables), ``results.csv`` and ``compare.png``."""
+"""The outputs of ``fused-wce compare``: ``report.md`` (setup, findings in words, tables), ``results.csv``,
+``differences.csv`` and ``compare.png``."""
 from __future__ import annotations
 
-import csv
 import math
+import os
 
-from .compare_measure import BEFORE, RESULT_COLUMNS, ROLES, TURNS, result_value
+from ..evaluation.intervals import estimate
+from ..evaluation.measure import TURNS
+from ..evaluation.report import comparison_findings, history_findings, noise_note, tables
+from ..evaluation.results import DIFFERENCE_COLUMNS, RESULT_COLUMNS, result_rows, write_csv
 
-
-def _table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines)
-
-
-def _cell(value: float, reference: float | None = None) -> str:
-    if not math.isfinite(value):
-        return "-"
-    if reference is None or not math.isfinite(reference):
-        return f"{value:.3f}"
-    return f"{value:.3f} ({value - reference:+.2f})"
+BEFORE = "initial model"
 
 
 def _final_multipliers(curve_rows: list[dict]) -> str:
@@ -30,58 +22,48 @@ def _final_multipliers(curve_rows: list[dict]) -> str:
     return ""
 
 
-def format_report(rows: list[dict], setup: list[str], schemes: dict, timings: dict, curves: dict | None = None) -> str:
-    """The Markdown report: setup, held-out loss per assistant turn, per role, context dependence per turn."""
-    names = [BEFORE] + list(schemes)
-    turn_groups = [f"turn/{t}" for t in TURNS]
-    role_groups = [f"role/{r}" for r in ROLES] + ["full_sequence"]
-    present = {row["group"] for row in rows if row["metric"] == "loss"}
-    role_groups = [g for g in role_groups if g in present]
+def _scheme_lines(schemes: dict, runs, seeds: list[int]) -> list[str]:
+    lines = []
+    for name, weighting in schemes.items():
+        seconds = [runs.seconds[(name, seed)] for seed in seeds]
+        final = _final_multipliers(runs.curves.get((name, seeds[-1])))
+        lines.append(f"- `{name}`: {weighting.describe()}; training {sum(seconds) / len(seconds):.0f} s per seed"
+                     + (f"; multipliers at the end (seed {seeds[-1]}): {final}" if final else ""))
+    return lines
 
-    loss_rows = [[name] + [_cell(result_value(rows, name, "loss", g),
-                                        None if name == BEFORE else result_value(rows, BEFORE, "loss", g))
-                                  for g in turn_groups + ["role/assistant"]] for name in names]
-    role_rows = [[name] + [_cell(result_value(rows, name, "loss", g)) for g in role_groups] for name in names]
-    context_groups = [g for g in turn_groups
-                      if any(row["group"] == g and row["metric"] == "context_dependence" for row in rows)]
-    counts = {g: next((row["messages"] for row in rows if row["group"] == g and row["metric"] == "context_dependence"),
-                      0) for g in context_groups}
-    context_rows = [[name] + [_cell(result_value(rows, name, "context_dependence", g)) for g in context_groups]
-                    for name in names]
-    timing = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
-    return "\n".join([
-        "# fused-wce compare", "",
-        *setup, f"- training time per scheme: {timing}", "",
-        "Schemes (each keeps the data's per-message `weight` keys):", "",
-        *[f"- `{name}`: {weighting.describe()}"
-          + (f"; multipliers at the end: {final}" if (final := _final_multipliers((curves or {}).get(name))) else "")
-          for name, weighting in schemes.items()], "",
-        "## Held-out loss per assistant turn (after training; change from the initial model in brackets)", "",
-        "Mean cross-entropy (nats) of the tokens of the k-th assistant message of each held-out conversation "
-        "(messages marked `weight: 0` left out); lower is better.", "",
-        _table(["scheme"] + [g.split("/")[1] for g in turn_groups] + ["all assistant"], loss_rows), "",
-        "## Held-out loss per role", "",
-        _table(["scheme"] + [g.split("/")[-1] for g in role_groups], role_rows), "",
-        "## Context dependence per assistant turn", "",
-        "Loss of the turn without the history (system prompt + current exchange only) minus with the full history; "
-        "higher means the model uses the earlier turns. Messages measured per turn: "
-        + ", ".join(f"{g.split('/')[1]} {counts[g]}" for g in context_groups) + ".", "",
-        _table(["scheme"] + [g.split("/")[1] for g in context_groups], context_rows), "",
-        "Per-scheme training curves: `<scheme>/loss_curves.csv` and `<scheme>/loss_curves.png`; all numbers: "
-        "`results.csv`; plots: `compare.png`.", "",
+
+def format_report(measured: dict, counts, setup: list[str], schemes: dict, runs, seeds: list[int]):
+    """(the Markdown report, the ``differences.csv`` rows). ``measured``: ``{model: [Measurements per seed]}``,
+    the initial model first."""
+    differences, difference_rows = comparison_findings(measured, counts)
+    uses_history = [line for name, model_runs in measured.items()
+                    for line in history_findings(name, model_runs, counts)]
+    text = "\n".join([
+        "# fused-wce compare", "", *setup, "",
+        "Schemes (each keeps the data's per-message `weight` keys):", "", *_scheme_lines(schemes, runs, seeds), "",
+        "## Findings", "", noise_note(len(seeds), counts.shape[1]), "",
+        *(["### Does each model use the history?", "", *uses_history, ""] if uses_history else []),
+        "### Differences between models (later minus earlier, key cells)", "", *differences, "",
+        *tables(measured, counts),
+        "All cells, per seed too: `results.csv`; every difference above: `differences.csv`; training curves: "
+        "`<scheme>/seed_<s>/loss_curves.csv|png`; plots: `compare.png`.", "",
     ])
+    return text, difference_rows
 
 
-def write_csv(rows: list[dict], path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(RESULT_COLUMNS))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()})
+def write_results(measured: dict, seeds: list[int], counts, difference_rows: list[dict], output_dir) -> None:
+    """``results.csv`` (every model, seed and cell) and ``differences.csv``."""
+    rows = []
+    for name, model_runs in measured.items():
+        labels = seeds if len(model_runs) == len(seeds) else ["all"] * len(model_runs)
+        rows += result_rows(name, "before" if name == BEFORE else "after", dict(zip(labels, model_runs)), counts)
+    write_csv(rows, RESULT_COLUMNS, os.path.join(output_dir, "results.csv"))
+    write_csv(difference_rows, DIFFERENCE_COLUMNS, os.path.join(output_dir, "differences.csv"))
 
 
-def plot(rows: list[dict], schemes: list[str], curves: dict, path) -> None:
-    """``compare.png``: held-out assistant loss per turn, context dependence per turn, training curves."""
+def plot(measured: dict, counts, curves: dict, path) -> None:
+    """``compare.png``: held-out loss and context dependence per assistant turn (mean over seeds, 95% intervals)
+    and the training curves of the assistant-token loss (every seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,23 +71,25 @@ def plot(rows: list[dict], schemes: list[str], curves: dict, path) -> None:
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     x = list(range(1, len(TURNS) + 1))
-    for index, name in enumerate([BEFORE] + schemes):
+    for index, (name, model_runs) in enumerate(measured.items()):
         style = dict(color="black", linestyle="--") if name == BEFORE else dict(color=f"C{index % 10}")
         for axis, metric in ((axes[0], "loss"), (axes[1], "context_dependence")):
-            ys = [result_value(rows, name, metric, f"turn/{t}") for t in TURNS]
-            if any(math.isfinite(y) for y in ys):
-                axis.plot(x, ys, marker="o", label=name, **style)
-        if name in curves:
-            points = [(row["step"], row["loss/assistant"]) for row in curves[name]
-                      if row["split"] == "train" and "loss/assistant" in row]
+            cells = [estimate(model_runs, metric, f"turn/{turn}", counts) for turn in TURNS]
+            if any(math.isfinite(cell.value) for cell in cells):
+                errors = [[max(c.value - c.low, 0) for c in cells], [max(c.high - c.value, 0) for c in cells]]
+                axis.errorbar(x, [c.value for c in cells], yerr=errors, marker="o", capsize=3, label=name, **style)
+        for (scheme, seed), rows in curves.items():
+            points = [(row["step"], row["loss/assistant"]) for row in rows
+                      if scheme == name and row["split"] == "train" and "loss/assistant" in row]
             if points:
-                axes[2].plot(*zip(*points), label=name, **style)
+                axes[2].plot(*zip(*points), label=f"{name} seed {seed}", **style)
     titles = ("held-out loss per assistant turn", "context dependence (loss without - with history)",
               "training: assistant-token loss")
     for axis, title in zip(axes, titles):
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
     for axis in axes[:2]:
         axis.set_xticks(x, TURNS)
         axis.set_xlabel("assistant turn")

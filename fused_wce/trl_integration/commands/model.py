@@ -1,8 +1,11 @@
 """The model and tokenizer of a command: the tiny demo Llama and the shipped tokenizer without
-``--model_name_or_path``, else the named model (loaded by the trainer) and its tokenizer."""
+``--model_name_or_path``, a ``.gguf`` file de-quantised (:mod:`~fused_wce.trl_integration.gguf_models`), else the
+named model (loaded by the trainer) and its tokenizer; and the CPU thread setting of the commands."""
 from __future__ import annotations
 
 import os
+
+from ..gguf_models import is_gguf, load_gguf_model, load_gguf_tokenizer
 
 
 def build_tiny_model(tokenizer, seed: int, max_length: int | None):
@@ -20,16 +23,17 @@ def build_tiny_model(tokenizer, seed: int, max_length: int | None):
     return LlamaForCausalLM(config)
 
 
-def _one_cpu_thread_for_the_tiny_model(training_args) -> None:
-    """On CPU, run the tiny demo model on one intra-op thread unless OMP_NUM_THREADS says otherwise.
+def one_cpu_thread(use_cpu: bool) -> None:
+    """On CPU, run torch on one intra-op thread unless OMP_NUM_THREADS says otherwise.
 
-    Its matrices (hidden 128) are too small to split: measured on 2 shared cores, 10 demo steps took 2.4 s on one
-    thread and 23 s on two (the threads wait on each other whenever another process holds a core). Results are
-    the same either way.
+    The tiny demo model's matrices (hidden 128) are too small to split: measured on 2 shared cores, 10 demo steps
+    took 2.4 s on one thread and 23 s on two (the threads wait on each other whenever another process holds a
+    core). A 135M model on the same busy cores: one 220-token forward took 2.2-3.0 s on one thread, 6-17 s on two.
+    On an idle machine, set OMP_NUM_THREADS to the number of cores. Results are the same either way.
     """
     import torch
 
-    if "OMP_NUM_THREADS" not in os.environ and (training_args.use_cpu or not torch.cuda.is_available()):
+    if "OMP_NUM_THREADS" not in os.environ and (use_cpu or not torch.cuda.is_available()):
         torch.set_num_threads(1)
 
 
@@ -53,16 +57,33 @@ def build_model(model_args, training_args):
     from ..chat_data import build_tokenizer
 
     if model_args.model_name_or_path is None:
-        _one_cpu_thread_for_the_tiny_model(training_args)
+        one_cpu_thread(training_args.use_cpu)
         tokenizer = build_tokenizer()
         model = build_tiny_model(tokenizer, training_args.seed, training_args.max_length)
         return model, tokenizer
+    if is_gguf(model_args.model_name_or_path):
+        return load_gguf_model(model_args.model_name_or_path, model_args.dtype), load_gguf_tokenizer(
+            model_args.model_name_or_path)
     model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
                              attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
     model_init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = model_init_kwargs
     model = model_args.model_name_or_path
     return model, load_tokenizer(model, model_args.model_revision, training_args.trust_remote_code)
+
+
+def load_model(model_name_or_path: str, dtype=None):
+    """(model, tokenizer) of a local checkpoint folder, a model name or a ``.gguf`` file, in eval mode, on CUDA
+    when there is one. ``dtype``: a torch dtype or its name (default: the checkpoint's)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if is_gguf(model_name_or_path):
+        model, tokenizer = load_gguf_model(model_name_or_path, dtype), load_gguf_tokenizer(model_name_or_path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype or "auto")
+        tokenizer = load_tokenizer(model_name_or_path)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 
 
 def unwrap_model(trainer):

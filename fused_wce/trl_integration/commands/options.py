@@ -25,22 +25,24 @@ DEMO_DEFAULTS = {
     "dataset_num_proc": None,
 }
 
-_HELP_DESCRIPTION = (
-    "Weighted multi-turn SFT with a fused cross-entropy. The fused-wce flags come first; every `trl sft` flag "
-    "follows. Defaults shown are those of a bare run (the built-in tiny model, CPU-safe without CUDA); with "
-    "--model_name_or_path, SFTConfig's own defaults apply instead of the demo ones ({demo}).")
+SFT_DESCRIPTION = "Weighted multi-turn SFT with a fused cross-entropy."
+_HELP_DEFAULTS = (
+    " The fused-wce flags come first; every `trl sft` flag follows. Defaults shown are those of a bare run (the "
+    "built-in tiny model, CPU-safe without CUDA); with --model_name_or_path, SFTConfig's own defaults apply instead "
+    "of the demo ones ({demo}).")
 
 
-def make_parser(prog: str, first):
+def make_parser(prog: str, first, description: str = SFT_DESCRIPTION, demo: dict | None = None):
     """The parser: ``first`` (the command's own flags dataclass, so ``--help`` lists them first), then
-    ``trl sft``'s."""
+    ``trl sft``'s. The help text is ``description`` and the demo defaults ``demo`` (default
+    :data:`DEMO_DEFAULTS`) that a bare run uses."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-    demo = ", ".join(f"{key}={value}" for key, value in DEMO_DEFAULTS.items())
+    shown = ", ".join(f"{key}={value}" for key, value in (demo or DEMO_DEFAULTS).items())
     # A one-line usage: argparse prints it above every flag error (the generated one runs to ~150 lines).
     return TrlParser((first, ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog,
                      usage="%(prog)s [--flag value ...]  (%(prog)s --help lists every flag)",
-                     description=_HELP_DESCRIPTION.format(demo=demo))
+                     description=description + _HELP_DEFAULTS.format(demo=shown))
 
 
 def _platform_defaults() -> dict:
@@ -62,17 +64,19 @@ def _gives_model(argv) -> bool:
     return any(arg.split("=")[0] in ("--model_name_or_path", "--model-name-or-path") for arg in argv)
 
 
-def parse_args(argv: list[str], prog: str, first, extra_defaults=None, demo_defaults=None):
+def parse_args(argv: list[str], prog: str, first, extra_defaults=None, demo_defaults=None,
+               description: str = SFT_DESCRIPTION):
     """Parse ``argv`` (after the command name) into (script, training, model, dataset, ``first``) arguments.
 
     Two passes: the first finds out whether a model was given; without one, the demo defaults are set before the
     second. Defaults are parser defaults, so YAML (``--config``) and command-line values override them. ``--help``
     shows the defaults a bare run uses (or, with ``--model_name_or_path`` on the line, those a model run uses).
     ``first`` is the dataclass of the command's own flags (returned last); ``extra_defaults`` apply to every run,
-    ``demo_defaults`` on top of :data:`DEMO_DEFAULTS` to bare runs (``fused-wce compare`` uses both).
+    ``demo_defaults`` on top of :data:`DEMO_DEFAULTS` to bare runs (``fused-wce compare`` uses both);
+    ``description`` heads ``--help``.
     """
     demo = {**DEMO_DEFAULTS, **(extra_defaults or {}), **(demo_defaults or {})}
-    parser = make_parser(prog, first)
+    parser = make_parser(prog, first, description, {**DEMO_DEFAULTS, **(demo_defaults or {})})
     parser.set_defaults(**{**_platform_defaults(), **(extra_defaults or {})})
     if _wants_help(argv) and not _gives_model(argv):
         parser.set_defaults(**demo)  # argparse prints help and exits here

@@ -3,7 +3,9 @@
 :func:`add_weighted_lm_head` patches ``model.forward``: with ``fused_wce_loss=WeightedLossInputs(target, weight,
 normalizer)`` it runs the backbone only and computes ``sum(w_i * CE_i) / normalizer`` with
 :func:`fused_wce.linear_cross_entropy` from the final hidden states and ``lm_head.weight``, without building the
-logits, inside a call of the head module (so FSDP1, FSDP2 and ZeRO-3 treat it as the head's computation).
+logits, inside a call of the head module (so FSDP1, FSDP2 and ZeRO-3 treat it as the head's computation). A
+tensor-parallel head (its weight a DTensor sharded by vocabulary rows: ``ColwiseParallel``, transformers'
+``tp_plan``) runs the vocabulary-parallel loss on its local rows instead (:mod:`fused_wce.vocab_parallel`).
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from transformers.utils import ModelOutput
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 import fused_wce
+from fused_wce.vocab_parallel import is_vocab_sharded
 
 try:  # FSDP2 exposes sharded parameters as DTensors
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch builds without distributed
-    DTensor = ()
+    DTensor = FSDPModule = ()
 
 
 class Float32Values:
@@ -243,7 +247,7 @@ def _fused_head_loss(head: torch.nn.Module, hidden_states: torch.Tensor, call: _
     # ZeRO-3 shards the head to numel 0 outside its own forward: gather it (no-op when the hooks already did).
     with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
         weight, bias = head.weight, getattr(head, "bias", None)
-        if isinstance(weight, DTensor) or isinstance(bias, DTensor):
+        if (isinstance(weight, DTensor) or isinstance(bias, DTensor)) and not _tensor_parallel_head(head):
             # full_tensor() would run, but its gradient is not reduce-scattered the way FSDP's post-backward
             # reduces a parameter's: silently wrong head gradients. Inside FSDP's own forward of the head the
             # parameters are plain unsharded tensors; a DTensor here means a layout this loss cannot use.
@@ -252,7 +256,8 @@ def _fused_head_loss(head: torch.nn.Module, hidden_states: torch.Tensor, call: _
                 f"the LM head's parameters are DTensors (placements {sharded.placements}) where the fused loss "
                 f"reads them: the head ({type(head).__name__}) was not unsharded. Shard the head "
                 "with FSDP (fully_shard / FullyShardedDataParallel, as its own unit or inside its parent's) and let "
-                "the loss run through the head's forward; tensor-parallel (vocab-sharded) heads are not supported")
+                "the loss run through the head's forward; tensor-parallel heads must be sharded by vocabulary rows "
+                "(Shard(0), ColwiseParallel) over a 1-D mesh")
         if getattr(head, "lora_A", None):  # a PEFT LoRA layer on the head itself: its weight is the base weight
             raise NotImplementedError(
                 "LoRA adapters on the LM head are not supported by the fused loss, which reads the head's weight "
@@ -266,6 +271,14 @@ def _fused_head_loss(head: torch.nn.Module, hidden_states: torch.Tensor, call: _
             label_smoothing=call.label_smoothing, dft=call.dft, compute_dtype=_compute_dtype(weight),
             lean_memory=call.lean_memory,
         )
+
+
+def _tensor_parallel_head(head: torch.nn.Module) -> bool:
+    """Whether ``head`` is a tensor-parallel LM head: its weight (and bias) sharded by vocabulary rows over a 1-D
+    mesh, outside FSDP (whose sharded parameters are DTensors too, until its forward unshards them)."""
+    bias = getattr(head, "bias", None)
+    return (not isinstance(head, FSDPModule) and is_vocab_sharded(head.weight)
+            and (bias is None or is_vocab_sharded(bias)))
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -399,6 +412,7 @@ def _head_loss(model, hidden_states: torch.Tensor, call: _HeadLossCall):
     # The head as it is now: FSDP1 may have wrapped it (the call goes through the wrapper, the dispatching
     # forward sits on the module inside).
     lm_head = model.get_output_embeddings()
-    if _install_head_forward(_innermost_head(lm_head)):
+    # A tensor-parallel head's forward hooks turn its output into logits: the loss reads its local rows directly.
+    if not _tensor_parallel_head(lm_head) and _install_head_forward(_innermost_head(lm_head)):
         return lm_head(hidden_states, fused_wce_loss=call)
     return _head_outputs(_fused_head_loss(lm_head, hidden_states, call))
