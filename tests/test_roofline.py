@@ -71,6 +71,14 @@ def _eager(hidden, weight, target):
     PROVIDERS_BY_NAME["torch_eager"].make("cpu", {})(hidden, weight, target, (target != -100).float()).backward()
 
 
+def _log_prob_provider(name):
+    """A log-prob provider's objective (signed advantages on the counted tokens) and its backward."""
+    def step(hidden, weight, target):
+        advantage = torch.where(target != -100, torch.linspace(-1.0, 1.0, target.shape[0]), 0.0)
+        PROVIDERS_BY_NAME[name].make("cpu", {})(hidden, weight, target, advantage).backward()
+    return step
+
+
 # provider -> (the computation it performs, the dtype to run it in). Not here: torch_compile (compiling costs
 # minutes), torch_chunked and trl_chunked (their CPU code paths are other algorithms than the CUDA ones modelled),
 # Liger and CCE (CUDA only).
@@ -81,6 +89,10 @@ COUNTED = {
     # needs a non-fp32 weight
     "fused_wce_lean": (_fused_wce_step(dict(lean_memory=True), backend="triton"), torch.bfloat16),
     "torch_eager": (_eager, torch.float32),
+    # the log-probs' PyTorch path: the statistics pass, then one gradient pass given them (no second statistics
+    # pass); and the materialised log_softmax on every row
+    "fused_wce_log_prob": (_log_prob_provider("fused_wce_log_prob"), torch.float32),
+    "torch_log_softmax": (_log_prob_provider("torch_log_softmax"), torch.float32),
 }
 
 
