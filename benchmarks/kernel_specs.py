@@ -65,6 +65,8 @@ class VariantFlags:
 
 PLAIN_FLAGS = VariantFlags()
 ALL_FLAGS = VariantFlags(True, True, True, True)
+# What a log-prob call can set (fused_wce.linear_log_prob: the temperature folds into softcap and logit scale).
+LOG_PROB_FLAGS = VariantFlags(softcap=True, logit_scale=True)
 
 
 def variant_flag_sets(full: bool) -> list[VariantFlags]:
@@ -114,35 +116,40 @@ def combine_spec(config: KernelConfig, flags: VariantFlags = PLAIN_FLAGS) -> Com
 
 
 def softmax_grad_spec(dtype: torch.dtype, config: KernelConfig, block_n: int,
-                      flags: VariantFlags = PLAIN_FLAGS) -> CompileSpec:
+                      flags: VariantFlags = PLAIN_FLAGS, entropy_grad: bool = False) -> CompileSpec:
+    """The tiled plan's ``dlogits`` kernel; ``entropy_grad``: with the entropy's gradient (log-prob backward)."""
     t = _TRITON_DTYPES[dtype]
     signature = {"logits_ptr": _pointer(t), "part_max_ptr": "*fp32", "lse_ptr": "*fp32", "target_ptr": "*i64",
-                 "coef_ptr": "*fp32", "M": "i32", "V": "i32", "num_classes": "i32", "stride_logits_m": "i32",
-                 "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32", "logit_scale": "fp32"}
+                 "coef_ptr": "*fp32", "entropy_ptr": "*fp32", "entropy_coef_ptr": "*fp32", "M": "i32", "V": "i32",
+                 "num_classes": "i32", "stride_logits_m": "i32", "label_smoothing": "fp32", "z_loss": "fp32",
+                 "softcap": "fp32", "logit_scale": "fp32"}
     constexprs = {"HAS_SMOOTHING": flags.smoothing, "HAS_Z_LOSS": flags.z_loss, "HAS_SOFTCAP": flags.softcap,
-                  "HAS_LOGIT_SCALE": flags.logit_scale, "BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": block_n}
+                  "HAS_LOGIT_SCALE": flags.logit_scale, "BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": block_n,
+                  "HAS_ENTROPY_GRAD": entropy_grad}
     signature.update({name: "constexpr" for name in constexprs})
-    return CompileSpec(f"softmax_grad[{flags.tag},{t}]", softmax_grad_kernel, signature, constexprs, config, multiplies=False,
+    tag = flags.tag + ("+entropy_grad" if entropy_grad else "")
+    return CompileSpec(f"softmax_grad[{tag},{t}]", softmax_grad_kernel, signature, constexprs, config, multiplies=False,
                        aligned=("logits_ptr", "part_max_ptr", "M", "V", "stride_logits_m"))
 
 
 def logit_rows_spec(dtype: torch.dtype, config: KernelConfig, *, has_bias: bool, known_lse: bool,
-                    flags: VariantFlags = PLAIN_FLAGS, dft: bool = False) -> CompileSpec:
+                    flags: VariantFlags = PLAIN_FLAGS, dft: bool = False, entropy_grad: bool = False) -> CompileSpec:
     """The cuBLAS plan's row kernel writing ``dlogits`` in ``dtype``: a chunk (``known_lse`` False: stats and
-    dlogits) or a lean-mode vocabulary slab (``known_lse``: dlogits from the given lse)."""
+    dlogits) or rows whose lse is given (``known_lse``: a lean-mode vocabulary slab, or the log-prob backward's
+    chunk); ``entropy_grad``: with the entropy's gradient."""
     t = _TRITON_DTYPES[dtype]
     signature = {"logits_ptr": "*fp32", "grad_ptr": _pointer(t), "bias_ptr": _pointer(t), "target_ptr": "*i64",
                  "coef_ptr": "*fp32", "lse_ptr": "*fp32", "token_loss_ptr": "*fp32", "entropy_ptr": "*fp32",
-                 "is_top1_ptr": "*i8", "z_term_ptr": "*fp32", "coef_out_ptr": "*fp32", "V": "i32",
-                 "num_classes": "i32", "stride_logits_m": "i32", "stride_grad_m": "i32", "label_smoothing": "fp32",
-                 "z_loss": "fp32", "softcap": "fp32", "logit_scale": "fp32"}
+                 "is_top1_ptr": "*i8", "z_term_ptr": "*fp32", "coef_out_ptr": "*fp32", "entropy_coef_ptr": "*fp32",
+                 "V": "i32", "num_classes": "i32", "stride_logits_m": "i32", "stride_grad_m": "i32",
+                 "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32", "logit_scale": "fp32"}
     constexprs = {"HAS_BIAS": has_bias, "HAS_SMOOTHING": flags.smoothing, "HAS_Z_LOSS": flags.z_loss,
                   "HAS_SOFTCAP": flags.softcap, "HAS_LOGIT_SCALE": flags.logit_scale, "HAS_DFT": dft and not known_lse,
                   "KNOWN_LSE": known_lse, "WRITE_GRAD": True, "WRITE_COEF": dft and not known_lse,
-                  "BLOCK_SIZE_N": config.block_n}
+                  "BLOCK_SIZE_N": config.block_n, "HAS_ENTROPY_GRAD": entropy_grad}
     signature.update({name: "constexpr" for name in constexprs})
     mode = "slab" if known_lse else "chunk"
-    tag = flags.tag + ("+dft" if dft else "")
+    tag = flags.tag + ("+dft" if dft else "") + ("+entropy_grad" if entropy_grad else "")
     return CompileSpec(f"logit_rows[{mode},{'bias' if has_bias else 'no_bias'},{tag},{t}]", logit_rows_kernel,
                        signature, constexprs, config, multiplies=False,
                        aligned=("logits_ptr", "grad_ptr", "V", "stride_logits_m", "stride_grad_m"))
@@ -154,7 +161,10 @@ def shipped_specs(capability: int, dtypes=(torch.bfloat16, torch.float16, torch.
 
     Every combination of the loss-variant flags for the dtypes in ``all_variants_for`` (bf16, the training
     dtype); plain and all-variants-on (the most registers) for the others; the row kernel (no tensor cores) in
-    its plain and all-on forms, with and without bias, chunk and slab, for every dtype.
+    its plain and all-on forms, with and without bias, chunk and slab, for every dtype. The log-prob backward's
+    entropy-gradient specialisations, per dtype: the row kernel with known lse (plain and softcap + scale, with and
+    without bias) and the tiled plan's ``softmax_grad`` (plain, softcap + scale), plus each kernel's heaviest form
+    (every flag on) as the register bound.
     """
     combine_config = gpu_configs(capability, torch.bfloat16).combine
     specs = [combine_spec(combine_config, VariantFlags(smoothing=s, z_loss=z)) for s in (False, True)
@@ -173,6 +183,20 @@ def shipped_specs(capability: int, dtypes=(torch.bfloat16, torch.float16, torch.
                 for known_lse in (False, True):
                     specs.append(logit_rows_spec(dtype, configs.logit_rows, has_bias=has_bias, known_lse=known_lse,
                                                  flags=flags, dft=dft))
+        specs += _entropy_grad_specs(dtype, configs)
+    return specs
+
+
+def _entropy_grad_specs(dtype: torch.dtype, configs) -> list[CompileSpec]:
+    """The HAS_ENTROPY_GRAD specialisations of ``dtype`` (see :func:`shipped_specs`)."""
+    specs = [logit_rows_spec(dtype, configs.logit_rows, has_bias=has_bias, known_lse=True, flags=flags,
+                             entropy_grad=True)
+             for flags in (PLAIN_FLAGS, LOG_PROB_FLAGS) for has_bias in (False, True)]
+    specs.append(logit_rows_spec(dtype, configs.logit_rows, has_bias=True, known_lse=False, flags=ALL_FLAGS, dft=True,
+                                 entropy_grad=True))
+    for flags in (PLAIN_FLAGS, LOG_PROB_FLAGS, ALL_FLAGS):
+        block_n = configs.vocab_config(softcap=flags.softcap, label_smoothing=flags.smoothing).block_n
+        specs.append(softmax_grad_spec(dtype, configs.softmax_grad, block_n, flags, entropy_grad=True))
     return specs
 
 

@@ -20,6 +20,11 @@ DFT (TRL's ``loss_type="dft"`` multiplies its per-token log-probabilities by the
 smoothing, z-loss (``lse_square_scale``), softcap and DFT (``use_token_scaling``, in recent releases); Cut
 Cross-Entropy softcap.
 
+Per-token log-probabilities (``objective="log_prob"`` providers, for the workloads of that objective): each
+returns ``benchmarks.workloads.policy_objective`` of its per-token log-probs and entropies, the ``token_weight``
+argument then being the signed advantages: fused_wce's ``linear_log_prob``, TRL 1.16's ``ChunkedLogProbFunction``
+as ``GRPOTrainer``'s fused LM head calls it, and the materialised ``log_softmax().gather()`` (plus the entropy).
+
 Peers are imported lazily: a provider whose package is missing, or that does not run on the device, is skipped
 with the reason printed and recorded. Only fused_wce's public API is used.
 """
@@ -32,7 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from .workloads import IGNORE_INDEX, policy_objective
 
 
 @dataclass
@@ -43,6 +48,7 @@ class Provider:
     the loss variant ``keywords`` (fused_wce's keyword arguments, ``{}`` for the plain loss; it may import and compile
     lazily) or raises :class:`Unavailable`. ``variants``: the keywords it expresses natively (``"*"``: all).
     ``exact``: computes every gradient term (no approximate filtering), so it may be the "fastest exact peer".
+    ``objective``: the workloads it computes (``benchmarks.workloads.OBJECTIVES``).
     """
 
     name: str
@@ -54,6 +60,7 @@ class Provider:
     is_fused_wce: bool = False
     variants: tuple[str, ...] = ("*",)
     variant_note: str = ""  # why the others are missing, when the provider's API has a subtlety
+    objective: str = "loss"
 
     def variant_support(self, keywords: dict) -> str | None:
         """None when this provider computes the loss variant ``keywords`` exactly, else the reason it cannot."""
@@ -135,18 +142,12 @@ def make_eager_loss(keywords: dict | None = None) -> Callable:
     keywords = dict(keywords or {})
     if not keywords:
         return eager_loss
-    scale = keywords.get("logit_scale", 1.0)
-    cap = keywords.get("softcap")
     smoothing = keywords.get("label_smoothing", 0.0)
     z_loss = keywords.get("z_loss", 0.0)
     dft = keywords.get("dft", False)
 
     def loss_fn(hidden, weight, target, token_weight):
-        logits = F.linear(hidden, weight).float()
-        if scale != 1.0:
-            logits = logits * scale
-        if cap is not None:
-            logits = cap * torch.tanh(logits / cap)
+        logits = eager_transform(F.linear(hidden, weight).float(), keywords)
         per_token = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none",
                                     label_smoothing=smoothing)
         if z_loss or dft:
@@ -160,6 +161,18 @@ def make_eager_loss(keywords: dict | None = None) -> Callable:
         return weighted_mean(per_token, token_weight)
 
     return loss_fn
+
+
+def eager_transform(logits: torch.Tensor, keywords: dict) -> torch.Tensor:
+    """``softcap * tanh(logit_scale * logits / softcap)`` on materialised logits, each step only when its keyword
+    is given (as Gemma-2's and Cohere's modelling code write it)."""
+    scale = keywords.get("logit_scale", 1.0)
+    cap = keywords.get("softcap")
+    if scale != 1.0:
+        logits = logits * scale
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
 
 
 def _make_eager(device: str, keywords: dict | None = None):
@@ -199,17 +212,22 @@ TRL_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 
 TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what SFTTrainer requests
 
 
-def _make_trl(device: str, keywords: dict | None = None):
-    keywords = keywords or {}
-    softcap = keywords.get("softcap")  # TRL passes the model's final_logit_softcapping
-    logit_scale = keywords.get("logit_scale", 1.0)  # and its logit_scale attribute (applied before the softcap)
-    dft = keywords.get("dft", False)  # SFTConfig(loss_type="dft"): -log_probs * exp(log_probs).detach()
+def _trl_function():
+    """TRL's ``ChunkedLogProbFunction`` and the vocabulary chunk its trainers pass, or :class:`Unavailable`."""
     module = _import("trl.kernels.chunked_logprob", "trl (trl.kernels.chunked_logprob)")
     function = getattr(module, "ChunkedLogProbFunction", None)
     if function is None:
         raise Unavailable("trl.kernels.chunked_logprob has no ChunkedLogProbFunction (TRL < 1.16?)")
     utils = _import("trl.trainer.utils", "trl.trainer.utils")
-    chunk = getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", TRL_VOCAB_CHUNK)
+    return function, getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", TRL_VOCAB_CHUNK)
+
+
+def _make_trl(device: str, keywords: dict | None = None):
+    keywords = keywords or {}
+    softcap = keywords.get("softcap")  # TRL passes the model's final_logit_softcapping
+    logit_scale = keywords.get("logit_scale", 1.0)  # and its logit_scale attribute (applied before the softcap)
+    dft = keywords.get("dft", False)  # SFTConfig(loss_type="dft"): -log_probs * exp(log_probs).detach()
+    function, chunk = _trl_function()
 
     def loss_fn(hidden, weight, target, token_weight):
         # As TRL's add_fused_lm_head does on CUDA: only labelled rows go to the kernel.
@@ -220,6 +238,51 @@ def _make_trl(device: str, keywords: dict | None = None):
         return (per_token * token_weight[mask]).sum() / token_weight.sum()
 
     return loss_fn
+
+
+# --- per-token log-probs and entropies (the "log_prob" objective) ------------------------------------------------
+LOG_PROB_VARIANTS = ("softcap", "logit_scale")  # what every log-prob provider takes (a model's own transform)
+
+
+def _make_fused_wce_log_prob(device: str, keywords: dict | None = None):
+    fused_wce = _import("fused_wce", "fused_wce")
+    variant = dict(keywords or {})
+
+    def objective_fn(hidden, weight, target, advantage):
+        log_prob, entropy = fused_wce.linear_log_prob(hidden, weight, target, return_entropy=True, **variant)
+        return policy_objective(log_prob, entropy, target, advantage)
+
+    return objective_fn
+
+
+def _make_trl_log_prob(device: str, keywords: dict | None = None):
+    keywords = keywords or {}
+    function, chunk = _trl_function()
+
+    def objective_fn(hidden, weight, target, advantage):
+        # As GRPOTrainer's fused LM head (add_fused_lm_head with outputs log_probs and entropy) calls it on CUDA:
+        # the labelled rows only, scattered back into the sequence.
+        mask = target != IGNORE_INDEX
+        log_probs, entropy = function.apply(hidden[mask], weight, None, target[mask], 1.0, chunk,
+                                            keywords.get("softcap"), keywords.get("logit_scale", 1.0),
+                                            ("log_probs", "entropy"))[:2]
+        log_probs, entropy = (x.new_zeros(mask.shape).masked_scatter(mask, x) for x in (log_probs, entropy))
+        return policy_objective(log_probs, entropy, target, advantage)
+
+    return objective_fn
+
+
+def _make_naive_log_prob(device: str, keywords: dict | None = None):
+    keywords = dict(keywords or {})
+
+    def objective_fn(hidden, weight, target, advantage):
+        # Logits of every row in the input dtype, upcast, then log_softmax().gather() and the entropy.
+        log_probs = eager_transform(F.linear(hidden, weight).float(), keywords).log_softmax(-1)
+        picked = log_probs.gather(-1, target.clamp_min(0)[:, None]).squeeze(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return policy_objective(picked, entropy, target, advantage)
+
+    return objective_fn
 
 
 # --- Liger-Kernel --------------------------------------------------------------------------------------------------
@@ -324,6 +387,15 @@ PROVIDERS = [
              False, ("cuda",), _make_cce(exact=False), variants=("softcap",)),
     Provider("cce_exact", "Cut Cross-Entropy impl='cce_exact' (no gradient filtering)", "uniform",
              True, ("cuda",), _make_cce(exact=True), variants=("softcap",)),
+    Provider("fused_wce_log_prob", "fused_wce.linear_log_prob(return_entropy=True) (Triton on CUDA, blocked "
+             "PyTorch on CPU)", "per-token loss", True, ("cuda", "cpu"), _make_fused_wce_log_prob,
+             is_fused_wce=True, variants=LOG_PROB_VARIANTS, objective="log_prob"),
+    Provider("trl_chunked_log_prob", "TRL 1.16 ChunkedLogProbFunction (log_probs, entropy), as GRPOTrainer's fused "
+             "LM head calls it", "per-token loss", True, ("cuda", "cpu"), _make_trl_log_prob,
+             variants=LOG_PROB_VARIANTS, objective="log_prob"),
+    Provider("torch_log_softmax", "materialised logits: F.linear, fp32 upcast, log_softmax().gather() and the "
+             "entropy", "per-token loss", True, ("cuda", "cpu"), _make_naive_log_prob,
+             variants=LOG_PROB_VARIANTS, objective="log_prob"),
 ]
 PROVIDERS_BY_NAME = {provider.name: provider for provider in PROVIDERS}
 PEER_DISTRIBUTIONS = ("torch", "triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy", "fused-wce")

@@ -10,6 +10,10 @@ Loss variants (fused_wce's keywords) are computed the same way, from the transfo
 ``l = (1 - eps) (lse - z_t) + eps (lse - mean_v z) + lam lse^2``, times ``f = sg(exp(z_t - lse))`` with DFT, and
 ``dL/du = (w f / sum w) (p (1 + 2 lam lse) - (1 - eps) onehot(t) - eps / V) (1 - (z / c)^2) s``.
 The smoke test checks it against ``fused_wce.reference_linear_cross_entropy`` (float64) for every variant.
+
+The log-prob workloads' objective (``benchmarks.workloads.policy_objective``) is computed the same way
+(:func:`fp32_log_prob_reference`): ``L = -(1/M) sum_i (a_i log p_i(t_i) + b H_i)`` with
+``dL/du = (1/M) (a (p - onehot(t)) + b p (log p + H)) (1 - (z / c)^2) s``.
 """
 from __future__ import annotations
 
@@ -123,6 +127,63 @@ def _variant_chunk(logits, t, label_smoothing, z_loss, softcap, logit_scale, dft
     if logit_scale != 1.0:
         grad.mul_(logit_scale)
     return grad, token_loss
+
+
+@torch.no_grad()
+def fp32_log_prob_reference(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                            advantage: torch.Tensor, need_grad_weight: bool = True, chunk_bytes: int = CHUNK_BYTES, *,
+                            softcap: float | None = None, logit_scale: float = 1.0) -> Reference:
+    """``benchmarks.workloads.policy_objective`` of the log-probs and entropies of ``hidden @ weight.T`` (softcap,
+    logit scale) and its gradients, in fp32, chunk by chunk over the counted rows (target != IGNORE_INDEX);
+    ``advantage`` ``[N]`` float32. Each chunk holds up to three ``[rows, V]`` fp32 blocks."""
+    from .workloads import ENTROPY_COEF
+
+    weight32 = weight.float()
+    index = (target != IGNORE_INDEX).nonzero().squeeze(1)
+    count = max(index.numel(), 1)
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad_weight else None
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    rows_per_chunk = max(1, chunk_bytes // (4 * weight.shape[0]))
+    with full_fp32_matmul():
+        for start in range(0, index.numel(), rows_per_chunk):
+            rows = index[start:start + rows_per_chunk]
+            h = hidden.index_select(0, rows).float()
+            t, a = target.index_select(0, rows), advantage.index_select(0, rows).float()
+            z = (h @ weight32.T).mul_(logit_scale)
+            slope = None
+            if softcap is not None:
+                z = z.div_(softcap).tanh_()
+                slope = 1.0 - z.square()
+                z = z.mul_(softcap)
+            log_p = z.sub_(torch.logsumexp(z, dim=-1)[:, None])
+            p = log_p.exp()
+            entropy = -(p * log_p).sum(-1)
+            picked = log_p.gather(1, t[:, None]).squeeze(1)
+            total += (a.double() * picked.double() + ENTROPY_COEF * entropy.double()).sum()
+            # dL/dz = (1/M) (a (p - onehot) + b p (log p + H))
+            grad = log_p.add_(entropy[:, None]).mul_(ENTROPY_COEF).add_(a[:, None]).mul_(p)
+            grad[torch.arange(rows.numel(), device=rows.device), t] -= a
+            grad.div_(count)
+            if slope is not None:
+                grad.mul_(slope)
+            if logit_scale != 1.0:
+                grad.mul_(logit_scale)
+            grad_hidden.index_copy_(0, rows, grad @ weight32)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.T, h)
+    return Reference(loss=-total / count, grad_hidden=grad_hidden, grad_weight=grad_weight)
+
+
+def workload_reference(workload, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                       token_weight: torch.Tensor) -> Reference:
+    """The fp32 reference of a workload's objective (the loss with its variant, or the log-prob objective with the
+    token weights as advantages) on the given inputs."""
+    if workload.objective == "log_prob":
+        return fp32_log_prob_reference(hidden, weight, target, token_weight, need_grad_weight=not workload.frozen_head,
+                                       **workload.loss_keywords)
+    return fp32_reference(hidden, weight, target, token_weight, need_grad_weight=not workload.frozen_head,
+                          **workload.loss_keywords)
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:

@@ -92,7 +92,7 @@ def _workload_of(row: dict):
     from .workloads import SHAPES, Workload
 
     return Workload(SHAPES[row["shape"]], row["tokens"], row["counted_fraction"], row["dtype"], row["frozen_head"],
-                    row["weights"], row["headline"], row.get("variant", "plain"))
+                    row["weights"], row["headline"], row.get("variant", "plain"), row.get("objective", "loss"))
 
 
 def add_roofline_columns(rows: list[dict], environment: dict) -> list[dict]:
@@ -300,6 +300,10 @@ def markdown(environment, rows, e2e_rows, checks, targets, skipped) -> str:
                  "softcap 30, logit scale 0.0625, DFT, all at once) every provider computed, checked against a "
                  "reference of the same variant; *vs plain*: time over the same provider's plain-loss row of the same "
                  "problem. A provider that cannot express a variant is skipped on that row with the reason.")
+    lines.append("- workloads ending in `/log_prob`: per-token log-probs and entropies through a GRPO-like objective "
+                 "(`-(1/M) sum(a_i log p_i + 1e-3 H_i)`, signed advantages a_i per answer; benchmarks/workloads.py), "
+                 "measured with their own providers (fused_wce_log_prob, trl_chunked_log_prob, torch_log_softmax); "
+                 "*loss err* is the objective's error.")
     lines.append("- weights: *in kernel* = per-token weights passed to the kernel; *per-token loss* = per-token "
                  "losses multiplied by the weights; *uniform* = the provider has no per-token weights and was fed "
                  "weight 1 on every counted token (compared with a uniform-weight reference).")
@@ -408,10 +412,11 @@ def plot(out_dir: str, rows: list[dict]) -> list[str]:
     for row in rows:
         if row.get("status") != "ok" or not row.get("shape") or row.get("variant", "plain") != "plain":
             continue  # loss variants are measured at one N each: their numbers are in the table
-        key = (row["shape"], row["dtype"], row["counted_fraction"], row["frozen_head"], row["weights"], row["mode"])
+        key = (row["shape"], row["dtype"], row["counted_fraction"], row["frozen_head"], row["weights"], row["mode"],
+               row.get("objective", "loss"))
         groups.setdefault(key, []).append(row)
     paths = []
-    for (shape, dtype, fraction, frozen, weights, mode), group in sorted(groups.items(), key=str):
+    for (shape, dtype, fraction, frozen, weights, mode, objective), group in sorted(groups.items(), key=str):
         hidden, vocab = group[0]["hidden"], group[0]["vocab"]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for provider in sorted({r["provider"] for r in group}):
@@ -427,9 +432,11 @@ def plot(out_dir: str, rows: list[dict]) -> list[str]:
             axis.grid(True, alpha=0.3)
         axes[0].legend(fontsize=8)
         head = ", frozen head" if frozen else ""
-        fig.suptitle(f"{shape} (H {hidden}, V {vocab}), {dtype}, {round(fraction * 100)}% counted{head}, {mode}")
+        what = "" if objective == "loss" else f", {objective}"
+        fig.suptitle(f"{shape} (H {hidden}, V {vocab}), {dtype}, {round(fraction * 100)}% counted{head}{what}, {mode}")
         fig.tight_layout()
-        name = f"{shape}_{dtype}_{round(fraction * 100)}pct{'_frozen' if frozen else ''}_{weights}_{mode}.png"
+        name = (f"{shape}_{dtype}_{round(fraction * 100)}pct{'_frozen' if frozen else ''}_{weights}_{mode}"
+                f"{'' if objective == 'loss' else '_' + objective}.png")
         path = os.path.join(plot_dir, name.replace("/", "-"))
         fig.savefig(path, dpi=110)
         plt.close(fig)

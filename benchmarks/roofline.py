@@ -42,6 +42,9 @@ from fused_wce import budget as fused_wce_budget
 MIB = 2**20
 GIB = 2**30
 FUSED_WCE_VOCAB_TILE = 128  # summaries per row: one per 128-wide vocabulary tile (SM90 configs; sm_80: 64)
+FUSED_WCE_ROW_BLOCK = 128  # rows per vocab_partials program (the GPU configs' block_m)
+FUSED_WCE_GROUP_M = 8  # row blocks that share a vocabulary split's weight tiles (grouped program order)
+FUSED_WCE_SMS = 132  # streaming multiprocessors of an H100/H200 (the stats pass sizes its vocabulary split by it)
 TRL_TOKEN_CHUNK = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
 TRL_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE (TRL 1.16)
 GAP_THRESHOLD = 0.20  # a measurement this much above (or below) its prediction needs an explanation in NOTES.md
@@ -82,7 +85,8 @@ _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "bf16": 2, "fp16": 2,
 @dataclass(frozen=True)
 class Problem:
     """One loss problem: ``tokens`` (N) rows of hidden size H, vocabulary V, ``counted`` (M <= N) of them counted;
-    ``dtype_bytes`` per element of hidden/weight; ``frozen_head``: the weight needs no gradient."""
+    ``dtype_bytes`` per element of hidden/weight; ``frozen_head``: the weight needs no gradient; ``device``:
+    ``"cuda"`` or ``"cpu"`` (only the budgets differ: the card's rates model a GPU)."""
 
     name: str
     hidden: int
@@ -91,8 +95,11 @@ class Problem:
     counted: int
     dtype_bytes: int = 2
     frozen_head: bool = False
+    device: str = "cuda"
 
     def __post_init__(self):
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
         if not 0 <= self.counted <= self.tokens:
             raise ValueError(f"counted must be in [0, tokens], got {self.counted} of {self.tokens}")
         if min(self.hidden, self.vocab, self.tokens) < 1 or self.dtype_bytes not in (2, 4):
@@ -178,28 +185,32 @@ def _fused_wce_rows(p: Problem, lean: bool) -> int:
     return min(fused_wce_budget.chunk_rows(p.vocab, bytes_per_element, budget=spend, multiple=128), max(p.counted, 1))
 
 
-def _fused_wce_chunk_phases(p: Problem, chunks: int, plan: str, prefix: str = "") -> list[Phase]:
+def _fused_wce_chunk_phases(p: Problem, chunks: int, plan: str, prefix: str = "",
+                            known_lse: bool = False) -> list[Phase]:
     """The Triton path's chunk loop up to dX, for the logits plan ``plan``: "cublas" (fp32 logits from a cuBLAS
     GEMM, logit_rows reads each row twice and writes dlogits in place) or "tiled" (vocab_partials stores
-    tile-relative logits in the input dtype, combine, softmax_grad in place)."""
+    tile-relative logits in the input dtype, combine, softmax_grad in place). ``known_lse``: the rows' lse is
+    given (the log-prob backward): logit_rows reads each row once, the tiled plan has no combine."""
     b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
     w = v * h * b
-    phases = [Phase("gather counted rows", 0, n * h * b + m * h * b)]
+    phases = [Phase(f"{prefix}gather counted rows", 0, n * h * b + m * h * b)]
     if plan == "cublas":
         logits32 = m * v * 4
+        reads = 1 if known_lse else 2
         phases += [
             _gemm(f"{prefix}logits = X @ W^T (cuBLAS, fp32 out)", m, p, chunks * w + m * h * b + logits32),
-            Phase(f"{prefix}logit_rows (two reads, dlogits in place)", 0, 2 * logits32 + m * v * b),
+            Phase(f"{prefix}logit_rows ({'one read' if known_lse else 'two reads'}, dlogits in place)", 0,
+                  reads * logits32 + m * v * b),
         ]
     else:
         tiles = _cdiv(v, FUSED_WCE_VOCAB_TILE)
         summaries = 3 * m * tiles * 4
         logits = m * v * b
-        phases += [
-            _gemm(f"{prefix}vocab_partials (logits + online lse)", m, p, chunks * w + m * h * b + logits + summaries),
-            Phase(f"{prefix}combine", 0, summaries),
-            Phase(f"{prefix}softmax_grad (in place)", 0, 2 * logits + m * tiles * 4),
-        ]
+        phases.append(_gemm(f"{prefix}vocab_partials (logits + online lse)", m, p,
+                            chunks * w + m * h * b + logits + summaries))
+        if not known_lse:
+            phases.append(Phase(f"{prefix}combine", 0, summaries))
+        phases.append(Phase(f"{prefix}softmax_grad (in place)", 0, 2 * logits + m * tiles * 4))
     phases.append(_gemm(f"{prefix}dX = dlogits @ W", m, p, m * v * b + chunks * w + m * h * b))
     return phases
 
@@ -211,28 +222,61 @@ def _chunk_buffers(p: Problem, chunk: int, plan: str) -> dict:
             "tile summaries": 3 * chunk * _cdiv(p.vocab, FUSED_WCE_VOCAB_TILE) * 4}
 
 
-def _fused_wce(p: Problem, plan: str = "cublas") -> Algorithm:
-    """Gradients in forward (reduced loss): per chunk of C counted rows, the plan's dlogits, then the dX and dW
-    GEMMs; backward scatters dX and casts dW (docs/design.md)."""
+def _fused_wce_gradient_pass(p: Problem, plan: str, prefix: str = "", known_lse: bool = False
+                             ) -> tuple[int, int, list[Phase], dict]:
+    """The gradient pass over M counted rows: per chunk of C rows the plan's dlogits and the dX and dW GEMMs, then
+    dW's cast and dX's scatter. Returns (chunk rows, chunks, phases, tensors alive at its two peaks)."""
     b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
     chunk = _fused_wce_rows(p, lean=False)
     chunks = _cdiv(m, chunk) if m else 0
-    phases = _fused_wce_chunk_phases(p, chunks, plan)
+    phases = _fused_wce_chunk_phases(p, chunks, plan, prefix, known_lse)
     if not p.frozen_head:  # cuBLAS, fp32 output: the first chunk writes dW, later chunks read and write it
-        phases.append(_gemm("dW += dlogits^T @ X (fp32)", m, p,
+        phases.append(_gemm(f"{prefix}dW += dlogits^T @ X (fp32)", m, p,
                             m * v * b + m * h * b + v * h * 4 * max(2 * chunks - 1, 0)))
-        phases.append(Phase("dW fp32 -> input dtype", 0, v * h * (4 + b)))
-    phases.append(Phase("scatter dX to [N, H]", 0, n * h * b + m * h * b))
+        phases.append(Phase(f"{prefix}dW fp32 -> input dtype", 0, v * h * (4 + b)))
+    phases.append(Phase(f"{prefix}scatter dX to [N, H]", 0, n * h * b + m * h * b))
     dw32 = {} if p.frozen_head else {"dW fp32": v * h * 4}
     live = {
-        "forward (chunk loop)": {**_chunk_buffers(p, chunk, plan), "gathered hidden [M, H]": m * h * b,
-                                 "dX [M, H]": m * h * b, **dw32, "per-token stats": 6 * m * 4},
-        "backward (casts)": {**dw32, "dW": 0 if p.frozen_head else v * h * b, "dX [M, H]": m * h * b,
-                             "dX [N, H]": n * h * b},
+        "chunk loop": {**_chunk_buffers(p, chunk, plan), "gathered hidden [M, H]": m * h * b,
+                       "dX [M, H]": m * h * b, **dw32, "per-token stats": 6 * m * 4},
+        "casts": {**dw32, "dW": 0 if p.frozen_head else v * h * b, "dX [M, H]": m * h * b,
+                  "dX [N, H]": n * h * b},
     }
+    return chunk, chunks, phases, live
+
+
+def _fused_wce(p: Problem, plan: str = "cublas") -> Algorithm:
+    """Gradients in forward (reduced loss): per chunk of C counted rows, the plan's dlogits, then the dX and dW
+    GEMMs; backward scatters dX and casts dW (docs/design.md)."""
+    chunk, chunks, phases, live = _fused_wce_gradient_pass(p, plan)
+    live = {"forward (chunk loop)": live["chunk loop"], "backward (casts)": live["casts"]}
     name = "fused_wce" if plan == "cublas" else "fused_wce_tiled"
-    return Algorithm(name, f"{plan} logits, grad in forward on M counted rows, {chunks} chunks of {chunk}", m,
+    return Algorithm(name, f"{plan} logits, grad in forward on M counted rows, {chunks} chunks of {chunk}", p.counted,
                      tuple(phases), live)
+
+
+def _fused_wce_log_prob(p: Problem) -> Algorithm:
+    """fused_wce.linear_log_prob with both outputs differentiated: the forward is the statistics-only pass
+    (vocab_partials over all M rows, the vocabulary split so that ~4 programs per SM run, grouped program order;
+    combine), the backward one gradient pass given the forward's lse and entropy (the default cuBLAS plan,
+    logit_rows reading each fp32 row once): 8 M H V FLOPs."""
+    b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
+    tiles = _cdiv(v, FUSED_WCE_VOCAB_TILE)
+    row_blocks = _cdiv(m, FUSED_WCE_ROW_BLOCK) if m else 0
+    splits = min(tiles, _cdiv(4 * FUSED_WCE_SMS, max(row_blocks, 1)))
+    # Grouped program order: the GROUP_M row blocks that run together share each split's weight tiles and (across
+    # splits) their hidden rows in L2, so the weight is read once per group and the hidden states once.
+    weight_reads = _cdiv(row_blocks, FUSED_WCE_GROUP_M)
+    summaries = 3 * splits * m * 4
+    phases = [Phase("forward: gather counted rows", 0, n * h * b + m * h * b),
+              _gemm("forward: vocab_partials (statistics only)", m, p,
+                    weight_reads * v * h * b + m * h * b + summaries),
+              Phase("forward: combine, scatter outputs", 0, summaries + 6 * n * 4)]
+    chunk, chunks, backward, live = _fused_wce_gradient_pass(p, "cublas", prefix="backward: ", known_lse=True)
+    live = {"forward": {"gathered hidden [M, H]": m * h * b, "summaries": summaries, "outputs": 3 * n * 4},
+            "backward (chunk loop)": live["chunk loop"], "backward (casts)": live["casts"]}
+    return Algorithm("fused_wce_log_prob", f"statistics pass ({splits} splits), then one gradient pass with the "
+                     f"known lse: {chunks} chunks of {chunk}", m, tuple(phases + backward), live)
 
 
 def _fused_wce_lean(p: Problem) -> Algorithm:
@@ -267,13 +311,11 @@ def _fused_wce_lean(p: Problem) -> Algorithm:
 
 
 def _fused_wce_torch(p: Problem) -> Algorithm:
-    """fused_wce(backend="torch") on CUDA: fp32 [C, B] blocks, two passes (statistics, then gradients with the
-    logits recomputed), fp32 GEMMs on blocks upcast on use: 8 M H V FLOPs, dW rows written once per block."""
+    """fused_wce(backend="torch"): fp32 [C, B] blocks, two passes (statistics, then gradients with the logits
+    recomputed), fp32 GEMMs on blocks upcast on use: 8 M H V FLOPs, dW rows written once per block."""
     b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
-    spend = fused_wce_budget.budget_bytes(cpu=False, lean=False)
-    rows = min(1024, max(m, 1))
-    per_column = 8 * rows + (4 * h if b != 4 else 0)  # two fp32 blocks' rows, the weight block's fp32 copy
-    columns = min(v, max(64, spend // per_column // 64 * 64))
+    spend = fused_wce_budget.budget_bytes(cpu=p.device == "cpu", lean=False)
+    rows, columns = fused_wce_budget.block_shape(max(m, 1), v, h, budget=spend, weight_upcast=b != 4, lean=False)
     blocks = _cdiv(v, columns)
     chunks = _cdiv(m, rows) if m else 0
     w32, logits32 = v * h * 4, m * v * 4
@@ -295,26 +337,35 @@ def _fused_wce_torch(p: Problem) -> Algorithm:
     return Algorithm("fused_wce[torch]", f"fp32 blocks of {rows} x {columns}, two passes", m, tuple(phases), live)
 
 
-def _torch_eager(p: Problem) -> Algorithm:
-    """benchmarks.providers.eager_loss: bf16 logits [N, V], .float(), F.cross_entropy(reduction="none"), autograd.
-    Every row runs (ignored rows are masked in the loss, not skipped)."""
+def _materialised_log_softmax(p: Problem, name: str, summary: str, between: list[Phase], live: dict) -> Algorithm:
+    """Logits [N, V] in the input dtype, upcast, log_softmax, the phases ``between`` (what is computed from the
+    log-probs and its backward), log_softmax_backward, the gradient's cast and the dX / dW GEMMs, on all N rows;
+    ``live`` adds the caller's peaks to the GEMMs' one."""
     b, h, v, n = p.dtype_bytes, p.hidden, p.vocab, p.tokens
     nv = n * v
     phases = [_gemm("logits = X @ W^T", n, p, v * h * b + n * h * b + nv * b),
               Phase("upcast to fp32", 0, nv * (b + 4)),
               Phase("log_softmax", 0, nv * 8),
-              Phase("nll_loss_backward (dense)", 0, nv * 4),
+              *between,
               Phase("log_softmax_backward", 0, nv * 12),
               Phase("grad cast to input dtype", 0, nv * (4 + b)),
               _gemm("dX = dlogits @ W", n, p, nv * b + v * h * b + n * h * b)]
     if not p.frozen_head:
         phases.append(_gemm("dW = dlogits^T @ X", n, p, nv * b + n * h * b + v * h * b))
+    live = {**live, "backward (GEMMs)": {"logits grad fp32": nv * 4, "logits grad": nv * b, "dX": n * h * b,
+                                         "dW": 0 if p.frozen_head else v * h * b}}
+    return Algorithm(name, summary, n, tuple(phases), live)
+
+
+def _torch_eager(p: Problem) -> Algorithm:
+    """benchmarks.providers.eager_loss: bf16 logits [N, V], .float(), F.cross_entropy(reduction="none"), autograd.
+    Every row runs (ignored rows are masked in the loss, not skipped)."""
+    nv = p.tokens * p.vocab
     live = {"forward (log_softmax)": {"fp32 logits": nv * 4, "log-probs fp32": nv * 4},
             "backward (log_softmax_backward)": {"log-probs fp32": nv * 4, "nll grad fp32": nv * 4,
-                                                "logits grad fp32": nv * 4},
-            "backward (GEMMs)": {"logits grad fp32": nv * 4, "logits grad": nv * b, "dX": n * h * b,
-                                 "dW": 0 if p.frozen_head else v * h * b}}
-    return Algorithm("torch_eager", "materialised [N, V] logits, fp32 upcast, all N rows", n, tuple(phases), live)
+                                                "logits grad fp32": nv * 4}}
+    return _materialised_log_softmax(p, "torch_eager", "materialised [N, V] logits, fp32 upcast, all N rows",
+                                     [Phase("nll_loss_backward (dense)", 0, nv * 4)], live)
 
 
 def _torch_compile(p: Problem) -> Algorithm:
@@ -357,7 +408,7 @@ def _torch_chunked(p: Problem) -> Algorithm:
                      tuple(phases), live)
 
 
-def _trl(p: Problem) -> Algorithm:
+def _trl(p: Problem, name: str = "trl_chunked") -> Algorithm:
     """TRL 1.16 ChunkedLogProbFunction on the labelled rows: cuBLAS [4096, 32768] bf16 tiles, Triton fold;
     backward recomputes every tile (8 M H V) and accumulates dX and dW in fp32 with addmm."""
     b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
@@ -379,8 +430,20 @@ def _trl(p: Problem) -> Algorithm:
     live = {"backward": {"tile buffer": tile, "dX fp32 [M, H]": m * h * 4, **dw32, "gathered hidden": m * h * b},
             "casts": {**dw32, "dW": 0 if p.frozen_head else w, "dX [M, H]": m * h * b, "dX [N, H]": n * h * b,
                       "gathered hidden": m * h * b}}
-    return Algorithm("trl_chunked", f"recompute backward on M rows, {token_chunks} x {vocab_chunks} tiles", m,
+    return Algorithm(name, f"recompute backward on M rows, {token_chunks} x {vocab_chunks} tiles", m,
                      tuple(phases), live)
+
+
+def _torch_log_softmax(p: Problem) -> Algorithm:
+    """benchmarks.providers' naive log-probs: bf16 logits [N, V], .float(), log_softmax, gather, entropy
+    ``-(exp(log p) * log p).sum()``, autograd. Every row runs."""
+    nv = p.tokens * p.vocab
+    live = {"forward (entropy)": {"log-probs fp32": nv * 4, "probs fp32": nv * 4, "product fp32": nv * 4},
+            "backward (entropy, log_softmax)": {"log-probs fp32": nv * 4, "probs fp32": nv * 4,
+                                                "grad of log-probs fp32": nv * 4, "logits grad fp32": nv * 4}}
+    between = [Phase("entropy: exp, product, sum", 0, nv * 20), Phase("entropy backward", 0, nv * 16)]
+    return _materialised_log_softmax(p, "torch_log_softmax", "materialised [N, V] logits, fp32 log_softmax and "
+                                     "entropy, all N rows", between, live)
 
 
 def _liger(p: Problem, fp32_accumulation: bool) -> Algorithm:
@@ -438,6 +501,10 @@ PROVIDERS = {
     "liger_fp32acc": lambda p: _liger(p, fp32_accumulation=True),
     "cce": lambda p: _cce(p, exact=False),
     "cce_exact": lambda p: _cce(p, exact=True),
+    # The log-prob workloads (objective "log_prob"): TRL's GRPO head runs the same function as its SFT head.
+    "fused_wce_log_prob": _fused_wce_log_prob,
+    "trl_chunked_log_prob": lambda p: _trl(p, name="trl_chunked_log_prob"),
+    "torch_log_softmax": _torch_log_softmax,
 }
 
 

@@ -19,12 +19,15 @@ from .workloads import CPU_DEFAULT, CPU_QUICK, CPU_SMOKE, GPU_FULL, GPU_QUICK, I
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Peers first and fused_wce last in each GPU worker: a kernel fault poisons the CUDA context, and the peers'
 # rows of that workload are then already recorded.
+# The log-prob workloads' providers (each runs only on the workloads of its objective: Provider.objective).
+LOG_PROB_PROVIDERS = ["torch_log_softmax", "trl_chunked_log_prob", "fused_wce_log_prob"]
 GPU_PROVIDERS = ["torch_eager", "torch_compile", "torch_chunked", "trl_chunked", "liger", "liger_fp32acc", "cce",
-                 "cce_exact", "fused_wce[torch]", "fused_wce_lean", "fused_wce_tiled", "fused_wce"]
-CPU_PROVIDERS = ["torch_eager", "torch_chunked", "trl_chunked", "fused_wce"]
+                 "cce_exact", "fused_wce[torch]", "fused_wce_lean", "fused_wce_tiled", *LOG_PROB_PROVIDERS,
+                 "fused_wce"]
+CPU_PROVIDERS = ["torch_eager", "torch_chunked", "trl_chunked", *LOG_PROB_PROVIDERS, "fused_wce"]
 # The timed CPU profile keeps to the issue's comparison (TRL's CPU fallback is in the smoke run and with
-# --providers), so that it stays CI-sized on 2 cores.
-CPU_TIMED_PROVIDERS = ["torch_eager", "torch_chunked", "fused_wce"]
+# --providers), so that it stays CI-sized on 2 cores; the log-prob row compares with TRL's log-prob function.
+CPU_TIMED_PROVIDERS = ["torch_eager", "torch_chunked", *LOG_PROB_PROVIDERS, "fused_wce"]
 # The CPU loss-variant rows: fused_wce against the eager loss written with the variant (the issue's comparison).
 CPU_VARIANT_PROVIDERS = ["torch_eager", "fused_wce"]
 
@@ -278,8 +281,9 @@ def _run_profile(profile_name: str, out_dir: str, providers: list[str] | None, e
     skipped_rows = {}  # workload name -> its rows for providers that cannot express its loss variant
 
     def providers_for(workload):
-        """The providers measured on ``workload``; those that cannot express its loss variant get a skipped row."""
-        names = runnable
+        """The providers measured on ``workload`` (those of its objective); those that cannot express its loss
+        variant get a skipped row."""
+        names = [n for n in runnable if PROVIDERS_BY_NAME[n].objective == workload.objective]
         if workload.variant != "plain" and not providers and profile.get("variant_providers"):
             names = [n for n in runnable if n in profile["variant_providers"]]
         measured = []

@@ -131,7 +131,7 @@ def measure_provider(task, workload, inputs, provider, loss_fn, mode, references
 
     from . import measure
     from .providers import uniform_weights
-    from .reference import fp32_reference, relative_error
+    from .reference import relative_error, workload_reference
 
     backward = mode == "forward_backward"
     need_grad_weight = backward and not workload.frozen_head
@@ -175,9 +175,8 @@ def measure_provider(task, workload, inputs, provider, loss_fn, mode, references
     # GPU: the reference first (on rotation 0), then warm-up (compilation, autotuning), the memory and accuracy
     # run, then the timed repeats.
     if weights_kind not in references:
-        references[weights_kind] = fp32_reference(inputs.hidden.detach(), weight.detach(), target, token_weight,
-                                                  need_grad_weight=not workload.frozen_head,
-                                                  **workload.loss_keywords)
+        references[weights_kind] = workload_reference(workload, inputs.hidden.detach(), weight.detach(), target,
+                                                      token_weight)
     start = time.perf_counter()
     for i in range(task["warmup"]):
         step(i)
@@ -349,16 +348,23 @@ def run_cpu_loss_task(task: dict) -> None:
 
 
 def _cpu_reference(workload, inputs, token_weight):
-    """float64 reference (fused_wce.reference_linear_cross_entropy, with the workload's loss variant) on hidden
-    rotation 0: loss, and the gradients rounded to the inputs' dtype."""
+    """float64 reference (fused_wce.reference_linear_cross_entropy with the workload's loss variant, or the
+    log-prob objective of fused_wce.reference_linear_log_prob) on hidden rotation 0: loss, and the gradients
+    rounded to the inputs' dtype."""
     import fused_wce
 
     from .reference import Reference
+    from .workloads import policy_objective
 
     hidden = inputs.hidden.detach().clone().requires_grad_(True)
     weight = inputs.weight.detach().clone().requires_grad_(not workload.frozen_head)
-    loss = fused_wce.reference_linear_cross_entropy(hidden, weight, inputs.target, token_weight,
-                                                    **workload.loss_keywords)
+    if workload.objective == "log_prob":
+        log_prob, entropy = fused_wce.reference_linear_log_prob(hidden, weight, inputs.target, return_entropy=True,
+                                                                **workload.loss_keywords)
+        loss = policy_objective(log_prob, entropy, inputs.target, token_weight.double())
+    else:
+        loss = fused_wce.reference_linear_cross_entropy(hidden, weight, inputs.target, token_weight,
+                                                        **workload.loss_keywords)
     loss.backward()
     return Reference(loss=loss.detach(), grad_hidden=hidden.grad,
                      grad_weight=None if workload.frozen_head else weight.grad)

@@ -6,6 +6,12 @@ model's logits spread over a few units; zeros or tiny logits would make every so
 kernels that skip small gradients). Counted tokens come in contiguous spans, as assistant turns do in
 assistant-only SFT: each block of ``TURN_TOKENS`` tokens starts with a prompt (not counted) and ends with the
 answer (counted), so that exactly ``counted_fraction`` of the tokens count.
+
+Two objectives. ``"loss"``: the weighted mean cross-entropy (SFT). ``"log_prob"``: what a policy-gradient step
+(GRPO) needs from the LM head, per-token log-probabilities and entropies, differentiated through the objective
+``-(1/M) sum_i (a_i log p_i + ENTROPY_COEF * H_i)`` over the M counted tokens, with ``a_i`` a signed advantage
+per answer (one ``N(0, 1)`` draw per exchange, as GRPO gives every token of a completion its completion's
+advantage); its forward-only mode is the no-grad scoring of old or reference log-probs.
 """
 from __future__ import annotations
 
@@ -34,6 +40,19 @@ VARIANTS = {
 VARIANTS["all"] = {key: value for keywords in VARIANTS.values() for key, value in keywords.items()}
 # A variant row is measured forward+backward only: a variant changes the loss's epilogue, which training runs.
 VARIANT_MODES = ("forward_backward",)
+OBJECTIVES = ("loss", "log_prob")
+# The entropy bonus of the log-prob objective (it exercises the entropy's gradient; GRPO trainers expose one).
+ENTROPY_COEF = 1e-3
+
+
+def policy_objective(log_prob: torch.Tensor, entropy: torch.Tensor, target: torch.Tensor,
+                     advantage: torch.Tensor) -> torch.Tensor:
+    """The log-prob workloads' scalar: ``-(1/M) sum_i (a_i log p_i + ENTROPY_COEF H_i)`` over the M tokens whose
+    target is not ``IGNORE_INDEX`` (per-token values elsewhere are masked out, whatever a provider put there), in
+    the widest of the inputs' dtypes."""
+    counted = target != IGNORE_INDEX
+    per_token = advantage * log_prob + ENTROPY_COEF * entropy
+    return -torch.where(counted, per_token, 0.0).sum() / counted.sum()
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,8 @@ class Workload:
     fine-tuning): only the hidden-state gradient is computed. ``headline``: the workload the targets are read from.
     ``variant``: a key of ``VARIANTS``, the loss variant (label smoothing, z-loss, softcap, logit scale, DFT or all
     of them) every provider computes on this workload; providers that cannot express it are skipped for it.
+    ``objective``: ``"loss"`` (weighted cross-entropy) or ``"log_prob"`` (:func:`policy_objective`; the token
+    weights are then the signed advantages), each measured with its own providers.
     """
 
     shape: Shape
@@ -79,6 +100,7 @@ class Workload:
     weights: str = "graded"
     headline: bool = False
     variant: str = "plain"
+    objective: str = "loss"
 
     def __post_init__(self):
         if self.dtype not in ("bfloat16", "float16", "float32"):
@@ -89,6 +111,8 @@ class Workload:
             raise ValueError(f"weights must be 'graded' or 'binary', got {self.weights!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
 
     @property
     def loss_keywords(self) -> dict:
@@ -127,6 +151,8 @@ class Workload:
             parts.append("frozen-head")
         if self.weights != "graded":
             parts.append(self.weights)
+        if self.objective != "loss":
+            parts.append(self.objective)
         if self.variant != "plain":
             parts.append(self.variant)
         return "/".join(parts)
@@ -146,6 +172,7 @@ class Workload:
             "weights": self.weights,
             "headline": self.headline,
             "variant": self.variant,
+            "objective": self.objective,
         }
 
     def to_dict(self) -> dict:
@@ -205,7 +232,11 @@ def make_inputs(workload: Workload, device: str | torch.device, seed: int = 0, r
     counted = counted_mask(n, workload.counted_fraction).to(device)
     target = torch.where(counted, target, IGNORE_INDEX)
     token_weight = counted.float()
-    if workload.weights == "graded":
+    if workload.objective == "log_prob":  # one signed advantage per exchange, on its counted tokens
+        turn = torch.arange(n, device=device) // TURN_TOKENS
+        advantage = torch.randn(int(turn[-1]) + 1, generator=generator, device=device)
+        token_weight = torch.where(counted, advantage[turn], 0.0)
+    elif workload.weights == "graded":
         turn = torch.arange(n, device=device) // TURN_TOKENS
         early = (turn % 4) < 2
         token_weight = torch.where(early & counted, EARLY_TURN_WEIGHT, token_weight)
@@ -235,6 +266,9 @@ GPU_QUICK = [
 # about what the plain one does, and the time guard skips them first when a card is slow.
 GPU_VARIANTS = [workload("Gemma-2-2B", 8192, 0.5, variant=name) for name in VARIANTS if name != "plain"]
 GPU_QUICK += GPU_VARIANTS
+# Per-token log-probs and entropies (a GRPO step; half the tokens are completions), after the loss rows.
+GPU_LOG_PROB = [workload("Llama-3-8B", 8192, 0.5, objective="log_prob")]
+GPU_QUICK += GPU_LOG_PROB
 
 GPU_FULL = [HEADLINE_GPU] + [
     workload(name, tokens, fraction, frozen_head=frozen)
@@ -244,7 +278,10 @@ GPU_FULL = [HEADLINE_GPU] + [
     for frozen in (False, True)
     if not (name == "Llama-3-8B" and tokens == 16384 and fraction == 0.5 and not frozen)
     and not (frozen and tokens != 16384)  # the frozen-head variant at one N per shape
-] + GPU_VARIANTS
+] + GPU_VARIANTS + GPU_LOG_PROB + [
+    workload("Llama-3-8B", 16384, 0.5, objective="log_prob"),
+    workload("Gemma-2-2B", 8192, 0.5, objective="log_prob", variant="softcap"),
+]
 
 # CPU: fp32 (CPU bf16 GEMMs are slow and not what anyone trains with on CPU).
 HEADLINE_CPU = workload("cpu-32k", 2048, 1.0, dtype="float32", headline=True)
@@ -256,9 +293,14 @@ CPU_DEFAULT = [
 # Every loss variant at the CPU shape, N 1024 (the plain row above is its baseline), forward+backward.
 CPU_VARIANTS = [workload("cpu-32k", 1024, 1.0, dtype="float32", variant=name) for name in VARIANTS if name != "plain"]
 CPU_DEFAULT += CPU_VARIANTS
+# Per-token log-probs and entropies at the CPU shape, half the tokens counted (completions): N 2048 (four answers)
+# in the full profile, N 512 (one) in --quick, which keeps its three providers a small part of that run.
+CPU_DEFAULT += [workload("cpu-32k", 2048, 0.5, dtype="float32", objective="log_prob")]
 # --quick on CPU: the headline, N 1024 (a second N for the plots, and the plain baseline of the variant row), half
-# the tokens counted, and every loss variant at once (the full CPU profile has each one on its own).
-CPU_QUICK = CPU_DEFAULT[:3] + [workload("cpu-32k", 1024, 1.0, dtype="float32", variant="all")]
+# the tokens counted, and every loss variant at once (the full CPU profile has each one on its own), and the
+# log-prob row.
+CPU_QUICK = CPU_DEFAULT[:3] + [workload("cpu-32k", 1024, 1.0, dtype="float32", variant="all"),
+                               workload("cpu-32k", 512, 0.5, dtype="float32", objective="log_prob")]
 CPU_SMOKE = [
     workload("smoke", 64, 1.0, dtype="float32", headline=True),
     workload("smoke", 128, 0.5, dtype="float32"),
@@ -266,6 +308,7 @@ CPU_SMOKE = [
     # TRL's fused head expresses too
     workload("smoke", 128, 0.5, dtype="float32", variant="all"),
     workload("smoke", 128, 0.5, dtype="float32", variant="softcap"),
+    workload("smoke", 128, 0.5, dtype="float32", objective="log_prob"),
 ]
 # The Triton path under the interpreter (checked, not timed).
 INTERPRETER_CHECK = workload("interpreter", 64, 0.5, dtype="float32")

@@ -17,6 +17,12 @@ DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
 CPU_CHUNK_BUDGET_BYTES = 3 * 2**20
 LEAN_BUDGET_DIVISOR = 4
 
+# The PyTorch path's blocks: two fp32 [C, B] blocks are alive at once (the logits and their exponentials or
+# probabilities; a third for the entropy's gradient under a softcap); a chunk's rows are the GEMMs' rows (CPU GEMMs reach their rate well below 1024); block widths
+# are multiples of 64 columns.
+MAX_BLOCK_ROWS = 1024
+BLOCK_MULTIPLE = 64
+
 
 def budget_bytes(*, cpu: bool, lean: bool) -> int:
     """The bytes one chunk (or lean slab) of temporaries may take."""
@@ -41,3 +47,17 @@ def slab_columns(num_tokens: int, vocab_size: int, rows: int, *, multiple: int =
     columns = rows * vocab_size // max(1, num_tokens + extra_rows)
     columns = max(multiple, columns - columns % multiple)
     return min(columns, -(-vocab_size // multiple) * multiple)
+
+
+def block_shape(num_tokens: int, vocab_size: int, hidden_size: int, *, budget: int, weight_upcast: bool,
+                lean: bool, chunk_size: int | None = None, blocks: int = 2) -> tuple[int, int]:
+    """``(C, B)`` of the PyTorch path's ``[C, B]`` blocks: ``C`` is ``chunk_size`` or as many rows (up to
+    ``MAX_BLOCK_ROWS``) as leave room for ``BLOCK_MULTIPLE`` columns; ``B`` spends the rest of ``budget`` on the
+    ``blocks`` fp32 blocks' rows, the block's fp32 ``[B, H]`` copy of a reduced-precision weight
+    (``weight_upcast``) and, in lean mode, its fp32 ``[B, H]`` weight-gradient rows; at most ``vocab_size``."""
+    bytes_per_logit = 4 * blocks
+    rows = chunk_size or min(MAX_BLOCK_ROWS, budget // (bytes_per_logit * BLOCK_MULTIPLE))
+    rows = max(1, min(rows, num_tokens))
+    per_column = bytes_per_logit * rows + 4 * hidden_size * (int(weight_upcast) + int(lean))
+    columns = max(BLOCK_MULTIPLE, budget // per_column // BLOCK_MULTIPLE * BLOCK_MULTIPLE)
+    return rows, min(columns, vocab_size)

@@ -55,12 +55,14 @@ def gradient_scale(coef: Tensor, compute_dtype: torch.dtype) -> Tensor:
 
 
 def counted_request(hidden, weight, bias, target, token_weight, normalizer, options: LossOptions, coef_of,
-                    need_grads, vocab_size: int | None = None) -> tuple[PassRequest, Tensor, Tensor]:
+                    need_grads, vocab_size: int | None = None, extras_of=None) -> tuple[PassRequest, Tensor, Tensor]:
     """Count the tokens (the one host synchronisation) and gather them into one pass's request.
 
     ``coef_of(counted_weight, index)`` gives the per-token gradient coefficients (float32 ``[M]``, already
     divided by their :func:`gradient_scale`), or None for statistics only. ``vocab_size`` is the vocabulary
     the targets index (``weight.shape[0]`` by default; the whole vocabulary when ``weight`` is one shard of it).
+    ``extras_of(index)``, called after ``coef_of``, gives further :class:`~fused_wce.passes.PassRequest` fields of
+    the counted rows (the log-prob backward's entropy coefficients and known statistics).
     Returns ``(request, index, counted_weight)``.
     """
     num_tokens = target.shape[0]
@@ -73,22 +75,23 @@ def counted_request(hidden, weight, bias, target, token_weight, normalizer, opti
     # Every token counted (full-sequence SFT): no [N, H] gather copy.
     rows = hidden if counted.n_counted == num_tokens else hidden.index_select(0, index)
     dtype = options.compute_dtype
+    coef = coef_of(counted_weight, index)
     request = PassRequest(
         hidden=rows.to(dtype), weight=weight.to(dtype), bias=None if bias is None else bias.to(dtype),
         target=target.index_select(0, index).long(), options=options,
-        grad_hidden_dtype=hidden.dtype, grad_weight_dtype=weight.dtype,
-        coef=coef_of(counted_weight, index),
+        grad_hidden_dtype=hidden.dtype, grad_weight_dtype=weight.dtype, coef=coef,
         need_grad_hidden=need_grads[0], need_grad_weight=need_grads[1], need_grad_bias=need_grads[2] and bias is not None,
+        **(extras_of(index) if extras_of is not None else {}),
     )
     return request, index, counted_weight
 
 
 def _run_counted(hidden, weight, bias, target, token_weight, normalizer, options: LossOptions, coef_of,
-                 need_grads) -> tuple[PassResult, Tensor, Tensor]:
+                 need_grads, extras_of=None) -> tuple[PassResult, Tensor, Tensor]:
     """Count the tokens, gather them and run one pass over them (:func:`counted_request`). Returns
     ``(result, index, counted_weight)``."""
     request, index, counted_weight = counted_request(hidden, weight, bias, target, token_weight, normalizer, options,
-                                                     coef_of, need_grads)
+                                                     coef_of, need_grads, extras_of=extras_of)
     backend = backend_for(options.backend, hidden.device)
     result = backend.run_pass(request) if request.num_tokens else empty_pass(request)
     return result, index, counted_weight
@@ -238,17 +241,25 @@ _loss_backward_op = torch.library.custom_op(
            "(Tensor, Tensor, Tensor)")
 
 
-@_loss_backward_op.register_fake
-def _loss_backward_op_fake(hidden, weight, bias, target, token_weight, grad_output, *, grad_hidden, grad_weight,
-                           grad_bias, **option_fields):
-    options = LossOptions(**option_fields)
+def fake_gradients(hidden, weight, bias, num_tokens: int, options: LossOptions, grad_hidden: bool,
+                   grad_weight: bool, grad_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """A backward op's outputs for its fake implementation: grad_hidden ``[N, H]`` in hidden's dtype,
+    grad_weight ``[V, H]`` in :meth:`LossOptions.weight_grad_dtype`, grad_bias ``[V]`` float32; ``[0]`` where
+    not wanted."""
     vocab_size, hidden_size = weight.shape
     return (
-        hidden.new_empty((target.shape[0], hidden_size) if grad_hidden else (0,)),
+        hidden.new_empty((num_tokens, hidden_size) if grad_hidden else (0,)),
         hidden.new_empty((vocab_size, hidden_size) if grad_weight else (0,),
                          dtype=options.weight_grad_dtype(weight.dtype)),
         hidden.new_empty((vocab_size,) if grad_bias and bias is not None else (0,), dtype=torch.float32),
     )
+
+
+@_loss_backward_op.register_fake
+def _loss_backward_op_fake(hidden, weight, bias, target, token_weight, grad_output, *, grad_hidden, grad_weight,
+                           grad_bias, **option_fields):
+    return fake_gradients(hidden, weight, bias, target.shape[0], LossOptions(**option_fields), grad_hidden,
+                          grad_weight, grad_bias)
 
 
 # ----------------------------------------------------------------------------------------------- autograd

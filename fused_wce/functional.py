@@ -1,13 +1,15 @@
-"""``linear_cross_entropy``: the functional API.
+"""``linear_cross_entropy`` and ``linear_log_prob``: the functional API.
 
-It validates the arguments (one :class:`~fused_wce.options.LossOptions` for the keyword options, then the
-tensors) and calls the custom op ``fused_wce::linear_cross_entropy`` (:mod:`fused_wce.custom_ops`).
+Each validates the arguments (one :class:`~fused_wce.options.LossOptions` for the keyword options, then the
+tensors) and calls its custom op: ``fused_wce::linear_cross_entropy`` (:mod:`fused_wce.custom_ops`) or
+``fused_wce::linear_log_prob`` (:mod:`fused_wce.log_prob_ops`).
 """
 from __future__ import annotations
 
 import torch
 
 from .custom_ops import loss_op
+from .log_prob_ops import log_prob_op
 from .options import LossOptions
 from .outputs import LossOutput
 from .validation import check_tensors
@@ -126,3 +128,66 @@ def _call(hidden, weight, target, token_weight, bias, normalizer, options: LossO
     return LossOutput(loss=loss, token_loss=token_loss.detach().view(shape), lse=lse.detach().view(shape),
                       entropy=entropy.detach().view(shape), is_top1=is_top1.view(shape),
                       z_loss=z_term.detach().view(shape) if options.has_z_loss else None)
+
+
+def linear_log_prob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    compute_dtype: torch.dtype | None = None,
+    lean_memory: bool = False,
+    logits_gemm: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities ``log p(target)`` (and entropies) of ``hidden @ weight.T + bias``, without the
+    full logits: what every policy-gradient loss (GRPO, DAPO, Dr.GRPO, PPO clipping, a KL to a reference model)
+    needs from the LM head.
+
+    The distribution is ``softmax(z)`` with ``z = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature``:
+    the temperature divides the logits after the model's own final softcapping, as TRL's GRPO does when it
+    scores sampled completions (``logits / temperature``).
+
+    Args:
+        hidden: ``[..., H]`` float32, float16 or bfloat16 (final hidden states).
+        weight: ``[V, H]``, hidden's dtype unless ``compute_dtype`` or autocast sets the matmul dtype.
+        target: ``[...]`` (hidden.shape[:-1]) int64 or int32, each in ``[0, V)`` or ``== ignore_index``.
+        bias: ``[V]`` or None.
+        temperature: finite, > 0; divides the (scaled, softcapped) logits.
+        softcap: if given (> 0), logits become ``softcap * tanh(logits / softcap)`` before the temperature.
+        logit_scale: (> 0) multiplies the logits before the softcap.
+        return_entropy: also return each token's entropy (nats) of the same distribution.
+        ignore_index: targets with this value get log-prob and entropy 0 and no gradient (prompt, padding).
+        chunk_size, backend, compute_dtype, lean_memory, logits_gemm: as for :func:`linear_cross_entropy`.
+
+    Returns:
+        ``log_prob`` float32 shaped like ``target`` (0 where ignored), or ``(log_prob, entropy)`` with
+        ``return_entropy``. Both are differentiable with any upstream gradient per token (any sign, any value):
+        the backward recomputes the logits chunk by chunk and applies ``d log p_t / dz = onehot - p`` and
+        ``d H / dz = -p (log p + H)`` (through the temperature, softcap and logit scale) inside the gradient
+        GEMMs' pass. Without gradients (``torch.no_grad()``, or no input requiring grad) the call is a single
+        statistics-only pass (``2 N H V`` FLOPs).
+
+    It runs as the custom op ``fused_wce::linear_log_prob``: ``torch.compile(fullgraph=True)`` captures it as one
+    node, for any number of ignored tokens.
+    """
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    options = LossOptions(ignore_index=ignore_index, reduction="none", chunk_size=chunk_size, backend=backend,
+                          softcap=softcap, logit_scale=logit_scale, compute_dtype=compute_dtype,
+                          lean_memory=lean_memory, logits_gemm=logits_gemm).tempered(temperature)
+    check_tensors(hidden, weight, target, None, bias, None, options)
+    options = options.resolved(hidden)
+    log_prob, entropy, _ = log_prob_op(hidden.reshape(-1, weight.shape[1]), weight, bias, target.reshape(-1),
+                                       options)
+    shape = target.shape
+    if return_entropy:
+        return log_prob.view(shape), entropy.view(shape)
+    return log_prob.view(shape)

@@ -12,12 +12,16 @@ weight > 0), from its raw fp32 logit row ``r_i = hidden_i @ weight.T + bias``:
 ``entropy_i``         ``-sum_v p_iv log p_iv``, ``p_iv = exp(z_iv - lse_i)``
 ``is_top1_i``         ``z_i[t_i] >= max_v z_iv``               (the target is an arg-max)
 ``dlogits_iv``        ``c_i * d_i * (p_iv (1 + 2 lam lse_i) - (1 - eps) [v == t_i] - eps / V) * dz_iv/dr_iv``
-                      with ``d_i = exp(-nll_i)`` under DFT (else 1), ``dz/dr = scale * (1 - (z / cap)^2)``
+                      with ``d_i = exp(-nll_i)`` under DFT (else 1), ``dz/dr = scale * (1 - (z / cap)^2)``;
+                      plus ``- e_i p_iv (log p_iv + entropy_i) * dz_iv/dr_iv`` with an entropy coefficient
+                      ``e_i`` (the gradient of ``e_i * entropy_i``)
 ====================  ===============================================================================
 
 and the per-token gradient coefficient ``c_i`` is the token's weight times the reduction's scale:
 ``w_i / sum(w)`` for "mean", ``w_i / normalizer`` with a normalizer, ``w_i`` for "sum" and
-``w_i * grad_out_i`` for "none". Everything downstream is linear in ``dlogits``:
+``w_i * grad_out_i`` for "none". Per-token log-probabilities (:func:`fused_wce.linear_log_prob`) are
+``-nll_i`` of the plain loss: their upstream gradient ``g_i`` is ``c_i = -g_i``, and their entropy's upstream
+gradient is ``e_i``. Everything downstream is linear in ``dlogits``:
 ``d hidden = dlogits @ weight``, ``d weight = dlogits.T @ hidden``, ``d bias = dlogits.sum(0)``.
 
 Online logsumexp over tiles. A tile ``T`` of a row is summarised by three fp32 numbers
@@ -161,18 +165,33 @@ def apply_dft(stats: TokenStats, factor: torch.Tensor) -> TokenStats:
 
 
 def softmax_grad_(probs: torch.Tensor, logits: torch.Tensor | None, lse: torch.Tensor, target: torch.Tensor,
-                  coef: torch.Tensor, options: LossOptions = PLAIN, vocab_size: int | None = None) -> torch.Tensor:
+                  coef: torch.Tensor, options: LossOptions = PLAIN, vocab_size: int | None = None, *,
+                  entropy: torch.Tensor | None = None, entropy_coef: torch.Tensor | None = None,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Turn probabilities ``p = exp(z - lse)``, rows ``[M, T]``, into ``dlogits`` (with respect to the raw
     logits) in place, and return them.
 
     ``coef`` (float32 ``[M]``) already includes the DFT factor. ``logits`` (``z``, ``[M, T]``) is needed only
-    with a softcap, whose derivative depends on ``z``; it is overwritten. The rows may be one block of the
-    vocabulary (``T < V``): ``target`` is then relative to the block's first column (a target outside
-    ``[0, T)`` is in another block) and ``vocab_size`` is ``V`` (label smoothing's ``eps / V``); by default the
-    rows are whole (``T == V``).
+    with a softcap, whose derivative depends on ``z``, or with ``entropy_coef``; it is overwritten. The rows may
+    be one block of the vocabulary (``T < V``): ``target`` is then relative to the block's first column (a
+    target outside ``[0, T)`` is in another block) and ``vocab_size`` is ``V`` (label smoothing's ``eps / V``);
+    by default the rows are whole (``T == V``).
+
+    ``entropy_coef`` (float32 ``[M]``, with the rows' whole-row ``entropy``) adds the gradient of
+    ``entropy_coef * entropy``: ``-e p (z - lse + entropy)`` before the logit transform's derivative. With a
+    softcap that term needs a third ``[M, T]`` buffer, ``scratch`` (allocated when None), since ``z`` is read
+    again afterwards.
     """
     row_scale = coef * (1.0 + 2.0 * options.z_loss * lse) if options.z_loss else coef
+    entropy_term = None
+    if entropy_coef is not None:
+        # dH/dz_v = -p_v (log p_v + H) with log p = z - lse. A -inf logit has p = 0: clamped, its term is 0.
+        out = logits if scratch is None and not options.has_softcap else scratch
+        entropy_term = torch.sub(logits, (lse - entropy)[:, None], out=out).clamp_(min=torch.finfo(logits.dtype).min)
+        entropy_term.mul_(probs).mul_(entropy_coef[:, None])
     grad = probs.mul_(row_scale[:, None])
+    if entropy_term is not None:
+        grad.sub_(entropy_term)
     eps = options.label_smoothing
     width = grad.shape[1]
     in_block = (target >= 0) & (target < width)

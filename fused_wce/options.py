@@ -146,16 +146,48 @@ class LossOptions:
         return grad_weight_dtype if self.lean_applies(grad_weight_dtype) else torch.float32
 
     # ------------------------------------------------------------------------------------- custom op schema
-    def op_kwargs(self) -> dict:
-        """The fields as keyword arguments of the custom ops (``compute_dtype`` must be resolved)."""
+    def op_kwargs(self, names: tuple[str, ...] | None = None) -> dict:
+        """The fields (those in ``names``, default all) as keyword arguments of the custom ops
+        (``compute_dtype`` must be resolved)."""
         if self.compute_dtype is None:
             raise ValueError("compute_dtype must be resolved (LossOptions.resolved) before the op is called")
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in names or FIELD_NAMES}
 
     @classmethod
-    def op_schema(cls) -> str:
-        """The fields as keyword-only arguments of a ``torch.library`` schema, in field order."""
-        return ", ".join(f"{_SCHEMA_TYPES[field.name]} {field.name}" for field in dataclasses.fields(cls))
+    def op_schema(cls, names: tuple[str, ...] | None = None) -> str:
+        """The fields (those in ``names``, default all) as keyword-only arguments of a ``torch.library`` schema,
+        in field order."""
+        return ", ".join(f"{_SCHEMA_TYPES[name]} {name}" for name in names or FIELD_NAMES)
+
+    # ------------------------------------------------------------------------------------------ temperature
+    def tempered(self, temperature: float) -> LossOptions:
+        """These options with the transformed logits divided by ``temperature`` (> 0, finite), as an RL trainer
+        samples and scores: ``z = softcap(logit_scale * r) / T`` (TRL's ``logits / temperature`` after the
+        model's own final softcapping).
+
+        The temperature is not a separate transform: ``cap * tanh(s r / cap) / T`` is the softcap of width
+        ``cap / T`` of ``(s / T) r``, and without a softcap ``s r / T`` is the logit scale ``s / T``. So the
+        returned options have ``logit_scale / T`` and ``softcap / T``, and every path, kernel specialisation and
+        gradient (``dz/dr = (s / T) (1 - (z T / cap)^2)``) applies unchanged.
+        """
+        temperature = check_temperature(temperature)
+        if temperature == 1.0:
+            return self
+        logit_scale = self.logit_scale / temperature
+        softcap = None if self.softcap is None else self.softcap / temperature
+        for value in (logit_scale, softcap):
+            if value is not None and not (math.isfinite(value) and value > 0.0):
+                raise ValueError(f"temperature {temperature} takes logit_scale / temperature or softcap / temperature "
+                                 f"out of the positive finite floats ({value})")
+        return dataclasses.replace(self, logit_scale=logit_scale, softcap=softcap)
+
+
+def check_temperature(temperature) -> float:
+    """``temperature`` as a float, or a ``TypeError`` / ``ValueError`` naming it (it must be finite and > 0)."""
+    value = _check_real("temperature", temperature)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"temperature must be finite and > 0, got {value}")
+    return value
 
 
 _SCHEMA_TYPES = {
@@ -163,4 +195,10 @@ _SCHEMA_TYPES = {
     "label_smoothing": "float", "z_loss": "float", "softcap": "float?", "logit_scale": "float", "dft": "bool",
     "compute_dtype": "ScalarType", "lean_memory": "bool", "logits_gemm": "str",
 }
+# Every field, in order (a constant: torch.compile traces op_kwargs, not dataclasses.fields on the class).
+FIELD_NAMES = tuple(field.name for field in dataclasses.fields(LossOptions))
+# The fields a log-prob call sets (fused_wce.linear_log_prob): the loss variants and the reduction keep their
+# defaults (a log-prob is minus the plain cross-entropy of the tempered logits).
+LOG_PROB_FIELDS = ("ignore_index", "chunk_size", "backend", "softcap", "logit_scale", "compute_dtype", "lean_memory",
+                   "logits_gemm")
 PLAIN = LossOptions()

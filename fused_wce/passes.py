@@ -10,6 +10,14 @@ from .loss_math import TokenStats
 from .options import LossOptions
 
 
+class KnownRowStats(NamedTuple):
+    """Whole-row statistics of the counted rows from an earlier pass over the same inputs, ``[M]`` fp32 each:
+    ``lse`` and ``entropy`` (of the transformed logits). A gradient pass given them skips its statistics."""
+
+    lse: torch.Tensor
+    entropy: torch.Tensor
+
+
 @dataclass(frozen=True)
 class PassRequest:
     """One pass over ``M`` counted tokens, gathered and contiguous.
@@ -22,6 +30,11 @@ class PassRequest:
 
     ``grad_hidden_dtype`` / ``grad_weight_dtype``: the dtypes of the caller's hidden and weight before the cast
     to the compute dtype (fp32 master weights under autocast get their fp32 gradient straight from the pass).
+
+    ``entropy_coef`` (float32 ``[M]``, scaled like ``coef``; needs ``coef``) adds the gradient of
+    ``sum_i entropy_coef_i * entropy_i`` (:func:`fused_wce.loss_math.softmax_grad_`). ``known``: the rows'
+    lse and entropy from an earlier pass (the log-prob backward): the pass computes gradients only, without
+    statistics (its result's ``stats`` is None); not with DFT, whose factor needs the target's logit.
     """
 
     hidden: torch.Tensor
@@ -35,6 +48,14 @@ class PassRequest:
     need_grad_hidden: bool = False
     need_grad_weight: bool = False
     need_grad_bias: bool = False
+    entropy_coef: torch.Tensor | None = None
+    known: KnownRowStats | None = None
+
+    def __post_init__(self):
+        if self.entropy_coef is not None and self.coef is None:
+            raise ValueError("a pass with entropy_coef needs coef (zeros when only the entropy has a gradient)")
+        if self.known is not None and (self.coef is None or self.options.dft):
+            raise ValueError("known row statistics serve a gradient pass without DFT")
 
     @property
     def num_tokens(self) -> int:
@@ -67,9 +88,10 @@ class Gradients(NamedTuple):
 
 @dataclass(frozen=True)
 class PassResult:
-    """Per-token stats ``[M]`` of the counted tokens and the requested gradients."""
+    """Per-token stats ``[M]`` of the counted tokens (None when the request's were known) and the requested
+    gradients."""
 
-    stats: TokenStats
+    stats: TokenStats | None
     gradients: Gradients
 
 
@@ -104,8 +126,8 @@ def empty_pass(request: PassRequest) -> PassResult:
     def empty(dtype=torch.float32):  # distinct tensors: the op's outputs must not alias one another
         return request.hidden.new_zeros(0, dtype=dtype)
 
-    stats = TokenStats(empty(), empty(), empty(), empty(torch.bool),
-                       empty() if request.options.has_z_loss else None)
+    stats = None if request.known is not None else TokenStats(
+        empty(), empty(), empty(), empty(torch.bool), empty() if request.options.has_z_loss else None)
     return PassResult(stats, allocate_gradients(request, zero=True))
 
 

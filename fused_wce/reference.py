@@ -10,6 +10,17 @@ import torch
 from .outputs import LossOutput
 
 
+def _logits(hidden, weight, bias, logit_scale: float, softcap: float | None, compute_dtype) -> torch.Tensor:
+    """``softcap(logit_scale * (hidden @ weight.T + bias))`` materialised in ``compute_dtype``."""
+    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
+    if bias is not None:
+        logits = logits + bias.to(compute_dtype)
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
 def reference_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -33,12 +44,7 @@ def reference_linear_cross_entropy(
     The inputs are upcast with differentiable casts, so ``loss.backward()`` gives gradients in the inputs'
     dtypes, computed in ``compute_dtype``. The loss and stats come back in ``compute_dtype``.
     """
-    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
-    if bias is not None:
-        logits = logits + bias.to(compute_dtype)
-    logits = logits * logit_scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = _logits(hidden, weight, bias, logit_scale, softcap, compute_dtype)
     if token_weight is None:
         token_weight = torch.ones(target.shape, dtype=compute_dtype, device=target.device)
     token_weight = token_weight.to(compute_dtype)
@@ -86,3 +92,33 @@ def reference_linear_cross_entropy(
         is_top1=is_top1 & counted,
         z_loss=torch.where(counted, z_term.detach(), zero) if z_loss else None,
     )
+
+
+def reference_linear_log_prob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`fused_wce.linear_log_prob`, computed in ``compute_dtype`` (float64 by default) from
+    the materialised logits ``z = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature``:
+    ``log_softmax(z).gather(target)`` and ``-sum(p log p)``, 0 where ``target == ignore_index``, differentiable
+    through autograd (upcast with differentiable casts, so gradients come back in the inputs' dtypes)."""
+    logits = _logits(hidden, weight, bias, logit_scale, softcap, compute_dtype)
+    logits = logits / temperature
+    labelled = target != ignore_index
+    log_probs = logits.log_softmax(-1)
+    picked = log_probs.gather(-1, torch.where(labelled, target, 0).long()[..., None]).squeeze(-1)
+    zero = torch.zeros((), dtype=compute_dtype, device=logits.device)
+    log_prob = torch.where(labelled, picked, zero)
+    if not return_entropy:
+        return log_prob
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return log_prob, torch.where(labelled, entropy, zero)

@@ -62,6 +62,18 @@ def torch_eager_same_dtype(problem: Problem, **kwargs):
                                                     compute_dtype=torch.float32, **kwargs)
 
 
+def torch_eager_log_prob(problem: Problem, **kwargs):
+    """``(log_prob, entropy)`` as an RL trainer computes them from a model's logits: materialised in the input
+    dtype, upcast to fp32, then the transform, ``log_softmax`` and the gather; differentiable. Its error
+    against the float64 reference is the yardstick for :func:`fused_wce.linear_log_prob` in that dtype."""
+    logits = problem.hidden @ problem.weight.T
+    if problem.bias is not None:
+        logits = logits + problem.bias
+    eye = torch.eye(logits.shape[-1], dtype=torch.float32, device=logits.device)
+    return fused_wce.reference_linear_log_prob(logits.float(), eye, problem.target, return_entropy=True,
+                                               compute_dtype=torch.float32, **kwargs)
+
+
 # Smallest tolerance per dtype, relative to the reference's magnitude: below torch's own error these are the
 # rounding of the outputs themselves (fp32: fp32 accumulation over H and V; half types: one output rounding).
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -14,9 +14,10 @@ import torch
 import fused_wce
 from benchmarks import cli, measure, report, roofline
 from benchmarks.providers import PROVIDERS_BY_NAME
-from benchmarks.reference import fp32_reference, relative_error
-from benchmarks.runner import CPU_PROVIDERS, MODES
-from benchmarks.workloads import CPU_SMOKE, HEADLINE_GPU, VARIANTS, counted_mask, make_inputs, workload
+from benchmarks.reference import fp32_log_prob_reference, fp32_reference, relative_error
+from benchmarks.runner import CPU_PROVIDERS, LOG_PROB_PROVIDERS, MODES
+from benchmarks.workloads import (CPU_SMOKE, HEADLINE_GPU, VARIANTS, counted_mask, make_inputs, policy_objective,
+                                  workload)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +45,50 @@ def test_fp32_reference_matches_float64_reference(frozen_head, fraction, variant
         assert reference.grad_weight is None
     else:
         assert relative_error(reference.grad_weight, weight.grad) < 1e-5
+
+
+def _float64_log_prob_objective(inputs, **variant):
+    """The log-prob workloads' objective from fused_wce.reference_linear_log_prob in float64, and its gradients."""
+    hidden = inputs.hidden.clone().double().requires_grad_(True)
+    weight = inputs.weight.clone().double().requires_grad_(True)
+    log_prob, entropy = fused_wce.reference_linear_log_prob(hidden, weight, inputs.target, return_entropy=True,
+                                                            **variant)
+    objective = policy_objective(log_prob, entropy, inputs.target, inputs.token_weight.double())
+    objective.backward()
+    return objective.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("variant", ["plain", "softcap", "logit_scale"])
+def test_fp32_log_prob_reference_matches_float64_reference(variant):
+    spec = workload("smoke", 2048, 0.5, dtype="float32", objective="log_prob", variant=variant)  # 4 answers
+    inputs = make_inputs(spec, "cpu", seed=4)
+    advantage = inputs.token_weight
+    assert (advantage < 0).any() and (advantage > 0).any()  # signed, like GRPO's advantages
+    assert torch.equal(advantage != 0, inputs.target != -100)
+    reference = fp32_log_prob_reference(inputs.hidden, inputs.weight, inputs.target, advantage,
+                                        chunk_bytes=4 * 1000 * 70, **spec.loss_keywords)
+    expected, expected_hidden, expected_weight = _float64_log_prob_objective(inputs, **spec.loss_keywords)
+    assert abs(reference.loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
+    assert relative_error(reference.grad_hidden, expected_hidden) < 1e-5
+    assert relative_error(reference.grad_weight, expected_weight) < 1e-5
+
+
+@pytest.mark.parametrize("provider", LOG_PROB_PROVIDERS)
+@pytest.mark.parametrize("variant", ["plain", "softcap"])
+def test_log_prob_providers_match_float64_reference(provider, variant):
+    """fused_wce's, TRL's and the materialised log-probs (and entropies) give the same objective and gradients."""
+    spec = workload("smoke", 200, 0.5, dtype="float32", objective="log_prob", variant=variant)
+    inputs = make_inputs(spec, "cpu", seed=6)
+    chosen = PROVIDERS_BY_NAME[provider]
+    assert chosen.objective == "log_prob" and chosen.variant_support(spec.loss_keywords) is None
+    objective_fn = chosen.make("cpu", spec.loss_keywords)
+    hidden, weight = (t.clone().requires_grad_(True) for t in (inputs.hidden, inputs.weight))
+    objective = objective_fn(hidden, weight, inputs.target, inputs.token_weight)
+    objective.backward()
+    expected, expected_hidden, expected_weight = _float64_log_prob_objective(inputs, **spec.loss_keywords)
+    assert abs(objective.item() - expected.item()) <= 1e-5 * abs(expected.item())
+    assert relative_error(hidden.grad, expected_hidden) < 1e-5
+    assert relative_error(weight.grad, expected_weight) < 1e-5
 
 
 @pytest.mark.parametrize("tokens,fraction", [(4096, 0.5), (1000, 0.5), (64, 1.0), (700, 0.25)])
@@ -134,9 +179,11 @@ def test_smoke_run_has_a_sane_row_per_provider(smoke_run):
     out, _, _ = smoke_run
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
-    expected = {(w.name, p, m) for w in CPU_SMOKE for p in CPU_PROVIDERS for m in w.modes}
+    expected = {(w.name, p, m) for w in CPU_SMOKE for p in CPU_PROVIDERS for m in w.modes
+                if PROVIDERS_BY_NAME[p].objective == w.objective}
     seen = {(r["workload"], r["provider"], r["mode"]) for r in rows}
-    assert expected <= seen
+    assert expected == seen
+    assert {r["provider"] for r in rows if r["objective"] == "log_prob"} == set(LOG_PROB_PROVIDERS)
     # At least one loss-variant row was measured and checked; a provider that cannot express a variant has a
     # skipped row that says why.
     variant_rows = [r for r in rows if r["variant"] != "plain"]
@@ -194,6 +241,7 @@ def test_smoke_run_json_targets_and_end_to_end(smoke_run):
     markdown = (out / "results.md").read_text()
     for provider in CPU_PROVIDERS:
         assert f"| {provider} |" in markdown
+    assert "| smoke/N128/50pct/float32/log_prob | plain | forward | fused_wce_log_prob |" in markdown
     assert "| variant |" in markdown and "| all | forward_backward | fused_wce |" in markdown
 
 
@@ -315,6 +363,25 @@ def test_roofline_columns_beside_fake_gpu_rows():
     assert "peak" in gap_section and "(0.5x)" in gap_section
     assert f"{softcap.name} forward_backward cce_exact" in gap_section
     assert "fused_wce:" not in gap_section
+
+
+def test_roofline_models_the_log_prob_providers():
+    """fused_wce's and TRL's log-probs run 8 M H V FLOPs on the counted rows (statistics, then one recomputing
+    gradient pass), the materialised log_softmax 6 N H V on every row; a measured log-prob row gets its own
+    provider's prediction."""
+    spec = workload("Llama-3-8B", 8192, 0.5, objective="log_prob")
+    problem = roofline.Problem.of(spec)
+    counted_gemm = 2 * problem.counted * problem.hidden * problem.vocab
+    assert roofline.algorithm("fused_wce_log_prob", problem).flops == 4 * counted_gemm
+    assert roofline.algorithm("trl_chunked_log_prob", problem).flops == 4 * counted_gemm
+    assert roofline.algorithm("torch_log_softmax", problem).flops == 3 * counted_gemm * problem.tokens / problem.counted
+    predicted = _predicted("fused_wce_log_prob", spec)
+    naive = _predicted("torch_log_softmax", spec)
+    assert naive.peak_bytes >= 4 * problem.tokens * problem.vocab * 4 > predicted.peak_bytes  # [N, V] fp32 blocks
+    row = report.flatten(_fake_cuda_row(spec, "fused_wce_log_prob", "forward_backward", predicted.time_s * 1e3,
+                                        predicted.peak_bytes), {"card": "NVIDIA H200", "versions": {}}, 790.0)
+    report.add_roofline_columns([row], {"card": "NVIDIA H200", "versions": {}})
+    assert row["predicted_ms"] == pytest.approx(predicted.time_s * 1e3) and row["needs_note"] is False
 
 
 def test_roofline_columns_leave_cpu_rows_alone():

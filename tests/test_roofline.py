@@ -71,6 +71,14 @@ def _eager(hidden, weight, target):
     PROVIDERS_BY_NAME["torch_eager"].make("cpu", {})(hidden, weight, target, (target != -100).float()).backward()
 
 
+def _log_prob_provider(name):
+    """A log-prob provider's objective (signed advantages on the counted tokens) and its backward."""
+    def step(hidden, weight, target):
+        advantage = torch.where(target != -100, torch.linspace(-1.0, 1.0, target.shape[0]), 0.0)
+        PROVIDERS_BY_NAME[name].make("cpu", {})(hidden, weight, target, advantage).backward()
+    return step
+
+
 # provider -> (the computation it performs, the dtype to run it in). Not here: torch_compile (compiling costs
 # minutes), torch_chunked and trl_chunked (their CPU code paths are other algorithms than the CUDA ones modelled),
 # Liger and CCE (CUDA only).
@@ -81,6 +89,10 @@ COUNTED = {
     # needs a non-fp32 weight
     "fused_wce_lean": (_fused_wce_step(dict(lean_memory=True), backend="triton"), torch.bfloat16),
     "torch_eager": (_eager, torch.float32),
+    # the log-probs' PyTorch path: the statistics pass, then one gradient pass given them (no second statistics
+    # pass); and the materialised log_softmax on every row
+    "fused_wce_log_prob": (_log_prob_provider("fused_wce_log_prob"), torch.float32),
+    "torch_log_softmax": (_log_prob_provider("torch_log_softmax"), torch.float32),
 }
 
 
@@ -118,7 +130,7 @@ def test_flops_scale_linearly_with_every_dimension():
                          [(256, 64, 2000, 0.5, False), (128, 256, 1000, 0.25, False), (512, 128, 4000, 0.5, True)])
 def test_peak_memory_matches_the_cpu_measurement(provider, tokens, hidden_size, vocab, counted_fraction,
                                                  frozen_head):
-    """bf16, as modelled; shapes small enough for one chunk on CPU as on a GPU."""
+    """bf16, as modelled, with the CPU budget (several [C, B] blocks at the larger shapes)."""
     generator = torch.Generator().manual_seed(1)
     counted = round(tokens * counted_fraction)
     hidden = torch.randn(tokens, hidden_size, generator=generator).bfloat16().requires_grad_(True)
@@ -137,7 +149,7 @@ def test_peak_memory_matches_the_cpu_measurement(provider, tokens, hidden_size, 
     peak = measure.cpu_allocated_peak_above(step)
     assert peak is not None and peak > 0
     prediction = roofline.predict(provider, roofline.Problem("cpu", hidden_size, vocab, tokens, counted, 2,
-                                                             frozen_head), H200)
+                                                             frozen_head, device="cpu"), H200)
     row = roofline.compare(prediction, measured_peak_bytes=peak)
     assert not row["needs_note"], f"measured {peak} B, predicted {prediction.peak_bytes:.0f} B ({row['memory_ratio']}x)"
 

@@ -21,6 +21,10 @@ multiplied in fp32, upcast one chunk or block at a time (no fp32 copy of the wei
 
 For one slice of a larger vocabulary (:mod:`fused_wce.vocab_parallel`), ``slice_summaries`` is pass 1 without
 finishing the statistics and ``slice_gradients`` is pass 2 given the whole rows' lse.
+
+A request with known row statistics (``request.known``: the log-prob backward, whose forward found them) skips
+pass 1. With an entropy coefficient (``request.entropy_coef``) pass 2 also adds the entropy's gradient; with a
+softcap as well it holds a third ``[C, B]`` block (the softcap's derivative reads ``z`` after that term).
 """
 from __future__ import annotations
 
@@ -31,20 +35,12 @@ from ..loss_math import (SliceSummary, apply_dft, dft_factor, finish_token_stats
                          softmax_grad_, tile_summary_, transform_logits_)
 from ..passes import Gradients, PassRequest, PassResult, TokenStatBuffers, allocate_gradients
 
-# Two fp32 [C, B] blocks are alive at once: the logits and their exponentials (or probabilities).
-BYTES_PER_LOGIT = 2 * 4
-# A chunk's rows are the rows of the GEMMs; CPU GEMMs reach their rate well below this many.
-MAX_CHUNK_ROWS = 1024
-BLOCK_MULTIPLE = 64
-
 
 class BlockPlan:
     """The inputs and the block geometry of one pass; blocks of the inputs are upcast to fp32 on use.
 
-    ``C`` (``rows``) is ``chunk_size`` or as many rows (up to ``MAX_CHUNK_ROWS``) as leave room for a block of
-    ``BLOCK_MULTIPLE`` columns; ``B`` (``columns``) spends the rest of the budget on two ``[C, B]`` fp32 blocks,
-    plus the block's fp32 ``[B, H]`` copy of a reduced-precision weight and, in lean mode, its fp32 ``[B, H]``
-    weight-gradient rows (lean mode gets a quarter budget).
+    ``C`` (``rows``) and ``B`` (``columns``) come from :func:`fused_wce.budget.block_shape` (lean mode gets a
+    quarter budget).
     """
 
     def __init__(self, request: PassRequest, num_classes: int | None = None):
@@ -55,21 +51,19 @@ class BlockPlan:
         self.vocab_size = vocab_size
         # The whole vocabulary's size (label smoothing's eps / V): the weight's rows unless they are one slice.
         self.num_classes = num_classes or vocab_size
+        # The entropy's gradient under a softcap needs a third block (loss_math.softmax_grad_'s scratch).
+        third_block = request.entropy_coef is not None and request.options.has_softcap
         spend = budget.budget_bytes(cpu=request.hidden.device.type == "cpu", lean=request.lean)
-        rows = request.options.chunk_size or min(MAX_CHUNK_ROWS, spend // (BYTES_PER_LOGIT * BLOCK_MULTIPLE))
-        self.rows = max(1, min(rows, num_tokens))
-        # per vocabulary column: the two blocks' rows, and the block's fp32 [B, H] copy of a reduced-precision
-        # weight and (lean mode) its fp32 [B, H] weight-gradient rows
-        hidden_size = request.hidden.shape[1]
-        per_column = (BYTES_PER_LOGIT * self.rows + (4 * hidden_size if request.weight.dtype != torch.float32 else 0)
-                      + (4 * hidden_size if request.lean else 0))
-        columns = max(BLOCK_MULTIPLE, spend // per_column // BLOCK_MULTIPLE * BLOCK_MULTIPLE)
-        self.columns = min(columns, vocab_size)
+        self.rows, self.columns = budget.block_shape(
+            num_tokens, vocab_size, request.hidden.shape[1], budget=spend, chunk_size=request.options.chunk_size,
+            weight_upcast=request.weight.dtype != torch.float32, lean=request.lean, blocks=3 if third_block else 2)
         device = request.hidden.device
         # Flat storage: a partial chunk or block is a contiguous view ([r, c] with row stride c), so the GEMMs
         # write it directly.
         self._logits = passes.uninitialized(self.rows * self.columns, dtype=torch.float32, device=device)
         self._exps = passes.uninitialized(self.rows * self.columns, dtype=torch.float32, device=device)
+        self._scratch = (passes.uninitialized(self.rows * self.columns, dtype=torch.float32, device=device)
+                         if third_block else None)
 
     def chunks(self):
         for start in range(0, self.hidden.shape[0], self.rows):
@@ -99,16 +93,23 @@ class BlockPlan:
     def exps_like(self, logits: torch.Tensor) -> torch.Tensor:
         return self._exps[: logits.numel()].view(logits.shape)
 
+    def scratch_like(self, logits: torch.Tensor) -> torch.Tensor | None:
+        return None if self._scratch is None else self._scratch[: logits.numel()].view(logits.shape)
+
 
 def run_pass(request: PassRequest) -> PassResult:
     plan = BlockPlan(request)
+    gradients = allocate_gradients(request)
+    if request.known is not None:  # gradients only, from the known lse and entropy
+        _gradients(plan, request.known.lse, request.coef, gradients, entropy=request.known.entropy,
+                   entropy_coef=request.entropy_coef)
+        return PassResult(None, gradients)
     stats = TokenStatBuffers.allocate(request, torch.bool)
     coef = None if request.coef is None else request.coef.clone() if request.options.dft else request.coef
     for rows in plan.chunks():
         _chunk_statistics(plan, rows, stats.rows(rows), None if coef is None else coef[rows])
-    gradients = allocate_gradients(request)
     if request.wants_gradients:
-        _gradients(plan, stats.lse, coef, gradients)
+        _gradients(plan, stats.lse, coef, gradients, entropy=stats.entropy, entropy_coef=request.entropy_coef)
     return PassResult(stats.finish(), gradients)
 
 
@@ -173,29 +174,42 @@ def _pick_targets(z: torch.Tensor, block_target: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, picked, torch.zeros_like(picked))
 
 
-def _gradients(plan: BlockPlan, lse: torch.Tensor, coef: torch.Tensor, gradients: Gradients) -> None:
-    """Pass 2: per vocabulary block, ``dlogits`` of every chunk folded into the three gradients."""
+def _gradients(plan: BlockPlan, lse: torch.Tensor, coef: torch.Tensor, gradients: Gradients, *,
+               entropy: torch.Tensor | None = None, entropy_coef: torch.Tensor | None = None) -> None:
+    """Pass 2: per vocabulary block, ``dlogits`` of every chunk folded into the three gradients; with
+    ``entropy_coef`` (and the rows' ``entropy``) the entropy's gradient too."""
     grad_hidden32 = None
     if gradients.hidden is not None:
         grad_hidden32 = (gradients.hidden if gradients.hidden.dtype == torch.float32
                          else torch.empty(gradients.hidden.shape, dtype=torch.float32,
                                           device=gradients.hidden.device))
     for block_index, block in enumerate(plan.blocks()):
-        weight32 = plan.weight32(block)
-        weight_block = _weight_block_buffer(gradients.weight, block)
-        for chunk_index, rows in enumerate(plan.chunks()):
-            hidden32 = plan.hidden32(rows)
-            dlogits = _block_dlogits(plan, hidden32, weight32, rows, block, lse[rows], coef[rows])
-            if grad_hidden32 is not None:
-                _fold(grad_hidden32[rows], dlogits, weight32, first=block_index == 0)
-            if weight_block is not None:
-                _fold(weight_block, dlogits.T, hidden32, first=chunk_index == 0)
-            if gradients.bias is not None:
-                _sum_into(gradients.bias[block], dlogits, first=chunk_index == 0)
-        if weight_block is not None and weight_block.data_ptr() != gradients.weight[block].data_ptr():
-            gradients.weight[block].copy_(weight_block)  # lean: one rounding to the weight's dtype
+        _block_gradients(plan, block, lse, coef, gradients, grad_hidden32, first_block=block_index == 0,
+                         entropy=entropy, entropy_coef=entropy_coef)
     if grad_hidden32 is not None and grad_hidden32 is not gradients.hidden:
         gradients.hidden.copy_(grad_hidden32)
+
+
+def _block_gradients(plan: BlockPlan, block: slice, lse: torch.Tensor, coef: torch.Tensor, gradients: Gradients,
+                     grad_hidden32: torch.Tensor | None, *, first_block: bool, entropy: torch.Tensor | None,
+                     entropy_coef: torch.Tensor | None) -> None:
+    """Pass 2 for one vocabulary block: every chunk's ``dlogits`` folded into the gradients; the block's fp32
+    weight copy and weight-gradient rows die on return, before the next block's are made."""
+    weight32 = plan.weight32(block)
+    weight_block = _weight_block_buffer(gradients.weight, block)
+    for chunk_index, rows in enumerate(plan.chunks()):
+        hidden32 = plan.hidden32(rows)
+        dlogits = _block_dlogits(plan, hidden32, weight32, rows, block, lse[rows], coef[rows],
+                                 None if entropy_coef is None else (entropy[rows], entropy_coef[rows]))
+        if grad_hidden32 is not None:
+            _fold(grad_hidden32[rows], dlogits, weight32, first=first_block)
+        if weight_block is not None:
+            _fold(weight_block, dlogits.T, hidden32, first=chunk_index == 0)
+        if gradients.bias is not None:
+            _sum_into(gradients.bias[block], dlogits, first=chunk_index == 0)
+        del hidden32, dlogits  # before the next chunk's copy is made
+    if weight_block is not None and weight_block.data_ptr() != gradients.weight[block].data_ptr():
+        gradients.weight[block].copy_(weight_block)  # lean: one rounding to the weight's dtype
 
 
 def _weight_block_buffer(grad_weight: torch.Tensor | None, block: slice) -> torch.Tensor | None:
@@ -210,11 +224,15 @@ def _weight_block_buffer(grad_weight: torch.Tensor | None, block: slice) -> torc
 
 
 def _block_dlogits(plan: BlockPlan, hidden32: torch.Tensor, weight32: torch.Tensor, rows: slice, block: slice,
-                   lse: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+                   lse: torch.Tensor, coef: torch.Tensor,
+                   entropy_term: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One block's ``dlogits`` of a chunk; ``entropy_term``: the chunk's (entropy, entropy coefficient)."""
     z = plan.block_logits(hidden32, weight32, block)
     probs = torch.sub(z, lse[:, None], out=plan.exps_like(z)).exp_()
-    return softmax_grad_(probs, z if plan.options.has_softcap else None, lse, plan.target[rows] - block.start,
-                         coef, plan.options, plan.num_classes)
+    entropy, entropy_coef = entropy_term if entropy_term is not None else (None, None)
+    needs_z = plan.options.has_softcap or entropy_coef is not None
+    return softmax_grad_(probs, z if needs_z else None, lse, plan.target[rows] - block.start, coef, plan.options,
+                         plan.num_classes, entropy=entropy, entropy_coef=entropy_coef, scratch=plan.scratch_like(z))
 
 
 def _fold(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:

@@ -29,6 +29,11 @@ No fp32 ``[V, H]`` exists; ``8 M H V`` FLOPs. Both loops spend a quarter of the 
 ``slice_summaries`` is the statistics pass without ``combine`` (the splits' summaries merged in PyTorch, left
 unfinished for the other slices); ``slice_gradients`` is the slab loop with every row's lse known, giving
 ``grad_weight`` and ``grad_bias`` of the slice's rows and its part of ``grad_hidden`` (fp32).
+
+**Known statistics** (``request.known``, the log-prob backward): the same loops, with each chunk's ``dlogits``
+formed from the given lse and entropy (``logit_rows`` in its known-lse mode reads each fp32 row once; the tiled
+plan skips ``combine``), and no per-token outputs. An entropy coefficient (``request.entropy_coef``) adds the
+entropy's gradient in either kernel (their ``HAS_ENTROPY_GRAD`` specialisation).
 """
 from __future__ import annotations
 
@@ -50,17 +55,25 @@ DEFAULT_LOGITS_GEMM = "cublas"
 
 def run_pass(request: PassRequest) -> PassResult:
     hidden, weight, bias = _kernel_inputs(request)
-    stats = TokenStatBuffers.allocate(request, torch.int8)
     if not request.wants_gradients:
+        stats = TokenStatBuffers.allocate(request, torch.int8)
         _stats_pass(request, hidden, weight, bias, stats)
         return PassResult(stats.finish(), allocate_gradients(request))
     plan = _plan_class(request)(request, hidden, weight, bias)
     gradients = allocate_gradients(request)
+    if request.known is not None:  # gradients only, from the known lse and entropy
+        known = request.known
+        if not (request.lean and gradients.hidden is None and gradients.bias is None):  # (lean: dW from slabs)
+            _chunk_loop(plan, request, request.coef, None, gradients)
+        if request.lean:
+            _slab_loop(plan, request, known.lse, request.coef, gradients.weight, entropy=known.entropy)
+        return PassResult(None, gradients)
+    stats = TokenStatBuffers.allocate(request, torch.int8)
     # The plans scale each chunk's coefficients by DFT's factor in place; lean mode's slabs read them again.
     coef = request.coef.clone() if request.options.dft else request.coef
     _chunk_loop(plan, request, coef, stats, gradients)
     if request.lean:
-        _slab_loop(plan, request, stats.lse, coef, gradients.weight)
+        _slab_loop(plan, request, stats.lse, coef, gradients.weight, entropy=stats.entropy)
     return PassResult(stats.finish(), gradients)
 
 
@@ -147,13 +160,14 @@ def _apply_dft(stats: TokenStatBuffers, factor: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------------ gradient loops
-def _chunk_loop(plan, request: PassRequest, coef: torch.Tensor, stats: TokenStatBuffers,
+def _chunk_loop(plan, request: PassRequest, coef: torch.Tensor, stats: TokenStatBuffers | None,
                 gradients: Gradients) -> None:
-    """Per chunk: the plan's ``dlogits`` (and the chunk's stats), folded into the gradients."""
+    """Per chunk: the plan's ``dlogits`` (and the chunk's stats, unless they are known: ``stats`` None), folded
+    into the gradients."""
     hidden, num_tokens = plan.hidden, request.num_tokens
     for start in range(0, num_tokens, plan.rows):
         chunk = slice(start, min(start + plan.rows, num_tokens))
-        dlogits = plan.chunk_dlogits(chunk, stats.rows(chunk), coef[chunk])
+        dlogits = plan.chunk_dlogits(chunk, None if stats is None else stats.rows(chunk), coef[chunk])
         first = start == 0  # the first chunk writes the accumulators: no memset
         if gradients.hidden is not None:
             matmul_into(dlogits, plan.weight, gradients.hidden[chunk], accumulate=False)
@@ -167,11 +181,13 @@ def _chunk_loop(plan, request: PassRequest, coef: torch.Tensor, stats: TokenStat
 
 
 def _slab_loop(plan, request: PassRequest, lse: torch.Tensor, coef: torch.Tensor, grad_weight: torch.Tensor | None,
-               grad_hidden: torch.Tensor | None = None, grad_bias: torch.Tensor | None = None) -> None:
+               grad_hidden: torch.Tensor | None = None, grad_bias: torch.Tensor | None = None, *,
+               entropy: torch.Tensor | None = None) -> None:
     """``grad_weight`` from vocabulary slabs ``[M, S]`` of all ``M`` tokens, given their ``lse`` (lean mode,
     and one vocabulary slice's whole gradient pass): each slab's rows are one fp32-output GEMM over every token,
     rounded once into the weight's dtype; with ``grad_hidden`` (fp32 ``[M, H]``) and ``grad_bias``, the slabs'
-    ``dlogits @ weight[slab]`` and column sums go there too."""
+    ``dlogits @ weight[slab]`` and column sums go there too. ``entropy`` (the rows' whole-row entropy) serves
+    the request's entropy coefficients."""
     vocab_size, width = request.vocab_size, plan.slab_width
     product = None
     if grad_weight is not None and grad_weight.dtype != torch.float32:
@@ -179,7 +195,7 @@ def _slab_loop(plan, request: PassRequest, lse: torch.Tensor, coef: torch.Tensor
                                        device=plan.hidden.device)
     for first in range(0, vocab_size, width):
         slab = slice(first, min(first + width, vocab_size))
-        dlogits = plan.slab_dlogits(slab, lse, coef)
+        dlogits = plan.slab_dlogits(slab, lse, coef, entropy)
         if grad_weight is not None:
             rows = grad_weight[slab] if product is None else product[: slab.stop - slab.start]
             matmul_into(dlogits.T, plan.hidden, rows, accumulate=False)
@@ -227,6 +243,11 @@ class _Plan:
                                               multiple=self.slab_multiple, extra_rows=extra_rows) if slabs else 0
         self.buffer_rows = max(self.rows, -(-request.num_tokens * self.slab_width // self.vocab_size))
 
+    def entropy_coef(self, rows: slice) -> torch.Tensor | None:
+        """The rows' entropy coefficients, or None when the request has none."""
+        entropy_coef = self.request.entropy_coef
+        return None if entropy_coef is None else entropy_coef[rows]
+
 
 class CublasPlan(_Plan):
     """cuBLAS logits into an fp32 chunk buffer, one ``logit_rows`` kernel for everything per row."""
@@ -249,18 +270,26 @@ class CublasPlan(_Plan):
             return logits, logits
         return logits, logits.view(x.dtype)[:, :columns]
 
-    def chunk_dlogits(self, chunk: slice, stats: TokenStatBuffers, coef: torch.Tensor) -> torch.Tensor:
+    def chunk_dlogits(self, chunk: slice, stats: TokenStatBuffers | None, coef: torch.Tensor) -> torch.Tensor:
         logits, dlogits = self._logits(self.hidden[chunk], self.weight, self.buffer)
-        logit_rows(logits, dlogits, self.bias, self.request.target[chunk], coef, stats.lse, self.config,
+        target, entropy_coef = self.request.target[chunk], self.entropy_coef(chunk)
+        if stats is None:  # known statistics: one read of each row
+            known = self.request.known
+            logit_rows(logits, dlogits, self.bias, target, coef, known.lse[chunk], self.config, options=self.options,
+                       num_classes=self.num_classes, entropy_coef=entropy_coef, entropy=known.entropy[chunk])
+            return dlogits
+        logit_rows(logits, dlogits, self.bias, target, coef, stats.lse, self.config,
                    options=self.options, num_classes=self.num_classes, stats=stats,
-                   coef_out=coef if self.options.dft else None)
+                   coef_out=coef if self.options.dft else None, entropy_coef=entropy_coef)
         return dlogits
 
-    def slab_dlogits(self, slab: slice, lse: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    def slab_dlogits(self, slab: slice, lse: torch.Tensor, coef: torch.Tensor,
+                     entropy: torch.Tensor | None = None) -> torch.Tensor:
         # The chunk buffer: a slab [M, S] spends the elements of a chunk (budget.slab_columns).
         logits, dlogits = self._logits(self.hidden, self.weight[slab], self.buffer)
         logit_rows(logits, dlogits, None if self.bias is None else self.bias[slab], self.request.target - slab.start,
-                   coef, lse, self.config, options=self.options, num_classes=self.num_classes)
+                   coef, lse, self.config, options=self.options, num_classes=self.num_classes,
+                   entropy_coef=self.request.entropy_coef, entropy=entropy)
         return dlogits
 
 
@@ -290,28 +319,33 @@ class TritonPlan(_Plan):
                        options=self.options)
         return logits, partials
 
-    def _softmax_grad(self, logits, partials, lse, target, coef):
+    def _softmax_grad(self, logits, partials, lse, target, coef, entropy=None, entropy_coef=None):
         softmax_grad(logits, partials[0], lse, target, coef, self.configs.softmax_grad, self.vocab_config.block_n,
-                     options=self.options, num_classes=self.num_classes)
+                     options=self.options, num_classes=self.num_classes, entropy=entropy, entropy_coef=entropy_coef)
         return logits
 
-    def chunk_dlogits(self, chunk: slice, stats: TokenStatBuffers, coef: torch.Tensor) -> torch.Tensor:
+    def chunk_dlogits(self, chunk: slice, stats: TokenStatBuffers | None, coef: torch.Tensor) -> torch.Tensor:
         target, target_logit = self.request.target[chunk], self.target_logit[chunk]
         logits, partials = self._store_logits(self.hidden[chunk], self.weight, self.bias, target, target_logit)
+        if stats is None:  # known statistics: no combine
+            known = self.request.known
+            return self._softmax_grad(logits, partials, known.lse[chunk], target, coef, known.entropy[chunk],
+                                      self.entropy_coef(chunk))
         combine(partials, target_logit, stats, self.configs.combine, options=self.options,
                 vocab_size=self.num_classes)
         if self.options.dft:
             factor = dft_factor(stats.lse, target_logit)
             _apply_dft(stats, factor)
             coef.mul_(factor)
-        return self._softmax_grad(logits, partials, stats.lse, target, coef)
+        return self._softmax_grad(logits, partials, stats.lse, target, coef, stats.entropy, self.entropy_coef(chunk))
 
-    def slab_dlogits(self, slab: slice, lse: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    def slab_dlogits(self, slab: slice, lse: torch.Tensor, coef: torch.Tensor,
+                     entropy: torch.Tensor | None = None) -> torch.Tensor:
         target = self.request.target - slab.start
         scratch = torch.empty_like(self.target_logit)  # the slab's target logits are not needed again
         logits, partials = self._store_logits(self.hidden, self.weight[slab],
                                               None if self.bias is None else self.bias[slab], target, scratch)
-        return self._softmax_grad(logits, partials, lse, target, coef)
+        return self._softmax_grad(logits, partials, lse, target, coef, entropy, self.request.entropy_coef)
 
 
 PLANS = {"cublas": CublasPlan, "triton": TritonPlan}

@@ -24,11 +24,11 @@ def _load_logits(logits_row_ptr, bias_ptr, offs_n, col_mask, logit_scale, softca
 @triton.jit
 def logit_rows_kernel(
     logits_ptr, grad_ptr, bias_ptr, target_ptr, coef_ptr, lse_ptr,
-    token_loss_ptr, entropy_ptr, is_top1_ptr, z_term_ptr, coef_out_ptr,
+    token_loss_ptr, entropy_ptr, is_top1_ptr, z_term_ptr, coef_out_ptr, entropy_coef_ptr,
     V, num_classes, stride_logits_m, stride_grad_m, label_smoothing, z_loss, softcap, logit_scale,
     HAS_BIAS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_LOGIT_SCALE: tl.constexpr, HAS_DFT: tl.constexpr, KNOWN_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    WRITE_COEF: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+    WRITE_COEF: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
 ):
     """One row: the online logsumexp over its ``V`` columns, the per-token outputs, then ``dlogits``.
 
@@ -37,7 +37,8 @@ def logit_rows_kernel(
     with label smoothing) and picks the target's logit, giving lse, entropy, top-1 and the token's loss
     (fused_wce.loss_math.finish_token_stats, with DFT's factor when HAS_DFT); pass 2 writes
     ``dlogits = c (p (1 + 2 z_loss lse) - (1 - eps) [v == t] - eps / num_classes) dz/dr``
-    (fused_wce.loss_math.softmax_grad_) in the compute dtype.
+    (fused_wce.loss_math.softmax_grad_) in the compute dtype; with HAS_ENTROPY_GRAD minus
+    ``e p (z - lse + entropy) dz/dr``, the gradient of ``e * entropy`` (the log-prob backward's second output).
 
     Pointers:
         logits_ptr: ``[M, V]`` fp32, row stride stride_logits_m, column stride 1: raw logits (no bias).
@@ -51,8 +52,10 @@ def logit_rows_kernel(
         lse_ptr: ``[M]`` fp32: written by pass 1, or read when KNOWN_LSE (a vocabulary slab of rows whose
             whole-row lse is known: pass 1 is skipped).
         token_loss_ptr, entropy_ptr, z_term_ptr: ``[M]`` fp32; is_top1_ptr: ``[M]`` int8; written unless
-            KNOWN_LSE (z_term only with HAS_Z_LOSS).
+            KNOWN_LSE (z_term only with HAS_Z_LOSS). With KNOWN_LSE and HAS_ENTROPY_GRAD, entropy_ptr is read:
+            the rows' whole-row entropy.
         coef_out_ptr: ``[M]`` fp32, the coefficient times DFT's factor; written if WRITE_COEF.
+        entropy_coef_ptr: ``[M]`` fp32 coefficient ``e`` of the entropy's gradient; read only if HAS_ENTROPY_GRAD.
     ``num_classes`` is the whole vocabulary's size (label smoothing's ``eps / num_classes``).
     """
     row = tl.program_id(0).to(tl.int64)
@@ -61,6 +64,8 @@ def logit_rows_kernel(
     coef = tl.load(coef_ptr + row)
     if KNOWN_LSE:
         lse = tl.load(lse_ptr + row)
+        if HAS_ENTROPY_GRAD:
+            entropy = tl.load(entropy_ptr + row)
     else:
         # 0-d fp32 tensors (not Python floats): loop-carried values keep one type on every Triton version
         running_max = tl.full([], _EMPTY_MAX, tl.float32)
@@ -98,9 +103,10 @@ def logit_rows_kernel(
             token_loss *= factor
             z_term *= factor
             coef *= factor
+        entropy = log_sumexp - running_sumexp_shifted / running_sumexp
         tl.store(lse_ptr + row, lse)
         tl.store(token_loss_ptr + row, token_loss)
-        tl.store(entropy_ptr + row, log_sumexp - running_sumexp_shifted / running_sumexp)
+        tl.store(entropy_ptr + row, entropy)
         tl.store(is_top1_ptr + row, (target_logit >= running_max).to(tl.int8))
         if HAS_Z_LOSS:
             tl.store(z_term_ptr + row, z_term)
@@ -114,12 +120,18 @@ def logit_rows_kernel(
             row_scale = coef * (1.0 + 2.0 * z_loss * lse)
         target_step = (1.0 - label_smoothing) * coef if HAS_SMOOTHING else coef
         uniform_step = label_smoothing * coef / num_classes
+        if HAS_ENTROPY_GRAD:
+            entropy_coef = tl.load(entropy_coef_ptr + row)
+            entropy_shift = lse - entropy  # log p + entropy = z - entropy_shift
         for start in range(0, V, BLOCK_SIZE_N):
             offs_n = start + tl.arange(0, BLOCK_SIZE_N)
             col_mask = offs_n < V
             z = _load_logits(logits_row_ptr, bias_ptr, offs_n, col_mask, logit_scale, softcap,
                              HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP)
-            grad = row_scale * tl.exp(z - lse) - tl.where(offs_n == target, target_step, 0.0)
+            probs = tl.exp(z - lse)
+            grad = row_scale * probs - tl.where(offs_n == target, target_step, 0.0)
+            if HAS_ENTROPY_GRAD:  # p = 0 (a masked column's -inf): no term, not 0 * -inf
+                grad -= entropy_coef * tl.where(probs > 0.0, probs * (z - entropy_shift), 0.0)
             if HAS_SMOOTHING:
                 grad -= uniform_step
             if HAS_SOFTCAP:
@@ -133,14 +145,16 @@ def logit_rows_kernel(
 
 def logit_rows(logits: torch.Tensor, grad: torch.Tensor | None, bias: torch.Tensor | None, target: torch.Tensor,
                coef: torch.Tensor, lse: torch.Tensor, config, *, options, num_classes: int,
-               stats=None, coef_out: torch.Tensor | None = None) -> None:
+               stats=None, coef_out: torch.Tensor | None = None, entropy_coef: torch.Tensor | None = None,
+               entropy: torch.Tensor | None = None) -> None:
     """Launch :func:`logit_rows_kernel`, one program per row of ``logits`` ``[M, V]`` (fp32, unit column stride).
 
     ``options`` (:class:`fused_wce.options.LossOptions`) selects the loss variant. ``stats`` (a
     :class:`fused_wce.passes.TokenStatBuffers` of ``[M]`` rows, is_top1 int8) receives the per-token outputs
-    and ``lse`` is written; without ``stats`` the rows are a vocabulary slab whose ``lse`` is given. ``grad``
-    ``[M, V]`` (unit column stride, possibly sharing storage with ``logits``) receives ``dlogits`` when given;
-    ``coef_out`` receives the coefficient with DFT's factor.
+    and ``lse`` is written; without ``stats`` the rows' ``lse`` is given (a vocabulary slab, or rows whose
+    statistics an earlier pass found). ``grad`` ``[M, V]`` (unit column stride, possibly sharing storage with
+    ``logits``) receives ``dlogits`` when given; ``coef_out`` receives the coefficient with DFT's factor.
+    ``entropy_coef`` ``[M]`` adds the entropy's gradient; without ``stats`` it needs the rows' ``entropy``.
     """
     num_rows, vocab_size = logits.shape
     assert logits.dtype == torch.float32 and logits.stride(1) == 1
@@ -152,16 +166,20 @@ def logit_rows(logits: torch.Tensor, grad: torch.Tensor | None, bias: torch.Tens
     if bias is not None:
         assert bias.shape == (vocab_size,) and bias.is_contiguous()
     known_lse = stats is None
-    outputs = (lse,) * 4 if known_lse else (stats.token_loss, stats.entropy, stats.is_top1,
-                                              stats.z_term if stats.z_term is not None else lse)
+    has_entropy_grad = entropy_coef is not None
+    if has_entropy_grad:
+        assert grad is not None and entropy_coef.shape == (num_rows,)
+        assert not known_lse or (entropy is not None and entropy.shape == (num_rows,))
+    outputs = ((lse, entropy if has_entropy_grad else lse, lse, lse) if known_lse else
+               (stats.token_loss, stats.entropy, stats.is_top1, stats.z_term if stats.z_term is not None else lse))
     logit_rows_kernel[(num_rows,)](
         logits, grad if grad is not None else logits, bias if bias is not None else logits, target, coef, lse,
-        *outputs, coef_out if coef_out is not None else coef,
+        *outputs, coef_out if coef_out is not None else coef, entropy_coef if has_entropy_grad else coef,
         vocab_size, num_classes, logits.stride(0), grad.stride(0) if grad is not None else 0,
         options.label_smoothing, options.z_loss, float(options.softcap or 1.0), options.logit_scale,
         HAS_BIAS=bias is not None, HAS_SMOOTHING=options.has_smoothing, HAS_Z_LOSS=options.has_z_loss,
         HAS_SOFTCAP=options.has_softcap, HAS_LOGIT_SCALE=options.has_logit_scale,
         HAS_DFT=options.dft and not known_lse, KNOWN_LSE=known_lse, WRITE_GRAD=grad is not None,
         WRITE_COEF=coef_out is not None and not known_lse, BLOCK_SIZE_N=config.block_n,
-        num_warps=config.num_warps,
+        HAS_ENTROPY_GRAD=has_entropy_grad, num_warps=config.num_warps,
     )
