@@ -208,13 +208,8 @@ def log_prob_coefficients(batch):
 def run_log_prob_scenario(scenario: str, rank: int, mesh) -> dict:
     """``add_log_prob_lm_head`` (temperature 0.8, entropies) on the sharded model, the head its own unit: the
     objective of :func:`log_prob_coefficients` on this rank's rows, times the world size (FSDP averages)."""
-    import fused_wce
     from fused_wce.trl_integration.trainer.log_prob_head import add_log_prob_lm_head
 
-    if not hasattr(fused_wce, "linear_log_prob"):
-        from trl_helpers import materialised_linear_log_prob
-
-        fused_wce.linear_log_prob = materialised_linear_log_prob
     batch = make_batch()
     coefficient, entropy_coefficient, count = log_prob_coefficients(batch)
     mine = {key: _rank_slice(value, rank) for key, value in batch.items()}

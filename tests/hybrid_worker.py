@@ -18,15 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from trl_helpers import (arithmetic_prompts, fixed_rollout, grpo_config, logged,  # noqa: E402
-                         materialised_linear_log_prob, token_parity_reward)
+from trl_helpers import arithmetic_prompts, fixed_rollout, grpo_config, logged, token_parity_reward  # noqa: E402
 
 import torch  # noqa: E402
-
-import fused_wce  # noqa: E402
-
-if not hasattr(fused_wce, "linear_log_prob"):
-    fused_wce.linear_log_prob = materialised_linear_log_prob
 
 # Logged values that do not depend on how a step's sequences are split into micro-batches and ranks (TRL's kl,
 # entropy and clip ratios are means per micro-batch, averaged over the micro-batches: they do).

@@ -26,12 +26,6 @@ from fused_wce.trl_integration.trainer.grpo_trainer import FusedGRPOTrainer
 from fused_wce.trl_integration.trainer.log_prob_head import add_log_prob_lm_head
 
 
-@pytest.fixture(autouse=True)
-def linear_log_prob(monkeypatch):
-    if not hasattr(fused_wce, "linear_log_prob"):
-        monkeypatch.setattr(fused_wce, "linear_log_prob", materialised_linear_log_prob, raising=False)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer()

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 
 from trl_helpers import (arithmetic_prompts, fixed_rollout, gradient_recorder, grpo_config, logged,  # noqa: I001
-                         materialised_linear_log_prob, sft_config, tiny_model, token_parity_reward)
+                         sft_config, tiny_model, token_parity_reward)
 
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-import fused_wce
 from fused_wce.trl_integration import TurnWeighting, WeightedSFTTrainer
 from fused_wce.trl_integration.chat_data import build_tokenizer, load_default_dataset
 from fused_wce.trl_integration.trainer.collator import shifted_target_weights
@@ -33,12 +32,6 @@ TESTS = Path(__file__).parent
 WEIGHTING = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.3}, decay=0.5)
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are using 'rollout_func'")
-
-
-@pytest.fixture(autouse=True)
-def linear_log_prob(monkeypatch):
-    if not hasattr(fused_wce, "linear_log_prob"):
-        monkeypatch.setattr(fused_wce, "linear_log_prob", materialised_linear_log_prob, raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,8 @@ import json
 
 import pytest
 
-from trl_helpers import materialised_linear_log_prob  # noqa: I001  (sets HF_HUB_OFFLINE first)
+import trl_helpers  # noqa: F401, I001  (sets HF_HUB_OFFLINE first)
 
-import fused_wce
 from fused_wce.trl_integration import cli
 from fused_wce.trl_integration.chat_data import load_default_dataset
 from fused_wce.trl_integration.commands import hybrid
@@ -18,12 +17,6 @@ from fused_wce.trl_integration.commands.hybrid_data import (answer_reward, final
                                                             prompts_from_conversations)
 from fused_wce.trl_integration.commands.options import make_parser
 from fused_wce.trl_integration.trainer.hybrid_config import HybridConfig
-
-
-@pytest.fixture(autouse=True)
-def linear_log_prob(monkeypatch):
-    if not hasattr(fused_wce, "linear_log_prob"):
-        monkeypatch.setattr(fused_wce, "linear_log_prob", materialised_linear_log_prob, raising=False)
 
 
 def test_bare_run_gets_the_demo_defaults():
