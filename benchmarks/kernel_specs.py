@@ -133,22 +133,25 @@ def softmax_grad_spec(dtype: torch.dtype, config: KernelConfig, block_n: int,
 
 
 def logit_rows_spec(dtype: torch.dtype, config: KernelConfig, *, has_bias: bool, known_lse: bool,
-                    flags: VariantFlags = PLAIN_FLAGS, dft: bool = False, entropy_grad: bool = False) -> CompileSpec:
+                    flags: VariantFlags = PLAIN_FLAGS, dft: bool = False, entropy_grad: bool = False,
+                    write_grad: bool = True) -> CompileSpec:
     """The cuBLAS plan's row kernel writing ``dlogits`` in ``dtype``: a chunk (``known_lse`` False: stats and
     dlogits) or rows whose lse is given (``known_lse``: a lean-mode vocabulary slab, or the log-prob backward's
-    chunk); ``entropy_grad``: with the entropy's gradient."""
+    chunk); ``entropy_grad``: with the entropy's gradient; ``write_grad`` False: the statistics alone (the
+    statistics-only pass with ``logits_gemm="cublas"``)."""
     t = _TRITON_DTYPES[dtype]
-    signature = {"logits_ptr": "*fp32", "grad_ptr": _pointer(t), "bias_ptr": _pointer(t), "target_ptr": "*i64",
+    signature = {"logits_ptr": "*fp32", "grad_ptr": _pointer(t) if write_grad else "*fp32", "bias_ptr": _pointer(t),
+                 "target_ptr": "*i64",
                  "coef_ptr": "*fp32", "lse_ptr": "*fp32", "token_loss_ptr": "*fp32", "entropy_ptr": "*fp32",
                  "is_top1_ptr": "*i8", "z_term_ptr": "*fp32", "coef_out_ptr": "*fp32", "entropy_coef_ptr": "*fp32",
                  "V": "i32", "num_classes": "i32", "stride_logits_m": "i32", "stride_grad_m": "i32",
                  "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32", "logit_scale": "fp32"}
     constexprs = {"HAS_BIAS": has_bias, "HAS_SMOOTHING": flags.smoothing, "HAS_Z_LOSS": flags.z_loss,
                   "HAS_SOFTCAP": flags.softcap, "HAS_LOGIT_SCALE": flags.logit_scale, "HAS_DFT": dft and not known_lse,
-                  "KNOWN_LSE": known_lse, "WRITE_GRAD": True, "WRITE_COEF": dft and not known_lse,
+                  "KNOWN_LSE": known_lse, "WRITE_GRAD": write_grad, "WRITE_COEF": dft and not known_lse and write_grad,
                   "BLOCK_SIZE_N": config.block_n, "HAS_ENTROPY_GRAD": entropy_grad}
     signature.update({name: "constexpr" for name in constexprs})
-    mode = "slab" if known_lse else "chunk"
+    mode = "slab" if known_lse else "chunk" if write_grad else "stats"
     tag = flags.tag + ("+dft" if dft else "") + ("+entropy_grad" if entropy_grad else "")
     return CompileSpec(f"logit_rows[{mode},{'bias' if has_bias else 'no_bias'},{tag},{t}]", logit_rows_kernel,
                        signature, constexprs, config, multiplies=False,
@@ -161,10 +164,10 @@ def shipped_specs(capability: int, dtypes=(torch.bfloat16, torch.float16, torch.
 
     Every combination of the loss-variant flags for the dtypes in ``all_variants_for`` (bf16, the training
     dtype); plain and all-variants-on (the most registers) for the others; the row kernel (no tensor cores) in
-    its plain and all-on forms, with and without bias, chunk and slab, for every dtype. The log-prob backward's
-    entropy-gradient specialisations, per dtype: the row kernel with known lse (plain and softcap + scale, with and
-    without bias) and the tiled plan's ``softmax_grad`` (plain, softcap + scale), plus each kernel's heaviest form
-    (every flag on) as the register bound.
+    its plain and all-on forms, with and without bias, chunk, slab and statistics alone, for every dtype. The
+    log-prob backward's entropy-gradient specialisations, per dtype: the row kernel with known lse (plain and
+    softcap + scale, with and without bias) and the tiled plan's ``softmax_grad`` (plain, softcap + scale), plus
+    each kernel's heaviest form (every flag on) as the register bound.
     """
     combine_config = gpu_configs(capability, torch.bfloat16).combine
     specs = [combine_spec(combine_config, VariantFlags(smoothing=s, z_loss=z)) for s in (False, True)
@@ -183,6 +186,8 @@ def shipped_specs(capability: int, dtypes=(torch.bfloat16, torch.float16, torch.
                 for known_lse in (False, True):
                     specs.append(logit_rows_spec(dtype, configs.logit_rows, has_bias=has_bias, known_lse=known_lse,
                                                  flags=flags, dft=dft))
+                specs.append(logit_rows_spec(dtype, configs.logit_rows, has_bias=has_bias, known_lse=False,
+                                             flags=flags, dft=dft, write_grad=False))
         specs += _entropy_grad_specs(dtype, configs)
     return specs
 

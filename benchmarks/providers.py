@@ -30,6 +30,7 @@ with the reason printed and recorded. Only fused_wce's public API is used.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -244,9 +245,9 @@ def _make_trl(device: str, keywords: dict | None = None):
 LOG_PROB_VARIANTS = ("softcap", "logit_scale")  # what every log-prob provider takes (a model's own transform)
 
 
-def _make_fused_wce_log_prob(device: str, keywords: dict | None = None):
+def _make_fused_wce_log_prob(device: str, keywords: dict | None = None, **fixed):
     fused_wce = _import("fused_wce", "fused_wce")
-    variant = dict(keywords or {})
+    variant = {**(keywords or {}), **fixed}
 
     def objective_fn(hidden, weight, target, advantage):
         log_prob, entropy = fused_wce.linear_log_prob(hidden, weight, target, return_entropy=True, **variant)
@@ -390,6 +391,10 @@ PROVIDERS = [
     Provider("fused_wce_log_prob", "fused_wce.linear_log_prob(return_entropy=True) (Triton on CUDA, blocked "
              "PyTorch on CPU)", "per-token loss", True, ("cuda", "cpu"), _make_fused_wce_log_prob,
              is_fused_wce=True, variants=LOG_PROB_VARIANTS, objective="log_prob"),
+    Provider("fused_wce_log_prob_cublas", "fused_wce.linear_log_prob(return_entropy=True, logits_gemm='cublas'): "
+             "the statistics pass (the forward) on cuBLAS fp32 logits + the Triton row kernel", "per-token loss",
+             True, ("cuda",), functools.partial(_make_fused_wce_log_prob, logits_gemm="cublas"), is_fused_wce=True,
+             variants=LOG_PROB_VARIANTS, objective="log_prob"),
     Provider("trl_chunked_log_prob", "TRL 1.16 ChunkedLogProbFunction (log_probs, entropy), as GRPOTrainer's fused "
              "LM head calls it", "per-token loss", True, ("cuda", "cpu"), _make_trl_log_prob,
              variants=LOG_PROB_VARIANTS, objective="log_prob"),

@@ -302,8 +302,8 @@ def markdown(environment, rows, e2e_rows, checks, targets, skipped) -> str:
                  "problem. A provider that cannot express a variant is skipped on that row with the reason.")
     lines.append("- workloads ending in `/log_prob`: per-token log-probs and entropies through a GRPO-like objective "
                  "(`-(1/M) sum(a_i log p_i + 1e-3 H_i)`, signed advantages a_i per answer; benchmarks/workloads.py), "
-                 "measured with their own providers (fused_wce_log_prob, trl_chunked_log_prob, torch_log_softmax); "
-                 "*loss err* is the objective's error.")
+                 "measured with their own providers (fused_wce_log_prob, fused_wce_log_prob_cublas, "
+                 "trl_chunked_log_prob, torch_log_softmax); *loss err* is the objective's error.")
     lines.append("- weights: *in kernel* = per-token weights passed to the kernel; *per-token loss* = per-token "
                  "losses multiplied by the weights; *uniform* = the provider has no per-token weights and was fed "
                  "weight 1 on every counted token (compared with a uniform-weight reference).")

@@ -255,12 +255,28 @@ def _fused_wce(p: Problem, plan: str = "cublas") -> Algorithm:
                      tuple(phases), live)
 
 
-def _fused_wce_log_prob(p: Problem) -> Algorithm:
-    """fused_wce.linear_log_prob with both outputs differentiated: the forward is the statistics-only pass
-    (vocab_partials over all M rows, the vocabulary split so that ~4 programs per SM run, grouped program order;
-    combine), the backward one gradient pass given the forward's lse and entropy (the default cuBLAS plan,
-    logit_rows reading each fp32 row once): 8 M H V FLOPs."""
+def _fused_wce_log_prob(p: Problem, stats_plan: str = "tiled") -> Algorithm:
+    """fused_wce.linear_log_prob with both outputs differentiated: the forward is the statistics-only pass, the
+    backward one gradient pass given the forward's lse and entropy (the default cuBLAS plan, logit_rows reading
+    each fp32 row once): 8 M H V FLOPs. ``stats_plan`` "tiled" (the default): vocab_partials over all M rows,
+    the vocabulary split so that ~4 programs per SM run, grouped program order, then combine; "cublas"
+    (``logits_gemm="cublas"``): per chunk of the budget's fp32 [C, V], cuBLAS logits and one logit_rows read."""
     b, h, v, n, m = p.dtype_bytes, p.hidden, p.vocab, p.tokens, p.counted
+    forward, forward_live, forward_summary = (_cublas_statistics(p) if stats_plan == "cublas" else
+                                              _tiled_statistics(p))
+    chunk, chunks, backward, live = _fused_wce_gradient_pass(p, "cublas", prefix="backward: ", known_lse=True)
+    live = {"forward": {"gathered hidden [M, H]": m * h * b, **forward_live, "outputs": 3 * n * 4},
+            "backward (chunk loop)": live["chunk loop"], "backward (casts)": live["casts"]}
+    phases = [Phase("forward: gather counted rows", 0, n * h * b + m * h * b), *forward,
+              Phase("forward: scatter outputs", 0, 6 * n * 4)]
+    name = "fused_wce_log_prob" if stats_plan == "tiled" else "fused_wce_log_prob_cublas"
+    return Algorithm(name, f"{forward_summary}, then one gradient pass with the known lse: {chunks} chunks of {chunk}",
+                     m, tuple(phases + backward), live)
+
+
+def _tiled_statistics(p: Problem) -> tuple[list[Phase], dict, str]:
+    """The register-tiled statistics pass: its phases, tensors alive, summary."""
+    b, h, v, m = p.dtype_bytes, p.hidden, p.vocab, p.counted
     tiles = _cdiv(v, FUSED_WCE_VOCAB_TILE)
     row_blocks = _cdiv(m, FUSED_WCE_ROW_BLOCK) if m else 0
     splits = min(tiles, _cdiv(4 * FUSED_WCE_SMS, max(row_blocks, 1)))
@@ -268,15 +284,23 @@ def _fused_wce_log_prob(p: Problem) -> Algorithm:
     # splits) their hidden rows in L2, so the weight is read once per group and the hidden states once.
     weight_reads = _cdiv(row_blocks, FUSED_WCE_GROUP_M)
     summaries = 3 * splits * m * 4
-    phases = [Phase("forward: gather counted rows", 0, n * h * b + m * h * b),
-              _gemm("forward: vocab_partials (statistics only)", m, p,
+    phases = [_gemm("forward: vocab_partials (statistics only)", m, p,
                     weight_reads * v * h * b + m * h * b + summaries),
-              Phase("forward: combine, scatter outputs", 0, summaries + 6 * n * 4)]
-    chunk, chunks, backward, live = _fused_wce_gradient_pass(p, "cublas", prefix="backward: ", known_lse=True)
-    live = {"forward": {"gathered hidden [M, H]": m * h * b, "summaries": summaries, "outputs": 3 * n * 4},
-            "backward (chunk loop)": live["chunk loop"], "backward (casts)": live["casts"]}
-    return Algorithm("fused_wce_log_prob", f"statistics pass ({splits} splits), then one gradient pass with the "
-                     f"known lse: {chunks} chunks of {chunk}", m, tuple(phases + backward), live)
+              Phase("forward: combine", 0, summaries)]
+    return phases, {"summaries": summaries}, f"statistics pass ({splits} splits)"
+
+
+def _cublas_statistics(p: Problem) -> tuple[list[Phase], dict, str]:
+    """The statistics pass on cuBLAS logits: per chunk of the budget's fp32 [C, V], one GEMM with fp32 output
+    and one logit_rows read of each row."""
+    b, h, v, m = p.dtype_bytes, p.hidden, p.vocab, p.counted
+    spend = fused_wce_budget.budget_bytes(cpu=False, lean=False)
+    chunk = min(fused_wce_budget.chunk_rows(v, 4, budget=spend, multiple=128), max(m, 1))
+    chunks = _cdiv(m, chunk) if m else 0
+    logits32 = m * v * 4
+    phases = [_gemm("forward: logits = X @ W^T (cuBLAS, fp32 out)", m, p, chunks * v * h * b + m * h * b + logits32),
+              Phase("forward: logit_rows (one read, statistics)", 0, logits32 + 6 * m * 4)]
+    return phases, {"fp32 logits chunk [C, V]": chunk * v * 4}, f"cuBLAS statistics ({chunks} chunks of {chunk})"
 
 
 def _fused_wce_lean(p: Problem) -> Algorithm:
@@ -503,6 +527,7 @@ PROVIDERS = {
     "cce_exact": lambda p: _cce(p, exact=True),
     # The log-prob workloads (objective "log_prob"): TRL's GRPO head runs the same function as its SFT head.
     "fused_wce_log_prob": _fused_wce_log_prob,
+    "fused_wce_log_prob_cublas": lambda p: _fused_wce_log_prob(p, stats_plan="cublas"),
     "trl_chunked_log_prob": lambda p: _trl(p, name="trl_chunked_log_prob"),
     "torch_log_softmax": _torch_log_softmax,
 }

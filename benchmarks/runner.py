@@ -23,7 +23,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_PROB_PROVIDERS = ["torch_log_softmax", "trl_chunked_log_prob", "fused_wce_log_prob"]
 GPU_PROVIDERS = ["torch_eager", "torch_compile", "torch_chunked", "trl_chunked", "liger", "liger_fp32acc", "cce",
                  "cce_exact", "fused_wce[torch]", "fused_wce_lean", "fused_wce_tiled", *LOG_PROB_PROVIDERS,
-                 "fused_wce"]
+                 "fused_wce_log_prob_cublas", "fused_wce"]
 CPU_PROVIDERS = ["torch_eager", "torch_chunked", "trl_chunked", *LOG_PROB_PROVIDERS, "fused_wce"]
 # The timed CPU profile keeps to the comparison (TRL's CPU fallback is in the smoke run and with
 # --providers), so that it stays CI-sized on 2 cores; the log-prob row compares with TRL's log-prob function.

@@ -73,10 +73,12 @@ def linear_cross_entropy(
             the weight's dtype, instead of accumulating an fp32 ``[V, H]`` over token chunks: with bf16 weights
             the extra memory falls from ``6 * V * H`` bytes (fp32 accumulator + bf16 copy) to ``~0``, for
             ``8 * M * H * V`` instead of ``6 * M * H * V`` FLOPs. Same loss and gradients up to rounding.
-        logits_gemm: how the Triton path's gradient pass forms a chunk's logits: ``"cublas"`` (a cuBLAS GEMM
-            with fp32 output, then one Triton row kernel), ``"triton"`` (a register-tiled Triton matmul that
-            stores tile-relative logits in the compute dtype), or ``"auto"`` (the one measured faster).
-            Same results up to rounding; the CPU path ignores it.
+        logits_gemm: how the Triton path forms a chunk's logits: ``"cublas"`` (a cuBLAS GEMM with fp32 output,
+            then one Triton row kernel; in the statistics-only pass too), ``"triton"`` (a register-tiled Triton
+            matmul: in the gradient pass it stores tile-relative logits in the compute dtype, in the
+            statistics-only pass it stores none), or ``"auto"`` (``"cublas"`` for the gradient pass, measured
+            faster; ``"triton"`` for the statistics-only pass: no-grad calls, evaluation, the forward of
+            ``reduction="none"``). Same results up to rounding; the CPU path ignores it.
 
     Vocabulary parallelism (a tensor-parallel LM head, docs/vocab_parallel.md): ``weight`` (and ``bias``) may be
     a DTensor sharded ``Shard(0)`` on a 1-D mesh, or this rank's rows ``[vocab_start, vocab_start + rows)`` of

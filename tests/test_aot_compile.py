@@ -34,9 +34,9 @@ def test_shipped_kernels_compile_without_spills(compiled, capability):
     rows = [row for row in compiled if row["capability"] == capability]
     # 4 combine flag sets; bf16: 16 variant flag sets x (4 vocab_partials + softmax_grad);
     # fp16 and fp32: 2 flag sets (plain, all on) x 5 (the gradient GEMMs are cuBLAS);
-    # logit_rows: 3 dtypes x 2 flag sets x bias or not x chunk or slab;
+    # logit_rows: 3 dtypes x 2 flag sets x bias or not x chunk, slab or statistics alone;
     # the entropy gradient, per dtype: logit_rows known-lse 2 flag sets x bias or not + all-on, softmax_grad 3
-    assert len(rows) == 4 + 16 * 5 + 2 * 2 * 5 + 3 * 2 * 2 * 2 + 3 * (2 * 2 + 1 + 3)
+    assert len(rows) == 4 + 16 * 5 + 2 * 2 * 5 + 3 * 2 * 2 * 3 + 3 * (2 * 2 + 1 + 3)
     for row in rows:
         where = f"{row['name']} on sm_{capability}"
         if row["multiplies"]:

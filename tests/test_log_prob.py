@@ -90,6 +90,24 @@ def test_matches_reference(path, variant, upstream, poison):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["plain", "softcap+scale+temperature"])
+def test_statistics_pass_through_cublas(path, variant, dtype, monkeypatch, poison):
+    """logits_gemm="cublas": the forward (the statistics-only pass) runs on cuBLAS fp32 logits and logit_rows;
+    the outputs and the gradients given them match the reference."""
+    if path[1] != "triton" or len(path) == 3:
+        pytest.skip("the Triton path's default logits plan: logits_gemm='cublas' changes only its statistics pass")
+    import fused_wce.backends.triton_chunks as triton_chunks
+
+    calls = []
+    original = triton_chunks._cublas_stats_pass
+    monkeypatch.setattr(triton_chunks, "_cublas_stats_pass", lambda *args: calls.append(1) or original(*args))
+    problem = make_problem((3, 11), 40, 600, dtype, path[0], bias=dtype == torch.float32, weighted=False,
+                           ignore_fraction=0.25)
+    check_against_reference(problem, path, dtype, "both", chunk_size=8, logits_gemm="cublas", **VARIANTS[variant])
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dtypes_against_torch_same_dtype_error(path, dtype, poison):
     problem = make_problem((2, 13), 48, 500, dtype, path[0], bias=dtype == torch.float32, weighted=False)
     check_against_reference(problem, path, dtype, "both", chunk_size=16, **VARIANTS["softcap+scale+temperature"])

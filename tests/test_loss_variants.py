@@ -60,6 +60,53 @@ def test_variants_with_normalizer_and_no_grad(path, poison):
     torch.testing.assert_close(out.z_loss, ref.z_loss.float(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture
+def cublas_statistics_pass(path, monkeypatch):
+    """For the Triton path: counts the statistics-only passes that ran through cuBLAS logits."""
+    if path[1] != "triton" or len(path) == 3:
+        pytest.skip("the Triton path's default logits plan: logits_gemm='cublas' changes only its statistics pass")
+    import fused_wce.backends.triton_chunks as triton_chunks
+
+    calls = []
+    original = triton_chunks._cublas_stats_pass
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].num_tokens)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(triton_chunks, "_cublas_stats_pass", counted)
+    return calls
+
+
+@pytest.mark.parametrize("variant", ["plain", *ALL], ids=["plain", *ALL])
+def test_statistics_pass_through_cublas(path, variant, cublas_statistics_pass, poison):
+    """logits_gemm="cublas": the statistics-only pass (reduction="none"'s forward, a no-grad call) runs on cuBLAS
+    fp32 logits and logit_rows; its outputs and the gradients after it match the reference in every variant."""
+    options = {} if variant == "plain" else ALL[variant]
+    problem = make_problem((3, 13), 96, 1000, torch.float32, path[0], bias=True)
+    check_against_reference(problem, path, torch.float32, reduction="none", chunk_size=16, logits_gemm="cublas",
+                            **options)
+    assert len(cublas_statistics_pass) == 1
+    with torch.no_grad():
+        out = fused_wce.linear_cross_entropy(problem.hidden, problem.weight, problem.target, problem.token_weight,
+                                             bias=problem.bias, return_stats=True, backend=path[1], chunk_size=16,
+                                             logits_gemm="cublas", **options)
+    assert len(cublas_statistics_pass) == 2
+    ref = fused_wce.reference_linear_cross_entropy(problem.hidden, problem.weight, problem.target,
+                                                   problem.token_weight, bias=problem.bias, return_stats=True,
+                                                   **options)
+    for name in ("loss", "token_loss", "lse", "entropy"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_statistics_pass_through_cublas_half_precision(path, dtype, cublas_statistics_pass, poison):
+    problem = make_problem((2, 11), 96, 1000, dtype, path[0])
+    check_against_reference(problem, path, dtype, reduction="none", chunk_size=8, logits_gemm="cublas",
+                            **ALL["all"])
+    assert len(cublas_statistics_pass) == 1
+
+
 def test_softcap_bounds_logits(path):
     """With a softcap every logit is in (-cap, cap), so lse <= cap + log V whatever the hidden states."""
     problem = make_problem((2, 5), 32, 200, torch.float32, path[0], logit_scale=1000.0)

@@ -1,9 +1,13 @@
 """The Triton path: drives the kernels of :mod:`fused_wce.kernels` over the counted tokens.
 
-**Statistics only** (no gradient wanted, and the forward of ``reduction="none"``): one ``vocab_partials``
-launch over all counted tokens with the vocabulary split across programs (grouped program order, so programs
-that read the same weight tiles run together), then ``combine``. Logit tiles live only in registers; memory is
-three ``[splits, M]`` fp32 summaries. ``2 M H V`` FLOPs.
+**Statistics only** (no gradient wanted, and the forward of ``reduction="none"`` and of the log-probs): by
+default (``logits_gemm`` "auto" or "triton") one ``vocab_partials`` launch over all counted tokens with the
+vocabulary split across programs (grouped program order, so programs that read the same weight tiles run
+together), then ``combine``. Logit tiles live only in registers; memory is three ``[splits, M]`` fp32
+summaries. ``2 M H V`` FLOPs. With ``logits_gemm="cublas"`` the statistics pass runs the cuBLAS plan's chunk
+loop without gradients instead: per chunk, cuBLAS writes fp32 ``[C, V]`` logits (the budget's bytes in fp32)
+and ``logit_rows`` reads each row once for every per-token output (cuBLAS's GEMM rate, for one fp32 write and
+read of the logits).
 
 **With gradients**, per chunk of ``C`` tokens, one of two plans (``LossOptions.logits_gemm``) produces the
 chunk's ``dlogits`` ``[C, V]`` in the compute dtype:
@@ -49,15 +53,18 @@ from ..loss_math import SliceSummary, dft_factor, merge_stacked_summaries
 from ..passes import Gradients, PassRequest, PassResult, TokenStatBuffers, allocate_gradients
 from .gemm import matmul_into
 
-# The plan "auto" selects for the gradient pass (benchmarks/NOTES.md has the measurement behind it).
+# The plan "auto" selects for the gradient pass (benchmarks/NOTES.md has the measurement behind it) and for the
+# statistics-only pass (the register-tiled kernel, which writes no logits).
 DEFAULT_LOGITS_GEMM = "cublas"
+DEFAULT_STATS_GEMM = "triton"
 
 
 def run_pass(request: PassRequest) -> PassResult:
     hidden, weight, bias = _kernel_inputs(request)
     if not request.wants_gradients:
         stats = TokenStatBuffers.allocate(request, torch.int8)
-        _stats_pass(request, hidden, weight, bias, stats)
+        stats_pass = _cublas_stats_pass if _stats_plan_name(request) == "cublas" else _stats_pass
+        stats_pass(request, hidden, weight, bias, stats)
         return PassResult(stats.finish(), allocate_gradients(request))
     plan = _plan_class(request)(request, hidden, weight, bias)
     gradients = allocate_gradients(request)
@@ -91,6 +98,11 @@ def _plan_class(request: PassRequest):
     return PLANS[DEFAULT_LOGITS_GEMM if plan_name == "auto" else plan_name]
 
 
+def _stats_plan_name(request: PassRequest) -> str:
+    plan_name = request.options.logits_gemm
+    return DEFAULT_STATS_GEMM if plan_name == "auto" else plan_name
+
+
 # ------------------------------------------------------------------------------------------- statistics only
 def _stats_pass(request: PassRequest, hidden, weight, bias, stats: TokenStatBuffers) -> None:
     options = request.options
@@ -99,6 +111,26 @@ def _stats_pass(request: PassRequest, hidden, weight, bias, stats: TokenStatBuff
     combine(partials, target_logit, stats, configs.combine, options=options, vocab_size=request.vocab_size)
     if options.dft:
         _apply_dft(stats, dft_factor(stats.lse, target_logit))
+
+
+def _cublas_stats_pass(request: PassRequest, hidden, weight, bias, stats: TokenStatBuffers) -> None:
+    """The statistics through cuBLAS: per chunk of rows (the budget's ``[C, V]`` in fp32), the raw fp32 logits
+    from one GEMM, then ``logit_rows`` without a gradient (one read of each row: lse, loss, entropy, top-1,
+    z term, DFT's factor)."""
+    vocab_size, num_tokens, device = request.vocab_size, request.num_tokens, hidden.device
+    spend = budget.budget_bytes(cpu=False, lean=request.lean)
+    rows = request.options.chunk_size or budget.chunk_rows(vocab_size, 4, budget=spend,
+                                                           multiple=CublasPlan.row_multiple)
+    rows = max(1, min(rows, num_tokens))
+    buffer = passes.uninitialized(rows * vocab_size, dtype=torch.float32, device=device)
+    config = configs_for(device, hidden.dtype).logit_rows
+    for start in range(0, num_tokens, rows):
+        chunk = slice(start, min(start + rows, num_tokens))
+        logits = buffer[: (chunk.stop - start) * vocab_size].view(-1, vocab_size)
+        matmul_into(hidden[chunk], weight.T, logits, accumulate=False)
+        chunk_stats = stats.rows(chunk)
+        logit_rows(logits, None, bias, request.target[chunk], None, chunk_stats.lse, config,
+                   options=request.options, num_classes=vocab_size, stats=chunk_stats)
 
 
 def _split_partials(request: PassRequest, hidden, weight, bias, target_logit: torch.Tensor):

@@ -144,7 +144,7 @@ def logit_rows_kernel(
 
 
 def logit_rows(logits: torch.Tensor, grad: torch.Tensor | None, bias: torch.Tensor | None, target: torch.Tensor,
-               coef: torch.Tensor, lse: torch.Tensor, config, *, options, num_classes: int,
+               coef: torch.Tensor | None, lse: torch.Tensor, config, *, options, num_classes: int,
                stats=None, coef_out: torch.Tensor | None = None, entropy_coef: torch.Tensor | None = None,
                entropy: torch.Tensor | None = None) -> None:
     """Launch :func:`logit_rows_kernel`, one program per row of ``logits`` ``[M, V]`` (fp32, unit column stride).
@@ -155,9 +155,13 @@ def logit_rows(logits: torch.Tensor, grad: torch.Tensor | None, bias: torch.Tens
     statistics an earlier pass found). ``grad`` ``[M, V]`` (unit column stride, possibly sharing storage with
     ``logits``) receives ``dlogits`` when given; ``coef_out`` receives the coefficient with DFT's factor.
     ``entropy_coef`` ``[M]`` adds the entropy's gradient; without ``stats`` it needs the rows' ``entropy``.
+    ``coef`` may be None only without ``grad`` and ``coef_out`` (statistics alone).
     """
     num_rows, vocab_size = logits.shape
     assert logits.dtype == torch.float32 and logits.stride(1) == 1
+    if coef is None:
+        assert grad is None and coef_out is None and stats is not None, "statistics alone need no coefficient"
+        coef = lse  # read, never used
     assert target.shape == (num_rows,) and coef.shape == (num_rows,) and lse.shape == (num_rows,)
     if grad is not None:
         assert grad.shape == (num_rows, vocab_size) and grad.stride(1) == 1
