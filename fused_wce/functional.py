@@ -14,6 +14,7 @@ from .options import LossOptions
 from .outputs import LossOutput
 from .validation import check_tensors
 from .vocab_parallel import local_inputs, vocab_parallel_loss_op
+from .vocab_parallel_log_prob import vocab_parallel_log_prob_op
 
 
 def linear_cross_entropy(
@@ -148,6 +149,9 @@ def linear_log_prob(
     compute_dtype: torch.dtype | None = None,
     lean_memory: bool = False,
     logits_gemm: str = "auto",
+    process_group=None,
+    vocab_start: int | None = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities ``log p(target)`` (and entropies) of ``hidden @ weight.T + bias``, without the
     full logits: what every policy-gradient loss (GRPO, DAPO, Dr.GRPO, PPO clipping, a KL to a reference model)
@@ -168,6 +172,9 @@ def linear_log_prob(
         return_entropy: also return each token's entropy (nats) of the same distribution.
         ignore_index: targets with this value get log-prob and entropy 0 and no gradient (prompt, padding).
         chunk_size, backend, compute_dtype, lean_memory, logits_gemm: as for :func:`linear_cross_entropy`.
+        process_group, vocab_start, sequence_parallel: a vocabulary-parallel LM head, as for
+            :func:`linear_cross_entropy` (or ``weight``/``bias`` as DTensors sharded ``Shard(0)``): every rank gets
+            its tokens' log-probs and entropies over the whole vocabulary, and the gradients of its weight rows.
 
     Returns:
         ``log_prob`` float32 shaped like ``target`` (0 where ignored), or ``(log_prob, entropy)`` with
@@ -185,10 +192,12 @@ def linear_log_prob(
     options = LossOptions(ignore_index=ignore_index, reduction="none", chunk_size=chunk_size, backend=backend,
                           softcap=softcap, logit_scale=logit_scale, compute_dtype=compute_dtype,
                           lean_memory=lean_memory, logits_gemm=logits_gemm).tempered(temperature)
+    hidden, weight, target, _, bias, _, shard = local_inputs(hidden, weight, target, None, bias, None, process_group,
+                                                             vocab_start, sequence_parallel)
     check_tensors(hidden, weight, target, None, bias, None, options)
     options = options.resolved(hidden)
-    log_prob, entropy, _ = log_prob_op(hidden.reshape(-1, weight.shape[1]), weight, bias, target.reshape(-1),
-                                       options)
+    flat = (hidden.reshape(-1, weight.shape[1]), weight, bias, target.reshape(-1), options)
+    log_prob, entropy, _ = log_prob_op(*flat) if shard is None else vocab_parallel_log_prob_op(*flat, shard)
     shape = target.shape
     if return_entropy:
         return log_prob.view(shape), entropy.view(shape)

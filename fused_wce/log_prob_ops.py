@@ -36,18 +36,21 @@ def _options(option_fields: dict) -> LossOptions:
 
 
 # ----------------------------------------------------------------------------------------------- forward op
-def _log_prob_impl(hidden, weight, bias, target, **option_fields):
+def log_prob_forward(hidden, weight, bias, target, options: LossOptions, run=_run_counted):
     """``(log_prob, entropy, lse)``, each float32 ``[N]`` and 0 where ``target == ignore_index``, from one
-    statistics-only pass. hidden ``[N, H]`` and weight ``[V, H]`` in any float dtype (cast to
-    ``compute_dtype``), target ``[N]``."""
-    options = _options(option_fields)
-    num_tokens = target.shape[0]
+    statistics-only pass (``run``: :func:`fused_wce.custom_ops._run_counted`, or a vocabulary slice's)."""
+    result, index, _ = run(hidden, weight, bias, target, None, None, options, lambda counted_weight, index: None,
+                           (False, False, False))
+    stats = result.stats
+    return tuple(_scatter_rows(values, index, target.shape[0])
+                 for values in (stats.token_loss.neg(), stats.entropy, stats.lse))
+
+
+def _log_prob_impl(hidden, weight, bias, target, **option_fields):
+    """``(log_prob, entropy, lse)`` (:func:`log_prob_forward`). hidden ``[N, H]`` and weight ``[V, H]`` in any
+    float dtype (cast to ``compute_dtype``), target ``[N]``."""
     with torch.autocast(hidden.device.type, enabled=False), _on_device(hidden):
-        result, index, _ = _run_counted(hidden, weight, bias, target, None, None, options,
-                                        lambda counted_weight, index: None, (False, False, False))
-        stats = result.stats
-        return tuple(_scatter_rows(values, index, num_tokens)
-                     for values in (stats.token_loss.neg(), stats.entropy, stats.lse))
+        return log_prob_forward(hidden, weight, bias, target, _options(option_fields))
 
 
 _log_prob_op = torch.library.custom_op(
@@ -61,13 +64,12 @@ def _log_prob_op_fake(hidden, weight, bias, target, **option_fields):
 
 
 # ---------------------------------------------------------------------------------------------- backward op
-def _log_prob_backward_impl(hidden, weight, bias, target, lse, entropy, grad_log_prob, grad_entropy, *,
-                            grad_hidden, grad_weight, grad_bias, **option_fields):
+def log_prob_backward(hidden, weight, bias, target, lse, entropy, grad_log_prob, grad_entropy, options: LossOptions,
+                      need_grads, run=_run_counted):
     """The gradients for the upstream gradients of the log-probs and entropies (``[N]`` each, or None when that
     output was not differentiated), from one pass given the forward's ``lse`` and ``entropy`` ``[N]``. Outputs
     ``(grad_hidden [N, H] in hidden's dtype, grad_weight [V, H] float32 (weight's dtype with lean_memory),
     grad_bias [V] float32)``, each ``[0]`` when not wanted."""
-    options = _options(option_fields)
     extras = {}
 
     def coef_of(counted_weight, index):
@@ -84,14 +86,20 @@ def _log_prob_backward_impl(hidden, weight, bias, target, lse, entropy, grad_log
     def extras_of(index):
         return {"entropy_coef": extras["entropy_coef"], "known": extras["known"]}
 
+    result, index, _ = run(hidden, weight, bias, target, None, None, options, coef_of, need_grads, extras_of)
+    outputs = _gradient_outputs(result.gradients, index, target.shape[0], hidden)
+    if options.compute_dtype == torch.float16:
+        for t in outputs:
+            t.mul_(extras["scale"])
+    return outputs
+
+
+def _log_prob_backward_impl(hidden, weight, bias, target, lse, entropy, grad_log_prob, grad_entropy, *,
+                            grad_hidden, grad_weight, grad_bias, **option_fields):
+    """:func:`log_prob_backward` of one process."""
     with torch.autocast(hidden.device.type, enabled=False), _on_device(hidden):
-        result, index, _ = _run_counted(hidden, weight, bias, target, None, None, options, coef_of,
-                                        (grad_hidden, grad_weight, grad_bias), extras_of)
-        outputs = _gradient_outputs(result.gradients, index, target.shape[0], hidden)
-        if options.compute_dtype == torch.float16:
-            for t in outputs:
-                t.mul_(extras["scale"])
-        return outputs
+        return log_prob_backward(hidden, weight, bias, target, lse, entropy, grad_log_prob, grad_entropy,
+                                 _options(option_fields), (grad_hidden, grad_weight, grad_bias))
 
 
 _log_prob_backward_op = torch.library.custom_op(
@@ -109,7 +117,7 @@ def _log_prob_backward_op_fake(hidden, weight, bias, target, lse, entropy, grad_
 
 # ----------------------------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    hidden, weight, bias, target = inputs
+    hidden, weight, bias, target = inputs[:4]
     log_prob, entropy, lse = output
     ctx.set_materialize_grads(False)  # an output nobody differentiates costs nothing in the backward
     ctx.mark_non_differentiable(lse)
@@ -118,23 +126,28 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.save_for_backward(hidden, weight, bias, target, lse, entropy)
 
 
-def _backward(ctx, grad_log_prob, grad_entropy, unused_grad_lse):
-    if grad_log_prob is None and grad_entropy is None:
-        return None, None, None, None
-    hidden, weight, bias, target, lse, entropy = ctx.saved_tensors
-    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    need_bias = need_bias and bias is not None
-    grad_hidden, grad_weight, grad_bias = _log_prob_backward_op(
-        hidden, weight, bias, target, lse, entropy, grad_log_prob, grad_entropy, grad_hidden=need_hidden,
-        grad_weight=need_weight, grad_bias=need_bias, **ctx.keywords)
-    hidden_dtype, weight_dtype = ctx.dtypes
-    return (grad_hidden.to(hidden_dtype) if need_hidden else None,
-            grad_weight.to(weight_dtype) if need_weight else None,
-            grad_bias.to(weight_dtype) if need_bias else None,
-            None)
+def register_log_prob_autograd(forward_op, backward_op) -> None:
+    """The autograd of a log-prob forward op (inputs ``hidden, weight, bias, target``, outputs ``(log_prob,
+    entropy, lse)``, keyword-only options): its backward calls ``backward_op`` with the same keywords."""
+    def backward(ctx, grad_log_prob, grad_entropy, unused_grad_lse):
+        if grad_log_prob is None and grad_entropy is None:
+            return None, None, None, None
+        hidden, weight, bias, target, lse, entropy = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_bias = need_bias and bias is not None
+        grad_hidden, grad_weight, grad_bias = backward_op(
+            hidden, weight, bias, target, lse, entropy, grad_log_prob, grad_entropy, grad_hidden=need_hidden,
+            grad_weight=need_weight, grad_bias=need_bias, **ctx.keywords)
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (grad_hidden.to(hidden_dtype) if need_hidden else None,
+                grad_weight.to(weight_dtype) if need_weight else None,
+                grad_bias.to(weight_dtype) if need_bias else None,
+                None)
+
+    forward_op.register_autograd(backward, setup_context=_setup_context)
 
 
-_log_prob_op.register_autograd(_backward, setup_context=_setup_context)
+register_log_prob_autograd(_log_prob_op, _log_prob_backward_op)
 
 
 def log_prob_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,

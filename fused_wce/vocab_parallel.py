@@ -222,9 +222,12 @@ def _shard_of_process_group(weight, group, vocab_start, sequence_parallel: bool)
 def sliced_pass(request: PassRequest, shard: VocabShard) -> PassResult:
     """One pass over the counted tokens of ``request`` (its weight: this rank's slice, its target relative to
     the slice) on every rank of ``shard.group``: the stats of the whole rows, and this slice's gradients with
-    ``grad_hidden`` in fp32, not yet summed over the ranks."""
+    ``grad_hidden`` in fp32, not yet summed over the ranks. With ``request.known`` (the rows' whole-row lse and
+    entropy) the gradients alone, without a collective."""
     options = request.options
     backend = backend_for(options.backend, request.hidden.device)
+    if request.known is not None:  # the log-prob backward: the whole rows' lse and entropy are known
+        return PassResult(None, backend.slice_gradients(request, request.known.lse, shard.vocab_size))
     summary = _merged(backend.slice_summaries(request), shard)
     stats = finish_token_stats(summary[:3], summary.target_logit, options, summary.sum_logits, shard.vocab_size)
     coef = request.coef
@@ -253,12 +256,13 @@ def _all_gather(tensor: Tensor, group) -> Tensor:
 
 
 def _run_sliced(shard: VocabShard, hidden, weight, bias, target, token_weight, normalizer, options: LossOptions,
-                coef_of, need_grads):
+                coef_of, need_grads, extras_of=None):
     """:func:`fused_wce.custom_ops._run_counted` for a vocabulary slice: count and gather the tokens, check that
     every rank has the same ones (unless they were gathered), run :func:`sliced_pass`; without sequence
     parallelism, all-reduce ``grad_hidden`` (fp32) and return it in hidden's dtype."""
     request, index, counted_weight = counted_request(hidden, weight, bias, target, token_weight, normalizer, options,
-                                                     coef_of, need_grads, vocab_size=shard.vocab_size)
+                                                     coef_of, need_grads, vocab_size=shard.vocab_size,
+                                                     extras_of=extras_of)
     if not shard.sequence_parallel:
         _check_same_tokens(shard, index, request.target, counted_weight)
     if request.num_tokens == 0:

@@ -27,9 +27,11 @@ import fused_wce
 from fused_wce.backends import backend_for
 from fused_wce.custom_ops import counted_request
 from fused_wce.loss_math import SliceSummary, finish_token_stats, merge_slice_summaries
-from helpers import assert_close, make_problem, torch_eager_same_dtype
-from vocab_parallel_worker import (CASES, ERROR_CASES, GROUP_SIZES, SHAPE, TRAINING, build_training_model,
-                                   case_problem, case_spec, train_steps, training_batch)
+from fused_wce.passes import KnownRowStats
+from helpers import assert_close, make_problem, torch_eager_log_prob, torch_eager_same_dtype
+from vocab_parallel_worker import (CASES, ERROR_CASES, GROUP_SIZES, LOG_PROB_CASES, SHAPE, TRAINING,
+                                   build_training_model, case_problem, case_spec, log_prob_head_step, train_steps,
+                                   training_batch)
 
 TESTS = Path(__file__).parent
 PROCESSES = max(GROUP_SIZES)
@@ -80,6 +82,44 @@ def test_slices_merge_to_the_whole_vocabulary(path, options, poison):
         assert_close(actual, getattr(ref, name).reshape(-1)[index], None, torch.float32, name)
     assert torch.equal(stats.is_top1, ref.is_top1.reshape(-1)[index])
     grad_hidden = torch.zeros_like(problem.hidden.detach().reshape(-1, 40))
+    grad_hidden[index] = sum(g.hidden for g in gradients)
+    assert_close(grad_hidden, ref_grads[0].reshape(-1, 40), None, torch.float32, "grad_hidden")
+    assert_close(torch.cat([g.weight for g in gradients]), ref_grads[1], None, torch.float32, "grad_weight")
+    assert_close(torch.cat([g.bias for g in gradients]), ref_grads[2], None, torch.float32, "grad_bias")
+
+
+def test_log_prob_slices_merge_to_the_whole_vocabulary(path, poison):
+    """The log-prob backward on three uneven vocabulary slices, each given the whole rows' lse and entropy (as
+    three ranks are), with signed coefficients on log p and on the entropy: their gradients sum to the whole
+    vocabulary's."""
+    device, backend = path[:2]
+    problem = make_problem((2, 13), 40, 230, torch.float32, device, bias=True, weighted=False, seed=4)
+    options = fused_wce.LossOptions(backend=backend, compute_dtype=torch.float32, reduction="none",
+                                    softcap=5.0).tempered(0.7)
+    generator = torch.Generator().manual_seed(5)
+    grad_log_prob, grad_entropy = (torch.randn(problem.target.shape, generator=generator, dtype=torch.float64)
+                                   .to(device) for _ in range(2))
+    ref = fused_wce.reference_linear_log_prob(problem.hidden, problem.weight, problem.target, bias=problem.bias,
+                                              return_entropy=True, temperature=0.7, softcap=5.0)
+    ref_grads = torch.autograd.grad((ref[0] * grad_log_prob).sum() + (ref[1] * grad_entropy).sum(),
+                                    (problem.hidden, problem.weight, problem.bias))
+    flat = (problem.hidden.detach().reshape(-1, 40), problem.weight.detach(), problem.bias.detach(),
+            problem.target.reshape(-1), None)
+    request, index, _ = counted_request(*flat, None, options, lambda weight, index: -grad_log_prob.reshape(-1)[index]
+                                        .float(), (True, True, True))
+    logits = (problem.hidden.detach().double().reshape(-1, 40) @ problem.weight.detach().double().T
+              + problem.bias.detach().double())
+    z = 5.0 * torch.tanh(logits / 5.0) / 0.7  # the whole rows' lse and entropy, as the forward gives every rank
+    whole_lse = z.logsumexp(-1)[index].float()
+    whole_entropy = ref[1].detach().reshape(-1)[index].float()
+    run = backend_for(backend, torch.device(device))
+    gradients = [run.slice_gradients(
+        dataclasses.replace(request, weight=request.weight[rows], bias=request.bias[rows],
+                            target=request.target - rows.start, grad_hidden_dtype=torch.float32,
+                            entropy_coef=grad_entropy.reshape(-1)[index].float(),
+                            known=KnownRowStats(whole_lse, whole_entropy)), whole_lse, 230)
+                 for rows in (slice(0, 90), slice(90, 101), slice(101, 230))]
+    grad_hidden = torch.zeros_like(flat[0])
     grad_hidden[index] = sum(g.hidden for g in gradients)
     assert_close(grad_hidden, ref_grads[0].reshape(-1, 40), None, torch.float32, "grad_hidden")
     assert_close(torch.cat([g.weight for g in gradients]), ref_grads[1], None, torch.float32, "grad_weight")
@@ -184,6 +224,12 @@ def test_case_matches_one_process_reference(results, size, name):
         assert_close(_per_token(ranks, name_, problem.target), getattr(ref, name_), getattr(eager, name_), dtype,
                      name_)
     _assert_top1(_per_token(ranks, "is_top1", problem.target), ref.is_top1, problem)
+    _assert_gradients(ranks, problem, grads, eager_grads, dtype)
+
+
+def _assert_gradients(ranks: list[dict], problem, grads, eager_grads, dtype) -> None:
+    """The ranks' gradients, assembled (hidden: every rank's tokens, or the same on every rank; weight and bias:
+    each rank its rows), against the reference's ``grads`` with ``eager_grads`` as the yardstick."""
     if grads is None:
         assert "hidden" not in ranks[0]
         return
@@ -197,6 +243,35 @@ def test_case_matches_one_process_reference(results, size, name):
         for result in ranks:
             full[slice(*result["rows"])] = result[key]
         assert_close(full, grads[i], eager_grads[i], dtype, f"grad_{key}")
+
+
+@pytest.mark.parametrize("size, name", [(size, name) for name in LOG_PROB_CASES for size in GROUP_SIZES])
+def test_log_prob_case_matches_one_process_reference(results, size, name):
+    """linear_log_prob on a vocabulary-parallel head: every rank's log-probs and entropies of its tokens, and the
+    gradients for signed upstream gradients of both, equal the one-process float64 reference."""
+    ranks = results[0][f"{size}/{name}"]
+    assert len(ranks) == size
+    spec = case_spec(name)
+    problem, upstream = case_problem(name)
+    variant = {key: spec["options"][key] for key in ("temperature", "softcap", "logit_scale", "ignore_index")
+               if key in spec["options"]}
+    ref = fused_wce.reference_linear_log_prob(problem.hidden, problem.weight, problem.target, bias=problem.bias,
+                                              return_entropy=True, **variant)
+    dtype = spec["dtype"]
+    eager = torch_eager_log_prob(problem, **variant) if dtype != torch.float32 else (None, None)
+    for i, key in enumerate(("log_prob", "entropy")):
+        assert_close(_per_token(ranks, key, problem.target), ref[i], eager[i], dtype, key)
+    grads = eager_grads = None
+    if spec["requires_grad"]:
+        inputs = [t for t in (problem.hidden, problem.weight, problem.bias) if t is not None]
+
+        def objective(log_prob, entropy, grad_dtype):
+            return sum((value * grad.to(grad_dtype)).sum() for value, grad in zip((log_prob, entropy), upstream))
+
+        grads = torch.autograd.grad(objective(*ref, torch.float64), inputs)
+        eager_grads = ((None,) * len(inputs) if eager[0] is None
+                       else torch.autograd.grad(objective(*eager, torch.float32), inputs))
+    _assert_gradients(ranks, problem, grads, eager_grads, dtype)
 
 
 @pytest.mark.parametrize("size", GROUP_SIZES)
@@ -230,6 +305,22 @@ def test_training_with_tensor_parallel_head_equals_one_process(results, size, sc
         assert result["losses"] == pytest.approx(losses, rel=1e-5)
         for name, param in model.named_parameters():
             torch.testing.assert_close(result["params"][name], param.detach(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("size", GROUP_SIZES)
+def test_log_prob_head_with_tensor_parallel_head_equals_one_process(results, size):
+    """GRPO's fused head (``add_log_prob_lm_head``) on a model whose LM head is sharded by vocabulary
+    (``ColwiseParallel``): every rank's log-probs, entropies and parameter gradients equal one process's."""
+    from fused_wce.trl_integration.trainer.log_prob_head import add_log_prob_lm_head
+
+    model = build_training_model("colwise_parallel_head", 1, None)
+    add_log_prob_lm_head(model, temperature=0.8)
+    expected = log_prob_head_step(model, training_batch(model.config.vocab_size))
+    for result in results[0][f"{size}/log_prob_head"]:
+        for key in ("log_probs", "entropy"):
+            torch.testing.assert_close(result[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+        for name, grad in expected["grads"].items():
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # --------------------------------------------------------------------------------------------- roofline

@@ -81,6 +81,19 @@ CASES = {
     "replicated_weight_dtensor": dict(layout="dtensor_replicate"),
 }
 ERROR_CASES = ("different_tokens_per_rank", "slices_overlap", "replicated_weight_dtensor")
+# fused_wce.linear_log_prob (return_entropy=True) cases: the same layouts; "options" go to linear_log_prob.
+LOG_PROB_CASES = {
+    "log_prob_temperature_bias": dict(bias=True, options=dict(temperature=0.7)),
+    "log_prob_transform_plain": dict(layout="plain", bias=True,
+                                     options=dict(softcap=5.0, logit_scale=0.8, temperature=1.3)),
+    "log_prob_ignore_index": dict(ignore_index=-1, options=dict(ignore_index=-1)),
+    "log_prob_bf16": dict(dtype=torch.bfloat16, options=dict(temperature=0.7)),
+    "log_prob_sequence_parallel_plain": dict(layout="plain_sp", bias=True, options=dict(temperature=0.7)),
+    "log_prob_sequence_parallel_dtensor": dict(layout="dtensor_sp", options=dict(softcap=5.0)),
+    "log_prob_triton_plain": dict(layout="plain", backend="triton", bias=True,
+                                  options=dict(softcap=5.0, temperature=0.7)),
+    "log_prob_no_grad": dict(requires_grad=False),
+}
 TRAINING = ("colwise_parallel_head", "transformers_tp_plan")
 TRAINING_STEPS = 2
 LEARNING_RATE = 0.5
@@ -90,6 +103,9 @@ def case_spec(name: str) -> dict:
     spec = dict(layout="dtensor", dtype=torch.float32, backend="torch", bias=False, weighted=True,
                 ignore_index=-100, ignore_fraction=0.2, normalizer=None, requires_grad=True, compiled=False,
                 sizes=GROUP_SIZES, options={})
+    if name in LOG_PROB_CASES:
+        spec.update(LOG_PROB_CASES[name], weighted=False)
+        return spec
     spec.update(CASES[name])
     spec["options"] = dict(reduction="mean", **spec["options"]) if "reduction" not in spec["options"] else \
         dict(spec["options"])
@@ -97,12 +113,16 @@ def case_spec(name: str) -> dict:
 
 
 def case_problem(name: str):
-    """The case's whole problem (seeded) and its upstream gradient (float64: ``[N]`` for reduction="none")."""
+    """The case's whole problem (seeded) and its upstream gradient (float64: ``[N]`` for reduction="none";
+    a log-prob case's: ``([N], [N])`` for the log-probs and the entropies)."""
     spec = case_spec(name)
+    seed = sorted(CASES).index(name) if name in CASES else 100 + sorted(LOG_PROB_CASES).index(name)
     problem = make_problem(SHAPE, HIDDEN, VOCAB, spec["dtype"], bias=spec["bias"], weighted=spec["weighted"],
                            ignore_index=spec["ignore_index"], ignore_fraction=spec["ignore_fraction"],
-                           seed=sorted(CASES).index(name), requires_grad=spec["requires_grad"])
+                           seed=seed, requires_grad=spec["requires_grad"])
     generator = torch.Generator().manual_seed(99)
+    if name in LOG_PROB_CASES:
+        return problem, tuple(torch.randn(SHAPE, generator=generator, dtype=torch.float64) * 2 for _ in range(2))
     upstream = (torch.randn(SHAPE, generator=generator, dtype=torch.float64)
                 if spec["options"]["reduction"] == "none" else torch.tensor(0.75, dtype=torch.float64))
     return problem, upstream
@@ -140,7 +160,6 @@ def vocab_rows(layout: str, world_size: int, rank: int) -> tuple[int, int]:
 # -------------------------------------------------------------------------------------------- loss cases
 def run_case(name: str, group, mesh) -> dict:
     import fused_wce
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     spec = case_spec(name)
     problem, upstream = case_problem(name)
@@ -150,34 +169,10 @@ def run_case(name: str, group, mesh) -> dict:
     if spec.get("perturb_rank_targets"):
         target = target.clone()
         target[0, 0] = (target[0, 0].clamp_min(0) + 1 + rank) % VOCAB  # a different token on every rank
-
-    def leaf(t):
-        return None if t is None else t.detach().clone().requires_grad_(spec["requires_grad"])
-
-    first, stop = vocab_rows(layout, world_size, rank)
-    kwargs = dict(bias=None, backend=spec["backend"], return_stats=True, normalizer=spec["normalizer"], **options)
-    hidden = leaf(problem.hidden)
-    if layout in ("dtensor", "dtensor_sp", "dtensor_replicate"):
-        placement = Replicate() if layout == "dtensor_replicate" else Shard(0)
-        weight = leaf(distribute_tensor(problem.weight.detach(), mesh, [placement]))
-        bias = None if problem.bias is None else leaf(distribute_tensor(problem.bias.detach(), mesh, [placement]))
-        if layout == "dtensor_sp":
-            hidden = leaf(distribute_tensor(problem.hidden.detach(), mesh, [Shard(1)]))
-            target = distribute_tensor(target, mesh, [Shard(1)])
-            token_weight = distribute_tensor(token_weight, mesh, [Shard(1)])
-    else:
-        starts = PLAIN_SLICES[world_size]
-        if spec.get("overlap"):
-            starts = tuple((start + (i == 1), rows) for i, (start, rows) in enumerate(starts))  # rank 1: one row late
-        weight = leaf(problem.weight.detach()[first:stop])
-        bias = None if problem.bias is None else leaf(problem.bias.detach()[first:stop])
-        kwargs.update(process_group=group, vocab_start=starts[rank][0])
-        if layout == "plain_sp":
-            tokens = slice(*token_range(layout, world_size, rank))
-            hidden = leaf(problem.hidden.detach().flatten(0, 1)[tokens])
-            target, token_weight = target.flatten()[tokens], token_weight.flatten()[tokens]
-            kwargs.update(sequence_parallel=True)
-    kwargs["bias"] = bias
+    hidden, weight, bias, target, token_weight, layout_kwargs = _rank_tensors(spec, problem, target, token_weight,
+                                                                              group, mesh)
+    kwargs = dict(bias=bias, backend=spec["backend"], return_stats=True, normalizer=spec["normalizer"], **options,
+                  **layout_kwargs)
     loss_function = torch.compile(fused_wce.linear_cross_entropy, fullgraph=True) if spec["compiled"] \
         else fused_wce.linear_cross_entropy
     collectives = _CollectiveLog() if spec.get("record_collectives") else None
@@ -198,16 +193,83 @@ def run_case(name: str, group, mesh) -> dict:
             grad_output = _local_tokens(grad_output, layout, world_size, rank)
         with collectives or contextlib.nullcontext():
             out.loss.backward(grad_output)
-        result.update(hidden=_local(hidden.grad), weight=_local(weight.grad),
-                      bias=None if bias is None else _local(bias.grad))
+        result.update(_rank_gradients(hidden, weight, bias))
     if collectives is not None:
         result["collectives"] = collectives.calls
-    result.update(rows=(first, stop), layout=layout)
-    if layout == "dtensor_sp":
-        result["columns"] = dtensor_sp_columns(world_size, rank)
+    return {**result, **_rank_layout(layout, world_size, rank)}
+
+
+def run_log_prob_case(name: str, group, mesh) -> dict:
+    """A :data:`LOG_PROB_CASES` case: ``linear_log_prob(return_entropy=True)`` on this rank's layout, then the
+    backward of ``sum(g_lp * log_prob + g_H * entropy)`` for the case's upstream gradients of its tokens."""
+    import fused_wce
+
+    spec = case_spec(name)
+    problem, upstream = case_problem(name)
+    layout, world_size, rank = spec["layout"], dist.get_world_size(group), dist.get_rank(group)
+    hidden, weight, bias, target, _, layout_kwargs = _rank_tensors(spec, problem, problem.target,
+                                                                   problem.token_weight, group, mesh)
+    with torch.set_grad_enabled(spec["requires_grad"]):
+        log_prob, entropy = fused_wce.linear_log_prob(hidden, weight, target, bias=bias, return_entropy=True,
+                                                      backend=spec["backend"], **spec["options"], **layout_kwargs)
+    result = {"log_prob": log_prob.detach().clone(), "entropy": entropy.detach().clone()}
+    if spec["requires_grad"]:
+        grad_log_prob, grad_entropy = (_local_tokens(g.float(), layout, world_size, rank) for g in upstream)
+        ((log_prob * grad_log_prob).sum() + (entropy * grad_entropy).sum()).backward()
+        result.update(_rank_gradients(hidden, weight, bias))
+    return {**result, **_rank_layout(layout, world_size, rank)}
+
+
+def _rank_tensors(spec: dict, problem, target, token_weight, group, mesh):
+    """This rank's hidden, weight, bias, target and token_weight in the case's layout (leaves requiring grad as
+    the case says), and the keywords that describe a plain layout (process_group, vocab_start,
+    sequence_parallel)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    layout, world_size, rank = spec["layout"], dist.get_world_size(group), dist.get_rank(group)
+
+    def leaf(t):
+        return None if t is None else t.detach().clone().requires_grad_(spec["requires_grad"])
+
+    first, stop = vocab_rows(layout, world_size, rank)
+    kwargs = {}
+    hidden = leaf(problem.hidden)
+    if layout in ("dtensor", "dtensor_sp", "dtensor_replicate"):
+        placement = Replicate() if layout == "dtensor_replicate" else Shard(0)
+        weight = leaf(distribute_tensor(problem.weight.detach(), mesh, [placement]))
+        bias = None if problem.bias is None else leaf(distribute_tensor(problem.bias.detach(), mesh, [placement]))
+        if layout == "dtensor_sp":
+            hidden = leaf(distribute_tensor(problem.hidden.detach(), mesh, [Shard(1)]))
+            target = distribute_tensor(target, mesh, [Shard(1)])
+            token_weight = None if token_weight is None else distribute_tensor(token_weight, mesh, [Shard(1)])
     else:
-        result["tokens"] = token_range(layout, world_size, rank)
-    return result
+        starts = PLAIN_SLICES[world_size]
+        if spec.get("overlap"):
+            starts = tuple((start + (i == 1), rows) for i, (start, rows) in enumerate(starts))  # rank 1: one row late
+        weight = leaf(problem.weight.detach()[first:stop])
+        bias = None if problem.bias is None else leaf(problem.bias.detach()[first:stop])
+        kwargs.update(process_group=group, vocab_start=starts[rank][0])
+        if layout == "plain_sp":
+            tokens = slice(*token_range(layout, world_size, rank))
+            hidden = leaf(problem.hidden.detach().flatten(0, 1)[tokens])
+            target = target.flatten()[tokens]
+            token_weight = None if token_weight is None else token_weight.flatten()[tokens]
+            kwargs.update(sequence_parallel=True)
+    return hidden, weight, bias, target, token_weight, kwargs
+
+
+def _rank_gradients(hidden, weight, bias) -> dict:
+    return dict(hidden=_local(hidden.grad), weight=_local(weight.grad), bias=None if bias is None else _local(bias.grad))
+
+
+def _rank_layout(layout: str, world_size: int, rank: int) -> dict:
+    """Where this rank's outputs sit in the whole problem: its vocabulary rows and its tokens."""
+    where = dict(rows=vocab_rows(layout, world_size, rank), layout=layout)
+    if layout == "dtensor_sp":
+        where["columns"] = dtensor_sp_columns(world_size, rank)
+    else:
+        where["tokens"] = token_range(layout, world_size, rank)
+    return where
 
 
 class _CollectiveLog:
@@ -320,6 +382,34 @@ def run_training(scenario: str, group, mesh, out: Path) -> dict:
     return {"losses": losses, "params": params, "layout": layout}
 
 
+def log_prob_head_step(model, batch) -> dict:
+    """One backward through ``add_log_prob_lm_head``'s fused call (temperature 0.8, entropies), TRL's GRPO call
+    convention: the objective ``sum(a * log_probs + 0.1 * a * entropy)`` with signed per-sequence ``a``.
+    Returns the per-token outputs and every parameter's gradient (whole tensors)."""
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[0, :4] = -100
+    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                   fused_lm_head=True)
+    advantage = torch.tensor([1.5, -0.7, 0.4, -1.2])[:, None]
+    (advantage * output.log_probs + 0.1 * advantage * output.entropy).sum().backward()
+    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+             for name, p in model.named_parameters()}
+    return {"log_probs": output.log_probs.detach().clone(), "entropy": output.entropy.detach().clone(),
+            "grads": grads}
+
+
+def run_log_prob_head(group, mesh) -> dict:
+    """:func:`log_prob_head_step` with the LM head sharded by vocabulary over the group (``ColwiseParallel``)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from fused_wce.trl_integration.trainer.log_prob_head import add_log_prob_lm_head
+
+    model = build_training_model("colwise_parallel_head", dist.get_world_size(group), None)
+    add_log_prob_lm_head(model, temperature=0.8)
+    parallelize_module(model, mesh, {"lm_head": ColwiseParallel()})
+    return log_prob_head_step(model, training_batch(model.config.vocab_size))
+
+
 def save_checkpoint(out: Path) -> None:
     """The seeded model transformers' tp_plan loads (written once, by rank 0)."""
     from transformers import LlamaForCausalLM
@@ -355,10 +445,13 @@ def main(out_dir: str) -> None:
             for name in CASES:
                 if size in case_spec(name)["sizes"]:
                     results[f"{size}/{name}"] = _run_recorded(run_case, name, groups[size], meshes[size])
+            for name in LOG_PROB_CASES:
+                results[f"{size}/{name}"] = _run_recorded(run_log_prob_case, name, groups[size], meshes[size])
             for scenario in TRAINING:
                 if scenario == "transformers_tp_plan" and size != world:
                     continue  # from_pretrained(tp_plan=) shards over the whole world
                 results[f"{size}/{scenario}"] = _run_recorded(run_training, scenario, groups[size], meshes[size], out)
+            results[f"{size}/log_prob_head"] = _run_recorded(run_log_prob_head, groups[size], meshes[size])
         dist.barrier()
     torch.save(results, out / f"rank{rank}.pt")
     dist.barrier()

@@ -126,10 +126,12 @@ def slice_summaries(request: PassRequest) -> SliceSummary:
 def slice_gradients(request: PassRequest, lse: torch.Tensor, num_classes: int) -> Gradients:
     """Pass 2 alone for the request's vocabulary slice: the gradients given each row's whole-row ``lse`` and
     final coefficient ``request.coef`` (DFT's factor included); ``num_classes`` is the whole vocabulary's
-    size. ``grad_hidden`` is this slice's part of the hidden gradient."""
+    size. ``grad_hidden`` is this slice's part of the hidden gradient. With ``request.entropy_coef`` the
+    entropy's gradient too, from the whole-row entropy in ``request.known``."""
     plan = BlockPlan(request, num_classes=num_classes)
     gradients = allocate_gradients(request)
-    _gradients(plan, lse, request.coef, gradients)
+    entropy = None if request.known is None else request.known.entropy
+    _gradients(plan, lse, request.coef, gradients, entropy=entropy, entropy_coef=request.entropy_coef)
     return gradients
 
 

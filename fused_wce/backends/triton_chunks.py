@@ -173,6 +173,7 @@ def slice_summaries(request: PassRequest) -> SliceSummary:
 def slice_gradients(request: PassRequest, lse: torch.Tensor, num_classes: int) -> Gradients:
     """The gradients of the request's vocabulary slice given each row's whole-row ``lse`` and final
     coefficient ``request.coef`` (DFT's factor included); ``num_classes`` is the whole vocabulary's size.
+    With ``request.entropy_coef`` the entropy's gradient too, from the whole-row entropy in ``request.known``.
 
     Vocabulary slabs ``[M, S]`` of all rows (the lean slab loop, with the rows' lse known): each slab's
     ``dlogits`` give its rows of ``grad_weight`` (written once: fp32, or the weight's dtype in lean mode) and
@@ -180,7 +181,8 @@ def slice_gradients(request: PassRequest, lse: torch.Tensor, num_classes: int) -
     hidden, weight, bias = _kernel_inputs(request)
     plan = _plan_class(request)(request, hidden, weight, bias, num_classes=num_classes, slabs=True)
     gradients = allocate_gradients(request)
-    _slab_loop(plan, request, lse, request.coef, gradients.weight, gradients.hidden, gradients.bias)
+    entropy = None if request.known is None else request.known.entropy
+    _slab_loop(plan, request, lse, request.coef, gradients.weight, gradients.hidden, gradients.bias, entropy=entropy)
     return gradients
 
 

@@ -305,8 +305,7 @@ def _run_in_head(head: torch.nn.Module, hidden_states: torch.Tensor, call: HeadC
             if tensor_parallel:
                 raise NotImplementedError(
                     f"{call.DESCRIPTION} does not support tensor-parallel LM heads (a vocabulary-sharded "
-                    f"DTensor weight, placements {sharded.placements}); only the weighted cross-entropy runs on "
-                    "their local rows")
+                    f"DTensor weight, placements {sharded.placements}): it cannot run on their local rows")
             raise RuntimeError(
                 f"the LM head's parameters are DTensors (placements {sharded.placements}) where the fused loss "
                 f"reads them: the head ({type(head).__name__}) was not unsharded. Shard the head "

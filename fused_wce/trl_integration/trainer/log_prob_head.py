@@ -39,6 +39,7 @@ class _HeadLogProbCall(HeadCall):
 
     __slots__ = ("target", "options")
     DESCRIPTION = "the fused log-probability head"
+    VOCAB_PARALLEL = True  # linear_log_prob takes a vocabulary-sharded DTensor weight
 
     def __init__(self, target: torch.Tensor, options: _LogProbOptions):
         self.target, self.options = target, options
