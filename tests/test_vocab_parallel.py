@@ -245,7 +245,8 @@ def _assert_gradients(ranks: list[dict], problem, grads, eager_grads, dtype) -> 
         assert_close(full, grads[i], eager_grads[i], dtype, f"grad_{key}")
 
 
-@pytest.mark.parametrize("size, name", [(size, name) for name in LOG_PROB_CASES for size in GROUP_SIZES])
+@pytest.mark.parametrize("size, name", [(size, name) for name in LOG_PROB_CASES
+                                        for size in case_spec(name)["sizes"]])
 def test_log_prob_case_matches_one_process_reference(results, size, name):
     """linear_log_prob on a vocabulary-parallel head: every rank's log-probs and entropies of its tokens, and the
     gradients for signed upstream gradients of both, equal the one-process float64 reference."""

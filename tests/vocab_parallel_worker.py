@@ -93,6 +93,7 @@ LOG_PROB_CASES = {
     "log_prob_triton_plain": dict(layout="plain", backend="triton", bias=True,
                                   options=dict(softcap=5.0, temperature=0.7)),
     "log_prob_no_grad": dict(requires_grad=False),
+    "log_prob_compiled_fullgraph": dict(compiled=True, sizes=(2,), bias=True, options=dict(temperature=0.7)),
 }
 TRAINING = ("colwise_parallel_head", "transformers_tp_plan")
 TRAINING_STEPS = 2
@@ -209,9 +210,11 @@ def run_log_prob_case(name: str, group, mesh) -> dict:
     layout, world_size, rank = spec["layout"], dist.get_world_size(group), dist.get_rank(group)
     hidden, weight, bias, target, _, layout_kwargs = _rank_tensors(spec, problem, problem.target,
                                                                    problem.token_weight, group, mesh)
+    log_prob_function = torch.compile(fused_wce.linear_log_prob, fullgraph=True) if spec["compiled"] \
+        else fused_wce.linear_log_prob
     with torch.set_grad_enabled(spec["requires_grad"]):
-        log_prob, entropy = fused_wce.linear_log_prob(hidden, weight, target, bias=bias, return_entropy=True,
-                                                      backend=spec["backend"], **spec["options"], **layout_kwargs)
+        log_prob, entropy = log_prob_function(hidden, weight, target, bias=bias, return_entropy=True,
+                                              backend=spec["backend"], **spec["options"], **layout_kwargs)
     result = {"log_prob": log_prob.detach().clone(), "entropy": entropy.detach().clone()}
     if spec["requires_grad"]:
         grad_log_prob, grad_entropy = (_local_tokens(g.float(), layout, world_size, rank) for g in upstream)
@@ -446,7 +449,8 @@ def main(out_dir: str) -> None:
                 if size in case_spec(name)["sizes"]:
                     results[f"{size}/{name}"] = _run_recorded(run_case, name, groups[size], meshes[size])
             for name in LOG_PROB_CASES:
-                results[f"{size}/{name}"] = _run_recorded(run_log_prob_case, name, groups[size], meshes[size])
+                if size in case_spec(name)["sizes"]:
+                    results[f"{size}/{name}"] = _run_recorded(run_log_prob_case, name, groups[size], meshes[size])
             for scenario in TRAINING:
                 if scenario == "transformers_tp_plan" and size != world:
                     continue  # from_pretrained(tp_plan=) shards over the whole world
