@@ -1,10 +1,12 @@
 """Tokenization throughput: ``tokenize_with_weights`` against TRL's own tokenization, by conversation length.
 
-    python -m benchmarks tokenization [--messages 2 10 100 1000] [--min-seconds 2] [--out bench_out]
+    python -m benchmarks tokenization [--messages 2 10 100 1000] [--min-seconds 2] [--chat-template FILE]
+                                      [--out bench_out]
 
 CPU only. Conversations of 2, 10, 100 and 1000 messages are built from the shipped dataset (its conversations
 joined one after another, one system prompt at the start) and tokenized with the shipped tokenizer and its ChatML
-template, which has ``{% generation %}`` blocks:
+template, which has ``{% generation %}`` blocks, or the Jinja template of ``--chat-template`` (e.g. one of
+tests/chat_templates/, a model family's training template):
 
 * ``trl``: what ``SFTTrainer`` does per conversation with ``assistant_only_loss=True`` (``trl.data_utils``):
   ``apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)``;
@@ -50,11 +52,14 @@ def _throughput(call, min_seconds: float) -> tuple[float, float, int]:
             return calls / max(cpu_s, 1e-9), calls / max(wall_s, 1e-9), calls
 
 
-def measure(sizes=DEFAULT_MESSAGES, min_seconds: float = 2.0) -> list[dict]:
-    """One row per conversation length: tokens, conversations/s of both, and the time ratio."""
+def measure(sizes=DEFAULT_MESSAGES, min_seconds: float = 2.0, chat_template: str | None = None) -> list[dict]:
+    """One row per conversation length: tokens, conversations/s of both, and the time ratio; ``chat_template``
+    (Jinja source) replaces the shipped tokenizer's template."""
     from fused_wce.trl_integration import TurnWeighting, build_tokenizer, load_default_dataset, tokenize_with_weights
 
     tokenizer = build_tokenizer()
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     conversations = load_default_dataset()["messages"]
     weighting = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.1})
     rows = []
@@ -100,13 +105,22 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.tokeni
                         help="conversation lengths in messages (default: 2 10 100 1000)")
     parser.add_argument("--min-seconds", type=float, default=2.0,
                         help="CPU seconds each tokenizer is repeated for, per length (default: 2)")
+    parser.add_argument("--chat-template", metavar="FILE",
+                        help="a Jinja chat template file to use instead of the shipped ChatML one")
     parser.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.messages):
         parser.error(f"--messages must be >= 1, got {args.messages}")
     if args.min_seconds < 0:
         parser.error(f"--min-seconds must be >= 0, got {args.min_seconds}")
-    rows = measure(args.messages, args.min_seconds)
+    chat_template = None
+    if args.chat_template is not None:
+        try:
+            with open(args.chat_template) as handle:
+                chat_template = handle.read()
+        except OSError as error:
+            parser.error(f"--chat-template: cannot read {args.chat_template!r}: {error.strerror}")
+    rows = measure(args.messages, args.min_seconds, chat_template)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tokenization.csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[key for key in rows[0] if key != "calls"], extrasaction="ignore")
