@@ -203,7 +203,7 @@ def _no_interpreter(a):
     a["options"]["backend"] = "triton"
 
 
-M = "meta"  # "another device": a meta tensor exercises the device checks on a machine without a second device
+M = "meta"  # "another device": a meta tensor exercises the device checks without a second GPU
 
 CASES = [
     # hidden
