@@ -344,11 +344,12 @@ def _split_keywords(keywords: dict) -> tuple[dict, dict]:
     return {name: rest.pop(name) for name in _SHARD_FIELDS}, rest
 
 
-def _shard_options_run(keywords: dict):
-    """``(shard, options, run)`` of an op call: ``run`` counts the tokens and runs their sliced pass."""
+def shard_options_run(keywords: dict, make_options=lambda fields: LossOptions(**fields)):
+    """``(shard, options, run)`` of an op call: ``run`` counts the tokens and runs their sliced pass;
+    ``make_options`` builds the options from the op's option keywords."""
     shard_fields, option_fields = _split_keywords(keywords)
     shard = VocabShard.from_op_kwargs(**shard_fields)
-    return shard, LossOptions(**option_fields), functools.partial(_run_sliced, shard)
+    return shard, make_options(option_fields), functools.partial(_run_sliced, shard)
 
 
 def _vp_loss_impl(hidden, weight, bias, target, token_weight, normalizer, *, grad_hidden, grad_weight, grad_bias,
@@ -356,7 +357,7 @@ def _vp_loss_impl(hidden, weight, bias, target, token_weight, normalizer, *, gra
     """The one-process op's outputs (:data:`fused_wce.custom_ops.FORWARD_OUTPUTS`) for this rank's local
     tensors: the loss and per-token outputs of the whole vocabulary (per-token: this rank's tokens), the
     gradients of this rank's hidden and of its weight and bias rows."""
-    shard, options, run = _shard_options_run(keywords)
+    shard, options, run = shard_options_run(keywords)
     need_grads = (grad_hidden, grad_weight, grad_bias)
     with torch.autocast(hidden.device.type, enabled=False), _on_device(hidden):
         if not shard.sequence_parallel:
@@ -388,7 +389,7 @@ def _vp_loss_backward_impl(hidden, weight, bias, target, token_weight, grad_outp
                            grad_bias, **keywords):
     """reduction="none": the gradients of this rank's tensors for the upstream gradient ``grad_output`` of its
     tokens' losses (a second vocabulary-parallel pass, as the one-process backward op)."""
-    shard, options, run = _shard_options_run(keywords)
+    shard, options, run = shard_options_run(keywords)
     need_grads = (grad_hidden, grad_weight, grad_bias)
     with torch.autocast(hidden.device.type, enabled=False), _on_device(hidden):
         if not shard.sequence_parallel:

@@ -15,32 +15,20 @@ or split over the ranks with ``sequence_parallel``. Two custom ops, as in one pr
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from .custom_ops import _TAGS, _on_device
-from .log_prob_ops import (_log_prob_backward_op_fake, _log_prob_op_fake, _options, log_prob_backward,
-                           log_prob_forward, register_log_prob_autograd)
+from .log_prob_ops import (_INPUTS, _SCHEMA_OPTIONS, _log_prob_backward_op_fake, _log_prob_op_fake, _options,
+                           log_prob_backward, log_prob_forward, register_log_prob_autograd)
 from .options import LOG_PROB_FIELDS, LossOptions
-from .vocab_parallel import _SHARD_SCHEMA, VocabShard, _run_sliced, _split_keywords, _TokenShards
-
-_INPUTS = "Tensor hidden, Tensor weight, Tensor? bias, Tensor target"
-_SCHEMA_OPTIONS = LossOptions.op_schema(LOG_PROB_FIELDS)
-
-
-def _shard_options_run(keywords: dict):
-    """``(shard, options, run)`` of an op call: ``run`` counts the tokens and runs their sliced pass."""
-    shard_fields, option_fields = _split_keywords(keywords)
-    shard = VocabShard.from_op_kwargs(**shard_fields)
-    return shard, _options(option_fields), functools.partial(_run_sliced, shard)
+from .vocab_parallel import _SHARD_SCHEMA, VocabShard, _split_keywords, _TokenShards, shard_options_run
 
 
 # ----------------------------------------------------------------------------------------------- forward op
 def _vp_log_prob_impl(hidden, weight, bias, target, **keywords):
     """``(log_prob, entropy, lse)`` of this rank's tokens over the whole vocabulary, each float32 ``[N]``."""
-    shard, options, run = _shard_options_run(keywords)
+    shard, options, run = shard_options_run(keywords, _options)
     with torch.autocast(hidden.device.type, enabled=False), _on_device(hidden):
         if not shard.sequence_parallel:
             return log_prob_forward(hidden, weight, bias, target, options, run=run)
@@ -64,7 +52,7 @@ def _vp_log_prob_op_fake(hidden, weight, bias, target, **keywords):
 def _vp_log_prob_backward_impl(hidden, weight, bias, target, lse, entropy, grad_log_prob, grad_entropy, *,
                                grad_hidden, grad_weight, grad_bias, **keywords):
     """The gradients of this rank's hidden and of its weight and bias rows (:func:`log_prob_backward`)."""
-    shard, options, run = _shard_options_run(keywords)
+    shard, options, run = shard_options_run(keywords, _options)
     need_grads = (grad_hidden, grad_weight, grad_bias)
     with torch.autocast(hidden.device.type, enabled=False), _on_device(hidden):
         if not shard.sequence_parallel:

@@ -83,3 +83,21 @@ def poison(monkeypatch):
         return torch.full(shape, fill, dtype=dtype, device=device)
 
     monkeypatch.setattr(passes, "uninitialized", poisoned)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The shipped tokenizer (ChatML template), one per test module."""
+    from fused_wce.trl_integration.chat_data import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_path(tokenizer, tmp_path_factory):
+    """A saved tiny Llama: GRPOTrainer builds its reference model (beta > 0) from the policy's path."""
+    from trl_helpers import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model("llama", tokenizer).save_pretrained(path)
+    return str(path)

@@ -39,10 +39,13 @@ import sys
 import traceback
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+from helpers import end_distributed_worker  # noqa: E402
 
 WORLD_SIZE = 2
 ROWS_PER_RANK = 2
@@ -253,13 +256,7 @@ def main(out_dir: str, scenarios: list[str]) -> None:
         if rank == 0:
             torch.save(result, out / f"{scenario}.pt")
         dist.barrier()
-    dist.destroy_process_group()
-    # Every result is written. Skip the interpreter's teardown: with gloo, torch 2.13 sometimes aborts there
-    # ("terminate called without an active exception", no Python frame, ~1 run in 8, after
-    # destroy_process_group returned), which would fail the launch for nothing this test checks.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_distributed_worker()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from trl_helpers import arithmetic_prompts, fixed_rollout, grpo_config, logged, 
 
 import torch  # noqa: E402
 
+from helpers import end_distributed_worker  # noqa: E402
+
 # Logged values that do not depend on how a step's sequences are split into micro-batches and ranks (TRL's kl,
 # entropy and clip ratios are means per micro-batch, averaged over the micro-batches: they do).
 LOGGED = ("loss", "hybrid/mu", "hybrid/grpo_loss", "hybrid/sft_loss", "loss/assistant", "loss/user", "reward")
@@ -89,13 +91,7 @@ def main(out_dir: str, model_dir: str, scenarios: list[str]) -> None:
                 outcome = {"error": "\n".join(error for error in errors if error)}
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(outcome, out / f"{scenario}.pt")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    # Every result is written; skip the interpreter's teardown (see tests/fsdp_worker.py: gloo sometimes aborts there).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_distributed_worker()
 
 
 if __name__ == "__main__":

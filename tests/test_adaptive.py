@@ -10,7 +10,7 @@ from trl_helpers import logged, sft_config, tiny_model  # noqa: I001  (sets HF_H
 import torch
 
 from fused_wce.trl_integration import TurnWeighting, WeightedSFTTrainer
-from fused_wce.trl_integration.chat_data import build_tokenizer, load_default_dataset
+from fused_wce.trl_integration.chat_data import load_default_dataset
 from fused_wce.trl_integration.chat_weights.adaptive import AdaptiveTurnWeights, AdaptiveWeightState
 from fused_wce.trl_integration.token_codes import turn_index_names
 
@@ -118,11 +118,6 @@ def test_cli_form():
 
 
 # ------------------------------------------------------------------------------------------------ in training
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
 @pytest.fixture(scope="module")
 def conversations():
     return load_default_dataset().select(range(32))

@@ -21,11 +21,6 @@ from fused_wce.trl_integration import TurnWeighting, tokenize_with_weights
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def conversations():
     return generate_conversations()
 

@@ -11,7 +11,6 @@ from trl_helpers import tiny_model  # noqa: I001  (sets HF_HUB_OFFLINE first)
 
 import torch
 
-from fused_wce.trl_integration.chat_data import build_tokenizer
 from fused_wce.trl_integration.chat_weights.tokenize import tokenize_with_weights
 from fused_wce.trl_integration.chat_weights.turn_weighting import TurnWeighting
 from fused_wce.trl_integration.evaluation import measure, model_calls
@@ -30,11 +29,6 @@ CONVERSATION = [
     {"role": "user", "content": "What is my name?"},
     {"role": "assistant", "content": "Your name is Mei.", "needs_history": True, "expected": "Mei"},
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from fsdp_worker import TEMPERATURE, log_prob_coefficients, make_batch, make_model
-from fused_wce.trl_integration.chat_data import build_tokenizer
 from fused_wce.trl_integration.trainer.lm_head import WeightedLossInputs, add_weighted_lm_head
 
 TESTS = Path(__file__).parent
@@ -152,11 +151,6 @@ def test_sharded_head_weight_inside_the_head_is_a_clear_error(results):
 
 
 # ------------------------------------------------------------------------------------ single process, no FSDP
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
 def _loss_inputs(model, rows=2, length=10, seed=0):
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, model.config.vocab_size, (rows, length), generator=generator)

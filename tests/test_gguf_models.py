@@ -10,18 +10,12 @@ from trl_helpers import tiny_model  # noqa: I001  (sets HF_HUB_OFFLINE first)
 import torch
 
 from fused_wce.trl_integration import cli, gguf_models
-from fused_wce.trl_integration.chat_data import build_tokenizer
 from gguf_helpers import write_llama_gguf
 
 pytest.importorskip("gguf")
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "My name is Mei."},
             {"role": "assistant", "content": "Your name is Mei."}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])

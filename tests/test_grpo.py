@@ -21,22 +21,8 @@ from trl.trainer import utils as trl_utils
 from trl.trainer.utils import add_fused_lm_head
 
 import fused_wce
-from fused_wce.trl_integration.chat_data import build_tokenizer
 from fused_wce.trl_integration.trainer.grpo_trainer import FusedGRPOTrainer
 from fused_wce.trl_integration.trainer.log_prob_head import add_log_prob_lm_head
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model_path(tokenizer, tmp_path_factory):
-    """A saved tiny Llama: GRPOTrainer builds its reference model (beta > 0) from the policy's path."""
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama", tokenizer).save_pretrained(path)
-    return str(path)
 
 
 class _CallCounter:
@@ -53,9 +39,9 @@ class _CallCounter:
         return self.function(*args, **kwargs)
 
 
-def _train(cls, model_path, tokenizer, output_dir, **config):
+def _train(cls, tiny_llama_path, tokenizer, output_dir, **config):
     recorder = gradient_recorder()
-    trainer = cls(model_path, reward_funcs=token_parity_reward, args=grpo_config(output_dir, **config),
+    trainer = cls(tiny_llama_path, reward_funcs=token_parity_reward, args=grpo_config(output_dir, **config),
                   train_dataset=arithmetic_prompts(8), processing_class=tokenizer,
                   rollout_func=fixed_rollout(tokenizer), callbacks=[recorder])
     trainer.train()
@@ -69,16 +55,16 @@ def _never_called(*args, **kwargs):
 @pytest.mark.filterwarnings("ignore:You are using 'rollout_func'")
 @pytest.mark.parametrize("beta", [0.0, 0.1], ids=["beta0", "beta0.1"])
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
-def test_matches_stock_grpo_trainer(model_path, tokenizer, tmp_path, loss_type, beta):
+def test_matches_stock_grpo_trainer(tiny_llama_path, tokenizer, tmp_path, loss_type, beta):
     """Same completions and rewards: the same logged losses, KL, entropy and clip ratios, and every parameter's
     gradient before each of the two optimizer steps, to float32 precision."""
-    stock, stock_grads = _train(GRPOTrainer, model_path, tokenizer, tmp_path / "stock", loss_type=loss_type,
+    stock, stock_grads = _train(GRPOTrainer, tiny_llama_path, tokenizer, tmp_path / "stock", loss_type=loss_type,
                                 beta=beta)
     counter = _CallCounter(fused_wce.linear_log_prob)
     with pytest.MonkeyPatch.context() as patch:  # the fused run never reaches TRL's own head
         patch.setattr(fused_wce, "linear_log_prob", counter)
         patch.setattr(trl_utils._ChunkedLogProbFunction, "apply", _never_called)
-        fused, fused_grads = _train(FusedGRPOTrainer, model_path, tokenizer, tmp_path / "fused",
+        fused, fused_grads = _train(FusedGRPOTrainer, tiny_llama_path, tokenizer, tmp_path / "fused",
                                     loss_type=loss_type, beta=beta)
     # One call with gradients per optimizer step; the old-policy (and reference) log-probs of the generation batch
     # (two micro-batches) without.

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from trl_helpers import (arithmetic_prompts, fixed_rollout, gradient_recorder, grpo_config, logged,  # noqa: I001
-                         sft_config, tiny_model, token_parity_reward)
+                         sft_config, token_parity_reward)
 
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from fused_wce.trl_integration import TurnWeighting, WeightedSFTTrainer
-from fused_wce.trl_integration.chat_data import build_tokenizer, load_default_dataset
+from fused_wce.trl_integration.chat_data import load_default_dataset
 from fused_wce.trl_integration.trainer.collator import shifted_target_weights
 from fused_wce.trl_integration.trainer.grpo_trainer import FusedGRPOTrainer
 from fused_wce.trl_integration.trainer.hybrid_config import HybridConfig, mu_at
@@ -34,22 +34,9 @@ WEIGHTING = TurnWeighting(role_weights={"assistant": 1.0, "user": 0.3}, decay=0.
 pytestmark = pytest.mark.filterwarnings("ignore:You are using 'rollout_func'")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model_path(tokenizer, tmp_path_factory):
-    """A saved tiny Llama: GRPOTrainer builds its reference model (beta > 0) from the policy's path."""
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama", tokenizer).save_pretrained(path)
-    return str(path)
-
-
-def _hybrid(model_path, tokenizer, output_dir, sft_dataset, trainer_class=HybridTrainer, callbacks=(), **config):
+def _hybrid(tiny_llama_path, tokenizer, output_dir, sft_dataset, trainer_class=HybridTrainer, callbacks=(), **config):
     recorder = gradient_recorder()
-    trainer = trainer_class(model_path, reward_funcs=token_parity_reward,
+    trainer = trainer_class(tiny_llama_path, reward_funcs=token_parity_reward,
                             args=grpo_config(output_dir, HybridConfig, **config), train_dataset=arithmetic_prompts(8),
                             processing_class=tokenizer, rollout_func=fixed_rollout(tokenizer),
                             sft_dataset=sft_dataset, weighting=WEIGHTING, callbacks=[recorder, *callbacks])
@@ -69,16 +56,16 @@ def _assert_same_gradients(actual_steps, expected_steps, rtol, atol):
 
 # ------------------------------------------------------------------------------------------- the two limits
 @pytest.mark.parametrize("reweighting", ["none", "p"], ids=["plain", "dft"])
-def test_mu_one_is_a_weighted_sft_trainer_step(model_path, tokenizer, tmp_path, reweighting):
+def test_mu_one_is_a_weighted_sft_trainer_step(tiny_llama_path, tokenizer, tmp_path, reweighting):
     """mu = 1: the step of WeightedSFTTrainer on the same 4 conversations (2 per micro-batch, GA 2, so the
     normaliser spans both micro-batches): the same loss, per-role and per-turn losses and gradients. ``"p"`` is
     WeightedSFTTrainer's ``loss_type="dft"``."""
     conversations = load_default_dataset().select(range(4))
-    hybrid, hybrid_grads = _hybrid(model_path, tokenizer, tmp_path / "hybrid", conversations, sft_mu=1.0,
+    hybrid, hybrid_grads = _hybrid(tiny_llama_path, tokenizer, tmp_path / "hybrid", conversations, sft_mu=1.0,
                                    max_steps=1, gradient_accumulation_steps=2, sft_per_device_train_batch_size=2,
                                    sft_max_length=256, sft_token_reweighting=reweighting)
     recorder = gradient_recorder()
-    sft = WeightedSFTTrainer(model_path, args=sft_config(
+    sft = WeightedSFTTrainer(tiny_llama_path, args=sft_config(
         tmp_path / "sft", max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_length=256,
         optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0,
         loss_type="dft" if reweighting == "p" else "nll"), train_dataset=conversations, processing_class=tokenizer,
@@ -92,12 +79,12 @@ def test_mu_one_is_a_weighted_sft_trainer_step(model_path, tokenizer, tmp_path, 
     _assert_same_gradients(hybrid_grads, recorder.grads, rtol=1e-4, atol=1e-7)
 
 
-def test_mu_zero_is_the_fused_grpo_step(model_path, tokenizer, tmp_path):
+def test_mu_zero_is_the_fused_grpo_step(tiny_llama_path, tokenizer, tmp_path):
     """mu = 0: exactly FusedGRPOTrainer's steps (the SFT term is not computed): the same logs and gradients."""
-    hybrid, hybrid_grads = _hybrid(model_path, tokenizer, tmp_path / "hybrid", load_default_dataset().select(range(8)),
+    hybrid, hybrid_grads = _hybrid(tiny_llama_path, tokenizer, tmp_path / "hybrid", load_default_dataset().select(range(8)),
                                    sft_mu=0.0, beta=0.1)
     recorder = gradient_recorder()
-    grpo = FusedGRPOTrainer(model_path, reward_funcs=token_parity_reward, args=grpo_config(tmp_path / "grpo", beta=0.1),
+    grpo = FusedGRPOTrainer(tiny_llama_path, reward_funcs=token_parity_reward, args=grpo_config(tmp_path / "grpo", beta=0.1),
                             train_dataset=arithmetic_prompts(8), processing_class=tokenizer,
                             rollout_func=fixed_rollout(tokenizer), callbacks=[recorder])
     grpo.train()
@@ -127,14 +114,14 @@ class _ParametersBeforeEachStep(TrainerCallback):
         self.parameters.append({name: p.detach().clone() for name, p in model.named_parameters()})
 
 
-def _reference_step(model_path, parameters, recorded, config):
+def _reference_step(tiny_llama_path, parameters, recorded, config):
     """Float64, full logits: ``(1 - mu) * GRPO + mu * SFT`` of one optimizer step from its recorded micro-batches
     (``loss_type="grpo"``, on-policy, the k3 KL to the initial model times the importance ratio; SFT term
     ``sum(w p (1 - p) CE) / sum(w)`` over the step's micro-batches). Returns (loss, grpo term, sft term,
     gradients)."""
-    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float64)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float64)
     policy.load_state_dict({name: value.double() for name, value in parameters.items()})
-    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float64)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float64)
     accumulation = len(recorded)
     normalizer = sum(shifted_target_weights(batch).double().sum() for _, _, batch, _ in recorded)
     total = grpo_total = sft_total = 0.0
@@ -172,20 +159,20 @@ def _reference_step(model_path, parameters, recorded, config):
     return total.item(), grpo_total, sft_total, {name: p.grad for name, p in policy.named_parameters()}
 
 
-def test_hybrid_loss_matches_a_float64_reference(model_path, tokenizer, tmp_path):
+def test_hybrid_loss_matches_a_float64_reference(tiny_llama_path, tokenizer, tmp_path):
     """0 < mu < 1, CHORD-phi reweighting, beta 0.1, GA 2, two steps: each step's loss, per-term losses and
     gradients equal a float64 full-logits statement of the formula (the second step's policy differs from the
     reference model, so the KL term has a gradient)."""
     before = _ParametersBeforeEachStep()
     trainer_class = type("Recording", (_Recording,), {"recorded": []})
-    hybrid, grads = _hybrid(model_path, tokenizer, tmp_path, load_default_dataset().select(range(8)),
+    hybrid, grads = _hybrid(tiny_llama_path, tokenizer, tmp_path, load_default_dataset().select(range(8)),
                             trainer_class=trainer_class, callbacks=[before], sft_mu=0.3, beta=0.1,
                             gradient_accumulation_steps=2, sft_per_device_train_batch_size=2,
                             sft_token_reweighting="p(1-p)", learning_rate=2.0, loss_type="grpo")
     assert len(trainer_class.recorded) == 4 and len(before.parameters) == 2
     for step in range(2):
         recorded = [entry for entry in trainer_class.recorded if entry[0] == step]
-        loss, grpo, sft, expected = _reference_step(model_path, before.parameters[step], recorded, hybrid.args)
+        loss, grpo, sft, expected = _reference_step(tiny_llama_path, before.parameters[step], recorded, hybrid.args)
         assert logged(hybrid, "loss")[step] == pytest.approx(loss, rel=1e-5, abs=1e-7)
         assert logged(hybrid, "hybrid/grpo_loss")[step] == pytest.approx(grpo, rel=1e-5, abs=1e-7)
         assert logged(hybrid, "hybrid/sft_loss")[step] == pytest.approx(sft, rel=1e-5, abs=1e-9)
@@ -194,7 +181,7 @@ def test_hybrid_loss_matches_a_float64_reference(model_path, tokenizer, tmp_path
 
 
 # ------------------------------------------------------------------------------------------- multi-process
-def test_two_processes_equal_one_process(model_path, tmp_path):
+def test_two_processes_equal_one_process(tiny_llama_path, tmp_path):
     """torchrun, 2 CPU processes (gloo) x per-device batch 2 == 1 process x 4, GA 2, two SGD steps: the same
     logged losses (total, per term, per role), rewards and KL, and the same parameters; under DDP and under FSDP2
     with every decoder layer and the LM head their own units (the head's weight is a sharded DTensor)."""
@@ -204,10 +191,10 @@ def test_two_processes_equal_one_process(model_path, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(TESTS.parent)]))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "hybrid_worker.py"), str(out), model_path, "ddp", "fsdp2"]
+               str(TESTS / "hybrid_worker.py"), str(out), tiny_llama_path, "ddp", "fsdp2"]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=5400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    one = result(train(tmp_path / "one", model_path, per_device=4))
+    one = result(train(tmp_path / "one", tiny_llama_path, per_device=4))
     assert one["logs"]["loss/user"] and one["logs"]["kl"][1] > 0
     for scenario in ("ddp", "fsdp2"):
         two = torch.load(out / f"{scenario}.pt", weights_only=False)
@@ -246,30 +233,30 @@ def test_bad_config_names_the_field(field, value):
         grpo_config("unused", HybridConfig, **{field: value})
 
 
-def test_bad_trainer_arguments_are_clear_errors(model_path, tokenizer, tmp_path):
+def test_bad_trainer_arguments_are_clear_errors(tiny_llama_path, tokenizer, tmp_path):
     common = dict(reward_funcs=token_parity_reward, train_dataset=arithmetic_prompts(8), processing_class=tokenizer,
                   rollout_func=fixed_rollout(tokenizer))
     conversations = load_default_dataset().select(range(8))
     with pytest.raises(TypeError, match="HybridConfig"):
-        HybridTrainer(model_path, args=grpo_config(tmp_path), sft_dataset=conversations, **common)
+        HybridTrainer(tiny_llama_path, args=grpo_config(tmp_path), sft_dataset=conversations, **common)
     args = grpo_config(tmp_path, HybridConfig)
     with pytest.raises(ValueError, match="messages"):
-        HybridTrainer(model_path, args=args, sft_dataset=arithmetic_prompts(8), **common)
+        HybridTrainer(tiny_llama_path, args=args, sft_dataset=arithmetic_prompts(8), **common)
     with pytest.raises(TypeError, match="datasets.Dataset"):
-        HybridTrainer(model_path, args=args, sft_dataset=conversations.to_iterable_dataset(), **common)
+        HybridTrainer(tiny_llama_path, args=args, sft_dataset=conversations.to_iterable_dataset(), **common)
     from fused_wce.trl_integration import AdaptiveTurnWeights
 
     with pytest.raises(ValueError, match="adaptive"):
-        HybridTrainer(model_path, args=args, sft_dataset=conversations,
+        HybridTrainer(tiny_llama_path, args=args, sft_dataset=conversations,
                       weighting=TurnWeighting(adaptive=AdaptiveTurnWeights()), **common)
     with pytest.raises(ValueError, match="fewer than one micro-batch"):
-        HybridTrainer(model_path, args=args, sft_dataset=conversations.select(range(3)), **common)
+        HybridTrainer(tiny_llama_path, args=args, sft_dataset=conversations.select(range(3)), **common)
 
 
-def test_sft_stream_covers_the_expert_set_per_pass_and_resumes(model_path, tokenizer, tmp_path):
+def test_sft_stream_covers_the_expert_set_per_pass_and_resumes(tiny_llama_path, tokenizer, tmp_path):
     """One pass of micro-batches holds every conversation once (6 of 2 from 12, in a new order each pass), and the
     stream started ``k`` micro-batches in (a resumed run) continues exactly where the full stream is."""
-    trainer = HybridTrainer(model_path, reward_funcs=token_parity_reward,
+    trainer = HybridTrainer(tiny_llama_path, reward_funcs=token_parity_reward,
                             args=grpo_config(tmp_path, HybridConfig, sft_per_device_train_batch_size=2),
                             train_dataset=arithmetic_prompts(8), processing_class=tokenizer,
                             sft_dataset=load_default_dataset().select(range(12)))

@@ -17,13 +17,7 @@ from trl_helpers import tiny_model  # noqa: I001  (sets HF_HUB_OFFLINE first)
 import torch
 
 from fused_wce import reference_linear_cross_entropy
-from fused_wce.trl_integration.chat_data import build_tokenizer
 from fused_wce.trl_integration.trainer.lm_head import WeightedLossInputs, add_weighted_lm_head
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 def _model(tokenizer):

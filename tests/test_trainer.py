@@ -20,16 +20,11 @@ import torch
 from datasets import Dataset
 from trl import SFTTrainer
 
-from fused_wce.trl_integration.chat_data import build_tokenizer, load_default_dataset
+from fused_wce.trl_integration.chat_data import load_default_dataset
 from fused_wce.trl_integration import (ROLE_CODES, TurnWeighting, WeightedDataCollator, WeightedSFTTrainer,
                                        tokenize_with_weights)
 
 TESTS = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,6 @@ FIRST, MIDDLE, LAST, ONLY = (TURN_POSITIONS.index(name) for name in ("first", "m
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def plain_tokenizer():
     """The same tokenizer with the ChatML template without {% generation %} markers."""
     tokenizer = build_tokenizer()

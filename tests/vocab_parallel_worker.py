@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from helpers import make_problem  # noqa: E402
+from helpers import end_distributed_worker, make_problem  # noqa: E402
 
 if __name__ == "__main__" and os.environ.get("TRITON_INTERPRET") == "1":  # the triton cases run interpreted
     import interpreter_fixes
@@ -458,13 +458,7 @@ def main(out_dir: str) -> None:
             results[f"{size}/log_prob_head"] = _run_recorded(run_log_prob_head, groups[size], meshes[size])
         dist.barrier()
     torch.save(results, out / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    # Every result is written. Skip the interpreter's teardown (gloo sometimes aborts there in torch 2.13, after
-    # destroy_process_group returned: see tests/fsdp_worker.py).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_distributed_worker()
 
 
 if __name__ == "__main__":
