@@ -63,7 +63,7 @@ def run_pass(request: PassRequest) -> PassResult:
     hidden, weight, bias = _kernel_inputs(request)
     if not request.wants_gradients:
         stats = TokenStatBuffers.allocate(request, torch.int8)
-        stats_pass = _cublas_stats_pass if _stats_plan_name(request) == "cublas" else _stats_pass
+        stats_pass = _cublas_stats_pass if _plan_name(request, DEFAULT_STATS_GEMM) == "cublas" else _stats_pass
         stats_pass(request, hidden, weight, bias, stats)
         return PassResult(stats.finish(), allocate_gradients(request))
     plan = _plan_class(request)(request, hidden, weight, bias)
@@ -94,13 +94,13 @@ def _kernel_inputs(request: PassRequest) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def _plan_class(request: PassRequest):
-    plan_name = request.options.logits_gemm
-    return PLANS[DEFAULT_LOGITS_GEMM if plan_name == "auto" else plan_name]
+    return PLANS[_plan_name(request, DEFAULT_LOGITS_GEMM)]
 
 
-def _stats_plan_name(request: PassRequest) -> str:
+def _plan_name(request: PassRequest, auto: str) -> str:
+    """The request's ``logits_gemm``, with ``auto`` for "auto"."""
     plan_name = request.options.logits_gemm
-    return DEFAULT_STATS_GEMM if plan_name == "auto" else plan_name
+    return auto if plan_name == "auto" else plan_name
 
 
 # ------------------------------------------------------------------------------------------- statistics only
